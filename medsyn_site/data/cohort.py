@@ -1,0 +1,272 @@
+"""The cohort contract: ``images/<case>.nii.gz`` (int16 HU), ``masks/<case>.nii.gz`` (uint8 0/1,
+same geometry) and ``cohort.json`` (per case: id, patient (hashed), split, source, shape, spacing,
+sha256; never a patient name or date). This module is the only one that writes, reads or validates
+a cohort, so every stage sees the same thing.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import SimpleITK as sitk
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medsyn_site.atomic import atomic_write, atomic_write_text, sha256_file, staged_dir
+
+FORMAT = "medsyn-cohort"
+VERSION = 1
+INDEX = "cohort.json"
+SPLITS = ("train", "val", "test")
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+GEOMETRY_TOL = 1e-3  # mm (spacing, origin) and cosine (direction)
+
+
+class NoduleRecord(BaseModel):
+    """A nodule the mask contains (known for phantoms and LIDC-derived masks)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["solid", "part-solid", "ground-glass", "unknown"] = "unknown"
+    diameter_mm: float
+    center_voxel: tuple[int, int, int]  # x, y, z
+    attachment: Literal["isolated", "pleural", "vascular", "unknown"] = "unknown"
+
+
+class CaseRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=ID_PATTERN)
+    patient: str = Field(pattern=ID_PATTERN)
+    split: Literal["train", "val", "test"]
+    source: Literal["real", "synthetic"]
+    shape: tuple[int, int, int]  # x, y, z
+    spacing: tuple[float, float, float]  # x, y, z mm
+    sha256: dict[Literal["image", "mask"], str]
+    nodules: list[NoduleRecord] = []
+
+
+class CohortIndex(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["medsyn-cohort"] = FORMAT
+    version: int = VERSION
+    description: str = ""
+    cases: list[CaseRecord]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a cohort, naming the file it is about."""
+
+    path: Path
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class CohortError(ValueError):
+    """A cohort cannot be read; the message names the file and the problem."""
+
+
+def image_path(root: Path, case_id: str) -> Path:
+    return Path(root) / "images" / f"{case_id}.nii.gz"
+
+
+def mask_path(root: Path, case_id: str) -> Path:
+    return Path(root) / "masks" / f"{case_id}.nii.gz"
+
+
+def write_nifti(image: sitk.Image, path: Path) -> Path:
+    """Atomically write a NIfTI (qform and sform both set by ITK's writer)."""
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
+
+
+def to_cohort_images(image: sitk.Image, mask: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    """Cast to the contract's pixel types: image int16 HU (rounded, clipped), mask uint8 0/1."""
+    arr = np.clip(np.rint(sitk.GetArrayViewFromImage(image)), -32768, 32767).astype(np.int16)
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(image)
+    m = (sitk.GetArrayViewFromImage(mask) > 0).astype(np.uint8)
+    msk = sitk.GetImageFromArray(m)
+    msk.CopyInformation(image)
+    return img, msk
+
+
+class CohortWriter:
+    """Writes a cohort into a staging folder and swaps it into place on success.
+
+    >>> with CohortWriter(out, force=False) as w:
+    ...     w.add("case0", patient="p0", split="train", source="real", image=img, mask=msk)
+    """
+
+    def __init__(self, out: str | Path, force: bool = False, description: str = ""):
+        self.out, self.force, self.description = Path(out), force, description
+        self.records: list[CaseRecord] = []
+
+    def __enter__(self) -> "CohortWriter":
+        self._ctx = staged_dir(self.out, self.force)
+        self.root = self._ctx.__enter__()
+        return self
+
+    def add(self, case_id: str, *, patient: str, split: str, source: str, image: sitk.Image,
+            mask: sitk.Image, nodules: list[dict] | None = None) -> CaseRecord:
+        if any(r.id == case_id for r in self.records):
+            raise CohortError(f"{self.out}: case id {case_id!r} written twice")
+        img, msk = to_cohort_images(image, mask)
+        ipath = write_nifti(img, image_path(self.root, case_id))
+        mpath = write_nifti(msk, mask_path(self.root, case_id))
+        rec = CaseRecord(id=case_id, patient=patient, split=split, source=source,
+                         shape=img.GetSize(), spacing=img.GetSpacing(),
+                         sha256={"image": sha256_file(ipath), "mask": sha256_file(mpath)},
+                         nodules=nodules or [])
+        self.records.append(rec)
+        return rec
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            index = CohortIndex(description=self.description, cases=self.records)
+            atomic_write_text(self.root / INDEX, index.model_dump_json(indent=1))
+        return self._ctx.__exit__(exc_type, exc, tb)
+
+
+class Cohort:
+    """A cohort on disk, read through its cohort.json."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        index = self.root / INDEX
+        if not self.root.is_dir():
+            raise CohortError(f"{self.root}: cohort folder not found")
+        if not index.is_file():
+            raise CohortError(f"{index}: missing (not a cohort folder)")
+        try:
+            self.index = CohortIndex.model_validate(json.loads(index.read_text()))
+        except json.JSONDecodeError as e:
+            raise CohortError(f"{index}: not valid JSON: {e}") from e
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+            raise CohortError(f"{index}: {problems}") from e
+
+    @property
+    def cases(self) -> list[CaseRecord]:
+        return self.index.cases
+
+    def split(self, name: str) -> list[CaseRecord]:
+        return [c for c in self.cases if c.split == name]
+
+    def case(self, case_id: str) -> CaseRecord:
+        for c in self.cases:
+            if c.id == case_id:
+                return c
+        raise CohortError(f"{self.root / INDEX}: no case {case_id!r}")
+
+    def read(self, case_id: str) -> tuple[sitk.Image, sitk.Image]:
+        """The case's image and mask as SimpleITK images."""
+        self.case(case_id)
+        return (sitk.ReadImage(str(image_path(self.root, case_id))),
+                sitk.ReadImage(str(mask_path(self.root, case_id))))
+
+    def arrays(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The case's image (int16 HU) and mask (uint8) as numpy arrays in (z, y, x) order."""
+        img, msk = self.read(case_id)
+        return sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(msk)
+
+
+def _geometry_problems(a: sitk.Image, b: sitk.Image) -> list[str]:
+    out = []
+    if a.GetSize() != b.GetSize():
+        out.append(f"shape {b.GetSize()} differs from the image's {a.GetSize()}")
+    for what, x, y in (("spacing", a.GetSpacing(), b.GetSpacing()),
+                       ("origin", a.GetOrigin(), b.GetOrigin()),
+                       ("direction", a.GetDirection(), b.GetDirection())):
+        if not np.allclose(x, y, atol=GEOMETRY_TOL):
+            out.append(f"{what} {tuple(round(v, 4) for v in y)} differs from the image's "
+                       f"{tuple(round(v, 4) for v in x)}")
+    return out
+
+
+def _read(path: Path, problems: list[Problem], what: str) -> sitk.Image | None:
+    if not path.is_file():
+        problems.append(Problem(path, f"missing {what} file"))
+        return None
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        problems.append(Problem(path, f"unreadable {what}: {str(e).strip().splitlines()[-1]}"))
+        return None
+
+
+def _case_problems(root: Path, rec: CaseRecord, hu_range: tuple[int, int]) -> list[Problem]:
+    problems: list[Problem] = []
+    ipath, mpath = image_path(root, rec.id), mask_path(root, rec.id)
+    img, msk = _read(ipath, problems, "image"), _read(mpath, problems, "mask")
+    for path, im, key in ((ipath, img, "image"), (mpath, msk, "mask")):
+        if im is None:
+            continue
+        if sha256_file(path) != rec.sha256.get(key):
+            problems.append(Problem(path, f"sha256 does not match cohort.json ({key} changed "
+                                          "after it was written)"))
+        if im.GetSize() != tuple(rec.shape):
+            problems.append(Problem(path, f"shape {im.GetSize()} differs from cohort.json's "
+                                          f"{tuple(rec.shape)}"))
+        if not np.allclose(im.GetSpacing(), rec.spacing, atol=GEOMETRY_TOL):
+            problems.append(Problem(path, f"spacing {im.GetSpacing()} differs from cohort.json's "
+                                          f"{tuple(rec.spacing)}"))
+    if img is not None:
+        arr = sitk.GetArrayViewFromImage(img)
+        if img.GetPixelID() != sitk.sitkInt16:
+            problems.append(Problem(ipath, f"image voxels are {img.GetPixelIDTypeAsString()}, "
+                                           "expected 16-bit signed integer HU"))
+        bad = int(np.count_nonzero(~np.isfinite(arr))) if arr.dtype.kind == "f" else 0
+        if bad:
+            problems.append(Problem(ipath, f"{bad} NaN or infinite voxels"))
+        finite = arr[np.isfinite(arr)] if bad else arr
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if lo < hu_range[0] or hi > hu_range[1]:
+            problems.append(Problem(ipath, f"intensities {lo:g}..{hi:g} lie outside the plausible "
+                                           f"HU range {hu_range[0]}..{hu_range[1]}"))
+    if msk is not None:
+        values = np.unique(sitk.GetArrayViewFromImage(msk))
+        if not set(values.tolist()) <= {0, 1}:
+            shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
+            problems.append(Problem(mpath, f"mask values {{{shown}}}; only 0 and 1 are allowed"))
+        if msk.GetPixelID() != sitk.sitkUInt8 and set(values.tolist()) <= {0, 1}:
+            problems.append(Problem(mpath, f"mask voxels are {msk.GetPixelIDTypeAsString()}, "
+                                           "expected 8-bit unsigned integer"))
+        if img is not None:
+            problems += [Problem(mpath, m) for m in _geometry_problems(img, msk)]
+    return problems
+
+
+def validate_cohort(root: str | Path, hu_range: tuple[int, int] = (-1024, 3071)) -> list[Problem]:
+    """Every problem found in a cohort (empty list: valid). Never raises for bad content."""
+    root = Path(root)
+    try:
+        cohort = Cohort(root)
+    except CohortError as e:
+        return [Problem(root / INDEX, str(e).split(": ", 1)[-1])]
+    problems: list[Problem] = []
+    index = root / INDEX
+    seen: dict[str, int] = defaultdict(int)
+    splits: dict[str, set[str]] = defaultdict(set)
+    for rec in cohort.cases:
+        seen[rec.id] += 1
+        splits[rec.patient].add(rec.split)
+    for case_id, n in seen.items():
+        if n > 1:
+            problems.append(Problem(index, f"duplicate case id {case_id!r} ({n} entries)"))
+    for patient, names in splits.items():
+        if len(names) > 1:
+            problems.append(Problem(index, f"patient {patient!r} appears in several splits: "
+                                           f"{', '.join(sorted(names))}"))
+    for rec in cohort.cases:
+        problems += _case_problems(root, rec, hu_range)
+    listed = {rec.id for rec in cohort.cases}
+    for sub in ("images", "masks"):
+        for f in sorted((root / sub).glob("*")):
+            if not re.sub(r"\.nii\.gz$", "", f.name) in listed:
+                problems.append(Problem(f, "file is not listed in cohort.json"))
+    return problems

@@ -1,0 +1,128 @@
+"""``medsyn data prepare``: a site's scans and nodule masks -> a cohort.
+
+The manifest is a CSV with columns ``image`` (a DICOM series folder, NIfTI or NRRD), ``mask``
+(NIfTI/NRRD, DICOM SEG, LIDC-IDRI XML, or empty for a scan without nodules) and optionally
+``patient``; relative paths are relative to the CSV. Scans are resampled to the configured spacing,
+optionally cropped to the lungs, split by patient, and written under keyed-hash ids: no name, id or
+date from the input reaches the output.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from tqdm import tqdm
+
+from medsyn_site.config import DataConfig
+from medsyn_site.data.cohort import CohortWriter
+from medsyn_site.data.readers import IngestError, read_image, read_mask
+from medsyn_site.data.split import split_patients
+
+log = logging.getLogger(__name__)
+DEFAULT_SITE_KEY = Path(os.environ.get("MEDSYN_SITE_KEY", "~/.config/medsyn/site.key")).expanduser()
+
+
+def load_site_key(path: Path = DEFAULT_SITE_KEY) -> bytes:
+    """The site's secret for hashing identifiers; created (mode 0600) on first use.
+
+    A keyed hash (HMAC) keeps ids stable across runs at the site, and unlike a plain hash of a
+    medical record number it cannot be reversed by trying every possible number.
+    """
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        log.info("created a new site key at %s (keep it secret; it makes case ids stable)", path)
+    return path.read_text().strip().encode()
+
+
+def pseudonym(key: bytes, value: str, prefix: str) -> str:
+    return f"{prefix}-{hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:16]}"
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Rows of the manifest with paths resolved; clear errors for missing columns or files."""
+    path = Path(path)
+    if not path.is_file():
+        raise IngestError(path, "manifest not found")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise IngestError(path, "manifest has no rows")
+    if "image" not in rows[0]:
+        raise IngestError(path, f"manifest needs an 'image' column (has {list(rows[0])})")
+    out = []
+    for n, row in enumerate(rows, start=2):
+        if not (row.get("image") or "").strip():
+            raise IngestError(path, f"line {n}: empty image path")
+        resolve = lambda p: (path.parent / p.strip()) if p and p.strip() else None  # noqa: E731
+        out.append({"image": resolve(row["image"]), "mask": resolve(row.get("mask")),
+                    "patient": (row.get("patient") or "").strip(), "line": n})
+    return out
+
+
+def resample(image: sitk.Image, spacing, interpolator, default: float) -> sitk.Image:
+    """Resample onto a grid with the same origin and direction and the given spacing."""
+    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), spacing,
+                         image.GetDirection(), default, image.GetPixelID())
+
+
+def lung_box(image: sitk.Image, margin_mm: float) -> tuple[slice, ...]:
+    """(z, y, x) slices around the lungs: air-density voxels inside the body, plus a margin."""
+    hu = sitk.GetArrayViewFromImage(image)
+    body = ndimage.binary_fill_holes(hu > -500)
+    labels, n = ndimage.label(body)
+    if n:
+        body = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+        body = np.stack([ndimage.binary_fill_holes(s) for s in body])
+    lungs = (hu < -400) & body
+    if not lungs.any():
+        return tuple(slice(0, n) for n in hu.shape)
+    idx = np.nonzero(lungs)
+    pad = np.ceil(margin_mm / np.array(image.GetSpacing()[::-1])).astype(int)
+    return tuple(slice(max(0, int(i.min()) - p), min(n, int(i.max()) + 1 + p))
+                 for i, p, n in zip(idx, pad, hu.shape))
+
+
+def prepare_case(row: dict, cfg: DataConfig) -> tuple[sitk.Image, sitk.Image, str]:
+    """Read, resample and crop one manifest row; returns image, mask, patient hint."""
+    scan = read_image(row["image"])
+    mask = read_mask(row["mask"], scan, cfg.prepare.lidc_min_agreement, cfg.prepare.min_nodule_mm)
+    image = scan.image
+    if cfg.prepare.spacing is not None:
+        spacing = tuple(float(s) for s in cfg.prepare.spacing)
+        image = resample(image, spacing, sitk.sitkLinear, -1024.0)
+        mask = resample(sitk.Cast(mask, sitk.sitkFloat32), spacing, sitk.sitkLinear, 0.0) >= 0.5
+    if cfg.prepare.crop_to_lungs:
+        z, y, x = lung_box(image, cfg.prepare.crop_margin_mm)
+        image, mask = image[x, y, z], mask[x, y, z]
+    image = sitk.Clamp(image, sitk.sitkFloat32, float(cfg.hu_range[0]), float(cfg.hu_range[1]))
+    return image, mask, row["patient"] or scan.patient_hint
+
+
+def prepare_cohort(manifest: str | Path, out: str | Path, cfg: DataConfig, force: bool = False,
+                   site_key: Path = DEFAULT_SITE_KEY) -> Path:
+    """Ingest every manifest row into a cohort at ``out`` (atomically; --force replaces)."""
+    rows = read_manifest(manifest)
+    key = load_site_key(site_key)
+    with CohortWriter(out, force=force, description="prepared from site data") as writer:
+        for row in tqdm(rows, desc="prepare", unit="scan"):
+            image, mask, patient = prepare_case(row, cfg)
+            writer.add(pseudonym(key, f"{patient}|{Path(row['image']).resolve()}", "case"),
+                       patient=pseudonym(key, patient, "pt"), split="train", source="real",
+                       image=image, mask=mask)
+        splits = split_patients([r.patient for r in writer.records], cfg.split)
+        for rec in writer.records:  # the split needs every patient; it lives in cohort.json only
+            rec.split = splits[rec.patient]
+    return Path(out)

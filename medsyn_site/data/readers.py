@@ -1,0 +1,215 @@
+"""Readers for a site's scans and nodule masks, each returning SimpleITK images in patient space.
+
+Images: a DICOM CT series (a folder), NIfTI or NRRD. Masks: NIfTI/NRRD, DICOM SEG (highdicom) or
+LIDC-IDRI XML (reader consensus, nodules >= a minimum size). Every error names the file.
+"""
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from scipy import ndimage
+
+SLICE_GAP_TOL = 0.05  # relative deviation of slice spacing tolerated within a series
+
+
+class IngestError(ValueError):
+    """Bad input to ``medsyn data prepare``; the message names the file and the problem."""
+
+    def __init__(self, path, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = Path(path)
+
+
+@dataclass
+class Scan:
+    """A CT volume (HU) and what mask readers need to align to it."""
+
+    image: sitk.Image
+    path: Path
+    patient_hint: str  # the patient identifier found in the input (hashed before it is written)
+    sop_uids: list[str] = field(default_factory=list)  # DICOM only: per slice, in image z order
+    series_uid: str = ""
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    return [p for p in files if pydicom.misc.is_dicom(p)]
+
+
+def read_dicom_series(folder: Path) -> Scan:
+    """A DICOM CT series; slice order and spacing from ImagePositionPatient along the slice normal."""
+    files = _dicom_files(folder)
+    if not files:
+        raise IngestError(folder, "no DICOM files in this folder")
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    series = {str(h.get("SeriesInstanceUID", "")) for h in headers}
+    if len(series) != 1:
+        raise IngestError(folder, f"holds {len(series)} DICOM series; give one series per folder")
+    try:
+        iop = np.array([float(v) for v in headers[0].ImageOrientationPatient])
+        pos = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    except AttributeError as e:
+        raise IngestError(folder, f"a slice lacks ImageOrientationPatient/ImagePositionPatient ({e})")
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    order = np.argsort(pos @ normal)
+    z = (pos @ normal)[order]
+    if len(files) > 1:
+        gaps = np.diff(z)
+        if np.any(gaps < 1e-3):
+            raise IngestError(folder, "two slices share one position (duplicate slices)")
+        if np.ptp(gaps) > SLICE_GAP_TOL * np.median(gaps):
+            raise IngestError(folder, f"slice spacing varies from {gaps.min():.3f} to "
+                                      f"{gaps.max():.3f} mm (missing slices?)")
+        dz = float(np.mean(gaps))
+    else:
+        dz = float(getattr(headers[0], "SpacingBetweenSlices", getattr(headers[0], "SliceThickness", 1.0)))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(files[i]) for i in order])
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise IngestError(folder, f"unreadable DICOM pixel data: {str(e).strip().splitlines()[-1]}")
+    # Geometry from the headers (ITK agrees for good series; this makes the rule explicit).
+    px = [float(v) for v in headers[0].PixelSpacing]  # row spacing, column spacing
+    image.SetSpacing((px[1], px[0], dz))
+    image.SetOrigin(tuple(pos[order[0]]))
+    image.SetDirection(tuple(np.stack([row, col, normal], 1).ravel()))
+    h = headers[order[0]]
+    return Scan(image=sitk.Cast(image, sitk.sitkFloat32), path=folder,
+                patient_hint=str(h.get("PatientID", "")) or folder.name,
+                sop_uids=[str(headers[i].SOPInstanceUID) for i in order],
+                series_uid=str(h.SeriesInstanceUID))
+
+
+def read_image(path: str | Path) -> Scan:
+    """A CT volume from a DICOM series folder, NIfTI (.nii, .nii.gz) or NRRD (.nrrd, .nhdr)."""
+    path = Path(path)
+    if not path.exists():
+        raise IngestError(path, "image not found")
+    if path.is_dir():
+        return read_dicom_series(path)
+    try:
+        image = sitk.ReadImage(str(path), sitk.sitkFloat32)
+    except RuntimeError as e:
+        raise IngestError(path, f"unreadable image: {str(e).strip().splitlines()[-1]}")
+    if image.GetDimension() != 3:
+        raise IngestError(path, f"image is {image.GetDimension()}-D, expected a 3-D volume")
+    stem = path.name.split(".")[0]
+    return Scan(image=image, path=path, patient_hint=stem)
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+
+
+def _on_scan(arr_zyx: np.ndarray, scan: Scan) -> sitk.Image:
+    mask = sitk.GetImageFromArray((arr_zyx > 0).astype(np.uint8))
+    mask.CopyInformation(scan.image)
+    return mask
+
+
+def read_seg(path: Path, scan: Scan) -> sitk.Image:
+    """All segments of a DICOM SEG, on the referenced CT series' slices."""
+    import highdicom as hd
+
+    if not scan.sop_uids:
+        raise IngestError(path, "a DICOM SEG mask needs a DICOM series image to refer to")
+    try:
+        seg = hd.seg.segread(str(path))
+    except Exception as e:  # highdicom raises several types for a non-SEG file
+        raise IngestError(path, f"not a readable DICOM SEG ({e})")
+    referenced = {str(uids[2]) for uids in seg.get_source_image_uids()}
+    if not referenced & set(scan.sop_uids):
+        raise IngestError(path, f"the SEG refers to none of the slices of {scan.path}")
+    arr = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=scan.sop_uids, combine_segments=True,
+        assert_missing_frames_are_empty=True, skip_overlap_checks=True)
+    return _on_scan(np.asarray(arr), scan)
+
+
+def read_lidc_xml(path: Path, scan: Scan, min_agreement: float, min_nodule_mm: float) -> sitk.Image:
+    """Consensus nodule mask from an LIDC-IDRI XML: voxels that >= min_agreement of the readers
+    marked, keeping connected nodules whose equivalent diameter is >= min_nodule_mm."""
+    from skimage.draw import polygon
+
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise IngestError(path, f"not valid XML ({e})")
+    ns = {"n": root.tag.split("}")[0][1:]} if root.tag.startswith("{") else {"n": ""}
+    q = (lambda t: f"n:{t}") if ns["n"] else (lambda t: t)
+    sessions = root.findall(q("readingSession"), ns)
+    if not sessions:
+        raise IngestError(path, "no readingSession elements (not an LIDC-IDRI annotation file)")
+    size = scan.image.GetSize()  # x, y, z
+    uid_to_z = {u: i for i, u in enumerate(scan.sop_uids)}
+    z_mm = [scan.image.TransformIndexToPhysicalPoint((0, 0, i))[2] for i in range(size[2])]
+    votes = np.zeros(size[::-1], np.uint8)
+    for session in sessions:
+        reader = np.zeros(size[::-1], bool)
+        for nodule in session.findall(q("unblindedReadNodule"), ns):
+            for roi in nodule.findall(q("roi"), ns):
+                uid = roi.findtext(q("imageSOP_UID"), "", ns).strip()
+                zpos = float(roi.findtext(q("imageZposition"), "nan", ns))
+                k = uid_to_z.get(uid)
+                if k is None:
+                    k = int(np.argmin(np.abs(np.asarray(z_mm) - zpos)))
+                    if abs(z_mm[k] - zpos) > scan.image.GetSpacing()[2] / 2:
+                        raise IngestError(path, f"roi at z={zpos} matches no slice of {scan.path}")
+                xs = [int(e.findtext(q("xCoord"), "0", ns)) for e in roi.findall(q("edgeMap"), ns)]
+                ys = [int(e.findtext(q("yCoord"), "0", ns)) for e in roi.findall(q("edgeMap"), ns)]
+                if len(xs) < 3:  # a point mark: LIDC's < 3 mm nodules
+                    continue
+                rr, cc = polygon(ys, xs, shape=(size[1], size[0]))
+                plane = np.zeros((size[1], size[0]), bool)
+                plane[rr, cc] = True
+                plane[np.clip(ys, 0, size[1] - 1), np.clip(xs, 0, size[0] - 1)] = True
+                include = roi.findtext(q("inclusion"), "TRUE", ns).strip().upper() == "TRUE"
+                reader[k] = (reader[k] | plane) if include else (reader[k] & ~plane)
+        votes += reader
+    need = max(1, math.ceil(min_agreement * len(sessions) - 1e-9))
+    consensus = votes >= need
+    labels, n = ndimage.label(consensus)
+    voxel_mm3 = float(np.prod(scan.image.GetSpacing()))
+    for i in range(1, n + 1):
+        comp = labels == i
+        if (6 * comp.sum() * voxel_mm3 / math.pi) ** (1 / 3) < min_nodule_mm:
+            consensus[comp] = False
+    return _on_scan(consensus, scan)
+
+
+def read_mask(path: str | Path | None, scan: Scan, min_agreement: float = 0.5,
+              min_nodule_mm: float = 3.0) -> sitk.Image:
+    """The nodule mask for a scan; no path means a scan without nodules (an all-zero mask)."""
+    if path is None or str(path) == "":
+        return _on_scan(np.zeros(scan.image.GetSize()[::-1], np.uint8), scan)
+    path = Path(path)
+    if not path.is_file():
+        raise IngestError(path, "mask not found")
+    if path.suffix.lower() == ".xml":
+        return read_lidc_xml(path, scan, min_agreement, min_nodule_mm)
+    if path.suffix.lower() == ".dcm" or pydicom.misc.is_dicom(path):
+        return read_seg(path, scan)
+    try:
+        mask = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise IngestError(path, f"unreadable mask: {str(e).strip().splitlines()[-1]}")
+    if not same_geometry(mask, scan.image):
+        raise IngestError(path, f"mask geometry (size {mask.GetSize()}, spacing "
+                                f"{tuple(round(s, 3) for s in mask.GetSpacing())}) differs from the "
+                                f"image {scan.path} (size {scan.image.GetSize()}, spacing "
+                                f"{tuple(round(s, 3) for s in scan.image.GetSpacing())})")
+    values = np.unique(sitk.GetArrayViewFromImage(mask))
+    if values.min() < 0 or not np.all(np.mod(values, 1) == 0):
+        raise IngestError(path, f"mask has values {values[:8].tolist()}; expected 0 for background "
+                                "and positive integers for nodules")
+    return _on_scan(sitk.GetArrayFromImage(mask), scan)
