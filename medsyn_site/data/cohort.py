@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -216,7 +217,8 @@ def _case_problems(root: Path, rec: CaseRecord, hu_range: tuple[int, int]) -> li
             problems.append(Problem(path, f"spacing {im.GetSpacing()} differs from cohort.json's "
                                           f"{tuple(rec.spacing)}"))
     if img is not None:
-        arr = sitk.GetArrayViewFromImage(img)
+        # Voxel values through nibabel: SimpleITK's NIfTI reader silently turns NaN into 0.
+        arr = np.asanyarray(nib.load(ipath).dataobj)
         if img.GetPixelID() != sitk.sitkInt16:
             problems.append(Problem(ipath, f"image voxels are {img.GetPixelIDTypeAsString()}, "
                                            "expected 16-bit signed integer HU"))
@@ -229,7 +231,7 @@ def _case_problems(root: Path, rec: CaseRecord, hu_range: tuple[int, int]) -> li
             problems.append(Problem(ipath, f"intensities {lo:g}..{hi:g} lie outside the plausible "
                                            f"HU range {hu_range[0]}..{hu_range[1]}"))
     if msk is not None:
-        values = np.unique(sitk.GetArrayViewFromImage(msk))
+        values = np.unique(np.asanyarray(nib.load(mpath).dataobj))
         if not set(values.tolist()) <= {0, 1}:
             shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
             problems.append(Problem(mpath, f"mask values {{{shown}}}; only 0 and 1 are allowed"))

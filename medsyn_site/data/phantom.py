@@ -270,7 +270,8 @@ def _paint_nodule(rng, g: _Grid, img, mask, lung, center, radius, ntype, label):
         ggo_hu = rng.uniform(-650, -450)
         img[box][sub] = np.maximum(img[box][sub], ggo_hu + rng.normal(0, 15, sub.sum()))
         if ntype == "part-solid":
-            core = inside(d / rng.uniform(0.35, 0.6)).reshape(sub.shape) & sub
+            scale = min(0.8, max(rng.uniform(0.35, 0.6), 1.5 * float(g.sp.max()) / radius))
+            core = inside(d / scale).reshape(sub.shape) & sub
             img[box][core] = solid_hu
     mask[box][sub] = label
     return int(sub.sum())
@@ -292,6 +293,8 @@ def make_case(cfg: PhantomConfig, seed: int) -> PhantomCase:
         ntype = str(rng.choice(NODULE_TYPES, p=TYPE_P))
         attachment = str(rng.choice(ATTACH, p=ATTACH_P))
         free = lung & (labels == 0)
+        if label > 1:  # keep nodules apart, so each is its own connected component
+            free &= ndimage.distance_transform_edt(labels == 0, sampling=g.sp) > diameter / 2 + 3
         center = _place(rng, g, free, lung_depth, vessel_dist, diameter / 2, attachment)
         if center is None:
             continue

@@ -1,0 +1,75 @@
+"""Shared fixtures: a small phantom cohort and a DICOM CT series writer (independent of the
+package's own code, so the readers are tested against geometry the test sets by hand)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from medsyn_site.config import PhantomConfig, SplitConfig
+from medsyn_site.data.phantom import write_phantom_cohort
+
+PHI = {"PatientName": "DOE^JANE", "PatientID": "MRN-4711-XYZ", "StudyDate": "20190314",
+       "PatientBirthDate": "19580102", "AccessionNumber": "ACC998877"}
+
+
+@pytest.fixture(scope="session")
+def phantom_cohort(tmp_path_factory) -> Path:
+    """A 5-case phantom cohort at 64x64x40 (written once; tests copy it before changing it)."""
+    out = tmp_path_factory.mktemp("cohorts") / "phantom"
+    write_phantom_cohort(PhantomConfig(cases=5, seed=3, shape=(64, 64, 40)), SplitConfig(), out)
+    return out
+
+
+@pytest.fixture
+def cohort_copy(phantom_cohort, tmp_path) -> Path:
+    dst = tmp_path / "cohort"
+    shutil.copytree(phantom_cohort, dst)
+    return dst
+
+
+def write_ct_series(folder: Path, volume_zyx: np.ndarray, spacing_xyz, origin, row, col,
+                    slice_thickness: float = 9.9, series_uid: str | None = None) -> list[Path]:
+    """Write volume (HU, int16) as a DICOM CT series, files in shuffled order, with misleading
+    SliceThickness and InstanceNumber, so readers must use ImagePositionPatient."""
+    folder.mkdir(parents=True, exist_ok=True)
+    row, col = np.asarray(row, float), np.asarray(col, float)
+    normal = np.cross(row, col)
+    series_uid = series_uid or generate_uid()
+    study_uid, frame_uid = generate_uid(), generate_uid()
+    paths = []
+    rng = np.random.default_rng(0)
+    for k in rng.permutation(volume_zyx.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"slice_{rng.integers(1e9):09d}.dcm"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality = "CT"
+        for key, value in PHI.items():
+            setattr(ds, key, value)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.SeriesNumber, ds.InstanceNumber = 1, int(rng.integers(1, 1000))
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row, *col)]
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in np.asarray(origin) + k * spacing_xyz[2] * normal]
+        ds.PixelSpacing = [f"{spacing_xyz[1]:.4f}", f"{spacing_xyz[0]:.4f}"]
+        ds.SliceThickness = f"{slice_thickness}"
+        ds.Rows, ds.Columns = volume_zyx.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
+        ds.PixelData = (volume_zyx[k].astype(np.int16) + 1024).astype(np.int16).tobytes()
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def read_series_datasets(folder: Path) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
