@@ -53,6 +53,8 @@ def write_ct_series(folder: Path, volume_zyx: np.ndarray, spacing_xyz, origin, r
         ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.Modality = "CT"
+        ds.PatientSex, ds.StudyTime, ds.StudyID, ds.ReferringPhysicianName = "F", "101500", "1", ""
+        ds.Manufacturer = "test"
         for key, value in PHI.items():
             setattr(ds, key, value)
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid

@@ -1,0 +1,86 @@
+"""The command line as a new user meets it: --help everywhere, --version, config errors, the demo."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from medsyn_site import __version__
+from medsyn_site.cli import main
+from medsyn_site.config import ConfigError, load_config
+from medsyn_site.data.cohort import validate_cohort
+
+
+def _commands(group: click.Group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield prefix + (name,)
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, prefix + (name,))
+
+
+@pytest.mark.parametrize("path", [()] + list(_commands(main)))
+def test_help_on_every_command(path):
+    res = CliRunner().invoke(main, [*path, "--help"])
+    assert res.exit_code == 0 and "Usage:" in res.output and len(res.output) > 100
+
+
+def test_version():
+    res = CliRunner().invoke(main, ["--version"])
+    assert res.exit_code == 0 and __version__ in res.output
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("data:\n  phantom:\n    shappe: [1, 2, 3]\n", "data.phantom.shappe: Extra inputs are not permitted"),
+    ("data:\n  phantom:\n    shape: [8, 96, 96]\n", "too small"),
+    ("data:\n  split: {train: 0.8, val: 0.5}\n", "exceed 1"),
+    ("data: [\n", "not valid YAML"),
+])
+def test_bad_config_names_file_and_field(tmp_path, text, expect):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expect.replace("[", r"\[")) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    res = CliRunner().invoke(main, ["data", "phantom", "--out", str(tmp_path / "o"), "--config", str(path)])
+    assert res.exit_code == 1 and str(path) in res.output and not (tmp_path / "o").exists()
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_phantom_validate_show(tmp_path):
+    out, png = tmp_path / "c", tmp_path / "c.png"
+    r = CliRunner()
+    res = r.invoke(main, ["data", "phantom", "--out", str(out), "--cases", "3", "--seed", "5",
+                          "--shape", "48", "48", "32", "--spacing", "3", "3", "4"])
+    assert res.exit_code == 0, res.output
+    assert r.invoke(main, ["data", "validate", str(out)]).exit_code == 0
+    res = r.invoke(main, ["data", "show", str(out), "--out", str(png)])
+    assert res.exit_code == 0, res.output
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 400 and im.size[1] > 200
+        assert len(set(im.convert("L").tobytes())) > 50  # slices, not a blank canvas
+    (out / "masks" / "phantom-001.nii.gz").unlink()
+    res = r.invoke(main, ["data", "validate", str(out)])
+    assert res.exit_code == 1 and "phantom-001.nii.gz: missing mask file" in res.output
+    res = r.invoke(main, ["data", "phantom", "--out", str(out), "--cases", "2"])
+    assert res.exit_code == 1 and "--force" in res.output
+
+
+def test_demo_end_to_end(tmp_path):
+    """The console script, as the README runs it."""
+    exe = Path(sys.executable).with_name("medsyn")
+    out = tmp_path / "demo"
+    proc = subprocess.run([str(exe), "demo", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert validate_cohort(out / "phantom") == []
+    assert (out / "phantom.png").stat().st_size > 10_000 and (out / "config.yaml").is_file()
+    again = subprocess.run([str(exe), "demo", "--out", str(out)], capture_output=True, text=True)
+    assert again.returncode == 1 and "--force" in again.stderr
