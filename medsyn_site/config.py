@@ -71,11 +71,99 @@ class DataConfig(Strict):
     prepare: PrepareConfig = PrepareConfig()
 
 
+class ModelConfig(Strict):
+    """MONAI DiffusionModelUNet (3-D). Input: noisy CT + mask + 3 coordinate channels."""
+
+    in_channels: int = 5
+    out_channels: int = 1
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, False, False)
+    num_res_blocks: int = Field(1, ge=1)
+    num_head_channels: int = 32
+    norm_num_groups: int = 16
+    mid_attention: bool = False  # MONAI always puts self-attention in the middle block; off = Identity
+    flash_attention: bool = True
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ModelConfig":
+        if self.in_channels != 5:
+            raise ValueError(f"model.in_channels is {self.in_channels}; the network takes 5 channels "
+                             "(noisy CT, mask, and x/y/z coordinates)")
+        if self.out_channels != 1:
+            raise ValueError(f"model.out_channels is {self.out_channels}; the network predicts 1 channel")
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError(f"model.attention_levels has {len(self.attention_levels)} entries; "
+                             f"model.channels has {len(self.channels)} levels")
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"model.channels {bad} are not multiples of norm_num_groups={self.norm_num_groups}")
+        return self
+
+    @property
+    def multiple(self) -> int:
+        """Spatial sizes must be divisible by this (2 ** downsamplings)."""
+        return 2 ** (len(self.channels) - 1)
+
+
+class DiffusionConfig(Strict):
+    """The noise process (MONAI schedulers) and the loss."""
+
+    num_train_timesteps: int = Field(1000, ge=2)
+    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = "linear_beta"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    loss: Literal["l1", "l2"] = "l2"
+    hu_window: tuple[float, float] = (-1024.0, 2048.0)  # mapped linearly to [-1, 1], clipped
+
+
+class TrainConfig(Strict):
+    """The site trainer. patch_size is (x, y, z) voxels."""
+
+    patch_size: IntTriple = (32, 32, 32)
+    batch_size: int = Field(2, ge=1)
+    steps: int = Field(200, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    pos_fraction: float = Field(0.5, ge=0, le=1)  # share of patches centred on a nodule voxel
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # DeepSpeed JSON (relative to configs/, or a path): ZeRO, clipping, and the activation
+    # checkpointing knobs (cpu_checkpointing = offload, used on accelerators only).
+    deepspeed_config: str = "deepspeed/cpu.json"
+    activation_checkpointing: bool = True
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    preview_every: int = Field(100, ge=1)
+    threads: int = Field(0, ge=0)  # torch CPU threads (0: torch's default)
+    deterministic: bool = False
+
+    @model_validator(mode="after")
+    def _patch(self) -> "TrainConfig":
+        if min(self.patch_size) < 8:
+            raise ValueError(f"train.patch_size {self.patch_size} is too small (each side >= 8)")
+        return self
+
+
 class Config(Strict):
     """The whole resolved configuration of a run; saved beside every stage's outputs."""
 
     name: str = "default"
     data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _patch_fits_model(self) -> "Config":
+        m = self.model.multiple
+        if any(p % m for p in self.train.patch_size):
+            raise ValueError(f"train.patch_size {self.train.patch_size} must be divisible by {m} "
+                             f"(2 ** (levels - 1) for model.channels {self.model.channels})")
+        return self
 
 
 class ConfigError(ValueError):
