@@ -126,6 +126,33 @@ def data_prepare(manifest, out, spacing, crop_to_lungs, site_key, config_path, f
     click.echo(f"wrote cohort {out}")
 
 
+@main.command("train")
+@click.option("--cohort", required=True, type=click.Path(), help="Cohort to train on (its train split).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run dir.")
+@click.option("--resume", is_flag=True, help="Continue from the run dir's latest checkpoint.")
+@click.option("--steps", type=int, default=None, help="Total training steps (overrides train.steps).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None)
+@config_option
+@force_option
+@friendly
+def train_cmd(cohort, out, resume, steps, device, precision, config_path, force):
+    """Train the mask-conditioned patch-wise 3-D DDPM (DeepSpeed) on a cohort.
+
+    SIGTERM or SIGUSR1 (Slurm preemption) writes a checkpoint and exits with status 3;
+    --resume then continues with the same step, schedule, RNG and data order."""
+    from medsyn_site.diffusion.train import Interrupted, train
+
+    cfg = load_config(config_path, {"train.steps": steps, "train.device": device,
+                                    "train.precision": precision})
+    try:
+        weights = train(cfg, cohort, out, resume=resume, force=force)
+    except Interrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(3)
+    click.echo(f"trained; EMA weights: {weights}")
+
+
 @main.command()
 @click.option("--out", default="medsyn-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for everything the demo writes.")

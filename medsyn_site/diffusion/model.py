@@ -74,3 +74,30 @@ def hu_to_unit(hu: torch.Tensor, window) -> torch.Tensor:
 def unit_to_hu(x: torch.Tensor, window) -> torch.Tensor:
     lo, hi = window
     return (x.float().clamp(-1, 1) + 1) / 2 * (hi - lo) + lo
+
+
+class EMA:
+    """Exponential moving average of a model's weights, kept in float32.
+
+    torch's AveragedModel lerps in the model's own dtype; under bf16/fp16 training that loses the
+    small updates an EMA exists to accumulate, hence this float32 copy.
+    """
+
+    def __init__(self, net: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in net.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        for k, v in net.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v.detach().float().to(self.shadow[k].device), 1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict:
+        return {k: v.cpu() for k, v in self.shadow.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            self.shadow[k].copy_(v)

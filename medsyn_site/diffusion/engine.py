@@ -1,0 +1,100 @@
+"""The DeepSpeed engine for one process or many: distributed init, the JSON config, activation
+checkpointing with CPU offload. The same code runs on DeepSpeed's CPU accelerator and on CUDA."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from medsyn_site.config import CONFIG_DIR, ConfigError, TrainConfig
+from medsyn_site.diffusion.model import enable_activation_checkpointing
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def select_accelerator(device: str) -> None:
+    """Pin DeepSpeed's accelerator (before deepspeed is imported); 'auto' lets it detect."""
+    if device != "auto":
+        os.environ["DS_ACCELERATOR"] = device
+
+
+def init_distributed() -> None:
+    """Start torch.distributed through DeepSpeed. A lone process (no launcher) gets world size 1
+    on 127.0.0.1; under the deepspeed launcher, torchrun or srun the environment is already set."""
+    if "RANK" not in os.environ or os.environ.get("MEDSYN_SOLO_DIST") == "1":
+        # No launcher (or only our own defaults, inherited by a child process): a fresh port.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()), MEDSYN_SOLO_DIST="1")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if os.environ["WORLD_SIZE"] == "1":
+        # One process has nothing to share through shared memory; skip JIT-building that op.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+def load_deepspeed_config(cfg: TrainConfig) -> dict:
+    """The JSON config (configs/ relative or a path) with batch size and precision from ``cfg``."""
+    path = Path(cfg.deepspeed_config)
+    if not path.is_absolute() and not path.exists():
+        path = CONFIG_DIR / path
+    if not path.is_file():
+        raise ConfigError(f"{cfg.deepspeed_config}: DeepSpeed config not found")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from e
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds.pop("train_batch_size", None)
+    ds["bf16"] = {"enabled": cfg.precision == "bf16"}
+    ds["fp16"] = {"enabled": cfg.precision == "fp16", "initial_scale_power": 12}
+    return ds
+
+
+def on_accelerator() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() != "cpu"
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return torch.device(acc.device_name(acc.current_device()) if acc.device_name() != "cpu" else "cpu")
+
+
+def make_engine(net: torch.nn.Module, cfg: TrainConfig):
+    """deepspeed.initialize with AdamW (a torch optimizer: no fused-Adam JIT build) and a linear
+    warm-up; activation checkpointing of every ResNet block, offloaded to CPU on accelerators."""
+    import deepspeed
+
+    ds = load_deepspeed_config(cfg)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(cfg.warmup_steps, 1)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+    engine, _, _, lr_sched = deepspeed.initialize(model=net, optimizer=optimizer, lr_scheduler=lr_sched,
+                                                  config=ds)
+    if cfg.activation_checkpointing:
+        ac = ds.get("activation_checkpointing", {})
+        offload = bool(ac.get("cpu_checkpointing", False))
+        if offload and not on_accelerator():
+            # On the CPU the "offload" would copy a tensor onto itself, and DeepSpeed then frees it.
+            log.info("activation offload (cpu_checkpointing) skipped: activations already live on the CPU")
+            offload = False
+        deepspeed.checkpointing.configure(None, deepspeed_config=ds, checkpoint_in_cpu=offload)
+        n = enable_activation_checkpointing(engine.module, deepspeed.checkpointing.checkpoint)
+        log.info("activation checkpointing on %d ResNet blocks (CPU offload: %s)", n, offload)
+    return engine, lr_sched

@@ -1,0 +1,182 @@
+"""``medsyn train``: the site trainer. Random 3-D patches + coordinates -> DeepSpeed engine -> EMA,
+atomic resumable checkpoints, metrics (CSV + TensorBoard) and denoising previews."""
+from __future__ import annotations
+
+import csv
+import logging
+import resource
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from medsyn_site.atomic import atomic_write_text
+from medsyn_site.config import Config
+from medsyn_site.data.cohort import Cohort
+from medsyn_site.diffusion import engine as eng
+from medsyn_site.diffusion.model import EMA, build_unet, network_input, scheduler
+from medsyn_site.diffusion.patches import PatchDataset
+from medsyn_site.diffusion.rundir import RunDir
+
+log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint; --resume continues."""
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def diffusion_loss(net, sched, batch: dict, cfg: Config, step: int, dev, dtype) -> torch.Tensor:
+    """One training loss: noise a patch at random timesteps and regress the configured target."""
+    x0 = batch["image"].to(dev)
+    g = _step_generator(cfg.train.seed, step)
+    t = torch.randint(0, sched.num_train_timesteps, (x0.shape[0],), generator=g).to(dev)
+    noise = torch.randn(x0.shape, generator=g).to(dev)
+    noisy = sched.add_noise(original_samples=x0, noise=noise, timesteps=t)
+    target = noise if cfg.diffusion.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+    inp = network_input(noisy, batch["mask"].to(dev), batch["coords"].to(dev)).to(dtype)
+    pred = net(inp, timesteps=t).float()
+    return F.l1_loss(pred, target) if cfg.diffusion.loss == "l1" else F.mse_loss(pred, target)
+
+
+def peak_memory_mb(dev) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Metrics:
+    """metrics.csv (rows past a resumed step are dropped) and TensorBoard scalars."""
+
+    FIELDS = ["step", "loss", "lr", "patches_per_s", "peak_mem_mb"]
+
+    def __init__(self, root: Path, start_step: int):
+        self.path = root / "metrics.csv"
+        rows = []
+        if self.path.exists() and start_step:
+            with open(self.path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        atomic_write_text(self.path, ",".join(self.FIELDS) + "\n" + "".join(
+            ",".join(r[k] for k in self.FIELDS) + "\n" for r in rows))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(root / "tensorboard"), purge_step=start_step + 1)
+        except ImportError:  # tensorboard is optional
+            self.tb = None
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k])
+                             for k in self.FIELDS) + "\n")
+        if self.tb:
+            for k in self.FIELDS[1:]:
+                self.tb.add_scalar(f"train/{k}", row[k], row["step"])
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+
+
+@torch.no_grad()
+def preview(net, cfg: Config, samples: list[dict], out: Path, dev, dtype) -> Path:
+    """PNG: per validation patch, the real middle slice, it noised to t = T/2, the network's
+    one-step estimate of the clean image (MONAI's scheduler.step), and the mask."""
+    from medsyn_site.diffusion.preview import denoise_figure
+
+    sched = scheduler(cfg.diffusion)
+    t = sched.num_train_timesteps // 2
+    rows = []
+    was_training = net.training
+    net.eval()
+    for i, s in enumerate(samples):
+        x0 = s["image"][None].to(dev)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(i)).to(dev)
+        tt = torch.full((1,), t, device=dev, dtype=torch.long)
+        noisy = sched.add_noise(x0, noise, tt)
+        pred = net(network_input(noisy, s["mask"][None].to(dev), s["coords"][None].to(dev)).to(dtype),
+                   timesteps=tt).float()
+        _, x0_hat = sched.step(pred, t, noisy)
+        rows.append((x0[0, 0], noisy[0, 0], x0_hat[0, 0], s["mask"][0]))
+    net.train(was_training)
+    return denoise_figure(rows, out, cfg.diffusion.hu_window)
+
+
+def _configure_torch(cfg: Config) -> None:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+
+
+def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool = False,
+          force: bool = False) -> Path:
+    """Train (or resume) a run; returns the latest EMA weights file. Raises Interrupted on a stop signal."""
+    cohort = Cohort(cohort_dir)  # fails early: missing or broken cohort
+    t = cfg.train
+    data = PatchDataset(cohort, "train", t.patch_size, cfg.diffusion.hu_window, t.pos_fraction, t.seed)
+    val_split = "val" if cohort.split("val") else "train"
+    previews = PatchDataset(cohort, val_split, t.patch_size, cfg.diffusion.hu_window, 1.0, t.seed + 1)
+    run = RunDir(run_dir)
+    run.check_resume(cfg) if resume else run.create(cfg, force)
+
+    _configure_torch(cfg)
+    eng.select_accelerator(t.device)
+    eng.init_distributed()
+    net = build_unet(cfg.model)
+    ema = EMA(net, t.ema_decay)
+    engine, _ = eng.make_engine(net, t)
+    dev = eng.device()
+    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16 if t.precision == "fp16" else torch.float32
+    start = run.load(engine, ema) if resume else 0
+    if start >= t.steps:
+        log.info("run already at step %d of %d", start, t.steps)
+        return run.latest_weights()
+
+    sched = scheduler(cfg.diffusion)
+    loader = DataLoader(data, batch_size=t.batch_size, sampler=range(start * t.batch_size, t.steps * t.batch_size),
+                        num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
+    metrics = Metrics(run.root, start)
+    stop = {}
+    old_handlers = {s: signal.signal(s, lambda signum, _: stop.setdefault("signal", signum)) for s in STOP_SIGNALS}
+    preview_samples = [previews[i] for i in range(3)]
+    from tqdm import tqdm
+
+    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step")
+    tick, step = time.perf_counter(), start
+    try:
+        for step, batch in enumerate(loader, start=start + 1):
+            loss = diffusion_loss(engine, sched, batch, cfg, step, dev, dtype)
+            engine.backward(loss)
+            engine.step()
+            ema.update(engine.module)
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                rate = t.batch_size * t.log_every / max(time.perf_counter() - tick, 1e-9)
+                tick = time.perf_counter()
+                row = {"step": step, "loss": loss.item(), "lr": engine.get_lr()[0], "patches_per_s": rate,
+                       "peak_mem_mb": peak_memory_mb(dev)}
+                metrics.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", patches_s=f"{rate:.1f}", mem_mb=f"{row['peak_mem_mb']:.0f}")
+            if step % t.preview_every == 0 or step == t.steps:
+                preview(engine.module, cfg, preview_samples, run.root / "previews" / f"step_{step:08d}.png", dev, dtype)
+            if step % t.checkpoint_every == 0 or step == t.steps or stop:
+                run.save(engine, ema, step, cfg, t.keep_checkpoints)
+            if stop:
+                name = signal.Signals(stop["signal"]).name
+                raise Interrupted(f"stopped by {name} at step {step}; checkpoint written; continue with --resume")
+    finally:
+        bar.close()
+        metrics.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    return run.latest_weights()

@@ -1,0 +1,148 @@
+"""The site trainer through DeepSpeed on the CPU: learning, exact resume after kill -9, crash-safe
+checkpoints, stop signals, and bad configs failing before any work."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medsyn_site.config import ConfigError, load_config
+from medsyn_site.data.cohort import Cohort, CohortError
+from medsyn_site.diffusion import engine as eng
+from medsyn_site.diffusion.model import build_unet, scheduler
+from medsyn_site.diffusion.patches import PatchDataset, PatchError
+from medsyn_site.diffusion.rundir import RunDir
+from medsyn_site.diffusion.train import diffusion_loss, train
+
+CONFIG = Path(__file__).parent / "configs" / "train_test.yaml"
+MEDSYN = str(Path(sys.executable).with_name("medsyn"))
+
+
+def _cfg(**overrides):
+    return load_config(CONFIG, overrides)
+
+
+def _final_state(run: Path) -> dict:
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    blob = torch.load(run / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                      weights_only=False)
+    ema = torch.load(run / "checkpoints" / tag / "ema.pt", map_location="cpu")
+    return {"tag": tag, "module": blob["module"], "ema": ema["ema"], "step": ema["step"]}
+
+
+def _assert_same(a: dict, b: dict):
+    assert a["tag"] == b["tag"] and a["step"] == b["step"]
+    for part in ("module", "ema"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-6, atol=1e-7, msg=f"{part}.{k}")
+
+
+def test_loss_falls_on_a_fixed_batch(phantom_cohort):
+    cfg = _cfg(**{"train.lr": 3e-3})
+    torch.manual_seed(0)
+    data = PatchDataset(Cohort(phantom_cohort), "train", cfg.train.patch_size, cfg.diffusion.hu_window, 1.0, 0)
+    batch = {k: torch.stack([data[i][k] for i in range(2)]) for k in ("image", "mask", "coords")}
+    eng.init_distributed()
+    engine, _ = eng.make_engine(build_unet(cfg.model), cfg.train)
+    sched = scheduler(cfg.diffusion)
+    losses = []
+    for _ in range(40):
+        loss = diffusion_loss(engine, sched, batch, cfg, step=7, dev=torch.device("cpu"), dtype=torch.float32)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def _run(args, **kw):
+    return subprocess.run([MEDSYN, "train", "--config", str(CONFIG), *args], capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def test_kill9_then_resume_matches_uninterrupted(phantom_cohort, tmp_path):
+    steps = "200"
+    ref = tmp_path / "ref"
+    proc = _run(["--cohort", str(phantom_cohort), "--out", str(ref), "--steps", steps])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    p = subprocess.Popen([MEDSYN, "train", "--config", str(CONFIG), "--cohort", str(phantom_cohort),
+                          "--out", str(run), "--steps", steps], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = run / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= "step_00000030":
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    assert p.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    killed_at = latest.read_text().strip()
+    assert killed_at < f"step_{int(steps):08d}"
+
+    proc = _run(["--cohort", str(phantom_cohort), "--out", str(run), "--steps", steps, "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same(_final_state(ref), _final_state(run))
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(5, int(steps) + 1, 5))  # no duplicate steps
+
+
+def test_crash_during_checkpoint_write_keeps_previous(phantom_cohort, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(_cfg(**{"train.steps": 10}), phantom_cohort, run)
+    assert RunDir(run).latest() == "step_00000010"
+    good = _final_state(run)
+
+    real_save = torch.save
+    def crashing_save(obj, f, *a, **kw):  # a power cut halfway through writing
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(_cfg(**{"train.steps": 20}), phantom_cohort, run, resume=True)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert RunDir(run).latest() == "step_00000010"
+    _assert_same(good, _final_state(run))
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    train(_cfg(**{"train.steps": 20}), phantom_cohort, run, resume=True)  # the kept checkpoint loads
+    assert RunDir(run).latest() == "step_00000020"
+
+
+def test_sigterm_writes_checkpoint_then_resume(phantom_cohort, tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.Popen([MEDSYN, "train", "--config", str(CONFIG), "--cohort", str(phantom_cohort),
+                          "--out", str(run), "--steps", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 2):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR1)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 3 and "stopped by SIGUSR1" in err, err[-2000:]
+    tag = RunDir(run).latest()
+    assert tag is not None and "step_00000010" <= tag < "step_00000500"  # not a multiple-of-10 boundary only
+
+
+@pytest.mark.parametrize("change, error, expect", [
+    ({"train.patch_size": (128, 128, 128)}, PatchError, "larger than the volume"),
+    ({"diffusion.schedule": "wavy"}, ConfigError, "diffusion.schedule"),
+    ({"model.in_channels": 4}, ConfigError, "takes 5 channels"),
+    ({"train.patch_size": (18, 18, 18)}, ConfigError, "must be divisible by 4"),
+])
+def test_bad_config_fails_before_work(phantom_cohort, tmp_path, change, error, expect):
+    run = tmp_path / "run"
+    with pytest.raises(error, match=expect):
+        train(_cfg(**change), phantom_cohort, run)
+    assert not run.exists()
+
+
+def test_missing_cohort_and_resume_without_checkpoint(phantom_cohort, tmp_path):
+    with pytest.raises(CohortError, match="cohort folder not found"):
+        train(_cfg(), tmp_path / "nope", tmp_path / "run")
+    proc = _run(["--cohort", str(phantom_cohort), "--out", str(tmp_path / "fresh"), "--resume"])
+    assert proc.returncode == 1 and "no checkpoint to resume from" in proc.stderr
