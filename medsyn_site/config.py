@@ -180,17 +180,33 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a YAML config (default: configs/tiny.yaml), apply dotted overrides, validate."""
-    path = Path(path) if path else CONFIG_DIR / "tiny.yaml"
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_tree(path: Path, seen: tuple = ()) -> dict:
+    """A YAML file as a dict; ``base: other.yaml`` (relative to the file) is loaded underneath."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    base = tree.pop("base", None)
+    return _merge(_read_tree(path.parent / base, seen + (path.resolve(),)), tree) if base else tree
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (default: configs/tiny.yaml), apply dotted overrides, validate."""
+    path = Path(path) if path else CONFIG_DIR / "tiny.yaml"
+    tree = _read_tree(path)
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(tree, key, value)

@@ -13,20 +13,31 @@ from medsyn_site.data.phantom import write_phantom_cohort
 from medsyn_site.data.show import show_cohort
 
 log = logging.getLogger(__name__)
+STAGES = ("data", "train")
+
+
+def _say(i: int, text: str) -> None:
+    click.echo(f"[demo {i}/{len(STAGES)} {STAGES[i - 1]}] {text}")
 
 
 def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
-    """data (phantom -> validate -> picture). Later stages add themselves here."""
+    """data (phantom -> validate -> picture) -> train (tiny DDPM through DeepSpeed)."""
+    from medsyn_site.diffusion.train import train
+
     refuse_existing(out, force)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     cohort = out / "phantom"
-    click.echo(f"[demo 1/1 data] building {cfg.data.phantom.cases} phantom cases in {cohort}")
+    _say(1, f"building {cfg.data.phantom.cases} phantom cases in {cohort}")
     write_phantom_cohort(cfg.data.phantom, cfg.data.split, cohort, force=True)
     problems = validate_cohort(cohort, tuple(cfg.data.hu_range))
     if problems:
         raise CohortError("; ".join(map(str, problems)))
-    picture = show_cohort(cohort, out / "phantom.png")
-    click.echo(f"[demo 1/1 data] cohort valid; picture: {picture}")
+    _say(1, f"cohort valid; picture: {show_cohort(cohort, out / 'phantom.png')}")
+
+    run = out / "run"
+    _say(2, f"training the {cfg.name} DDPM for {cfg.train.steps} steps in {run}")
+    weights = train(cfg, cohort, run, force=True)
+    _say(2, f"EMA weights {weights}; metrics {run / 'metrics.csv'}; previews {run / 'previews'}")
     click.echo(f"demo finished: {out}")
     return out

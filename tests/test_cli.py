@@ -82,5 +82,6 @@ def test_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert validate_cohort(out / "phantom") == []
     assert (out / "phantom.png").stat().st_size > 10_000 and (out / "config.yaml").is_file()
+    assert (out / "run" / "checkpoints" / "latest").is_file() and list((out / "run" / "previews").glob("*.png"))
     again = subprocess.run([str(exe), "demo", "--out", str(out)], capture_output=True, text=True)
     assert again.returncode == 1 and "--force" in again.stderr

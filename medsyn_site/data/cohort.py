@@ -6,6 +6,7 @@ a cohort, so every stage sees the same thing.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medsyn_site.atomic import atomic_write, atomic_write_text, sha256_file, staged_dir
+from medsyn_site.atomic import (OutputExistsError, atomic_write, atomic_write_text, sha256_file,
+                                staged_dir)
 
 FORMAT = "medsyn-cohort"
 VERSION = 1
@@ -124,13 +126,71 @@ class CohortWriter:
                          sha256={"image": sha256_file(ipath), "mask": sha256_file(mpath)},
                          nodules=nodules or [])
         self.records.append(rec)
+        self._added(rec)
         return rec
+
+    def _added(self, rec: CaseRecord) -> None:
+        """Hook for writers that record progress case by case."""
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             index = CohortIndex(description=self.description, cases=self.records)
             atomic_write_text(self.root / INDEX, index.model_dump_json(indent=1))
         return self._ctx.__exit__(exc_type, exc, tb)
+
+
+class ResumableCohortWriter(CohortWriter):
+    """Writes a cohort in place, case by case, logging each finished case to ``.partial.jsonl``, so
+    a killed job resumes where it stopped (``done(case_id)``). ``settings`` must match to resume.
+    A complete cohort at ``out`` is refused unless ``force`` (then it is started afresh)."""
+
+    PARTIAL = ".partial.jsonl"
+
+    def __init__(self, out: str | Path, settings: dict, force: bool = False, description: str = ""):
+        super().__init__(out, force, description)
+        self.settings = settings
+
+    def __enter__(self) -> "ResumableCohortWriter":
+        import shutil
+
+        self.root = self.out
+        log = self.out / self.PARTIAL
+        if (self.out / INDEX).exists() or (self.out.exists() and any(self.out.iterdir()) and not log.exists()):
+            if not self.force:
+                raise OutputExistsError(f"{self.out}: output already exists; pass --force to replace it")
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if log.exists():
+            lines = log.read_text().splitlines()
+            saved = json.loads(lines[0]) if lines else {}
+            if saved != self.settings:
+                raise CohortError(f"{log}: an unfinished run with other settings is here "
+                                  f"({saved} vs {self.settings}); pass --force to start afresh")
+            for line in lines[1:]:
+                rec = CaseRecord.model_validate_json(line)
+                paths = (image_path(self.root, rec.id), mask_path(self.root, rec.id))
+                if all(p.exists() for p in paths) and [sha256_file(p) for p in paths] == \
+                        [rec.sha256["image"], rec.sha256["mask"]]:
+                    self.records.append(rec)
+        else:
+            atomic_write_text(log, json.dumps(self.settings) + "\n")
+        return self
+
+    def done(self, case_id: str) -> bool:
+        return any(r.id == case_id for r in self.records)
+
+    def _added(self, rec: CaseRecord) -> None:
+        with open(self.root / self.PARTIAL, "a") as f:
+            f.write(rec.model_dump_json() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            index = CohortIndex(description=self.description, cases=self.records)
+            atomic_write_text(self.root / INDEX, index.model_dump_json(indent=1))
+            (self.root / self.PARTIAL).unlink()
+        return False
 
 
 class Cohort:

@@ -78,15 +78,20 @@ def resample(image: sitk.Image, spacing, interpolator, default: float) -> sitk.I
                          image.GetDirection(), default, image.GetPixelID())
 
 
-def lung_box(image: sitk.Image, margin_mm: float) -> tuple[slice, ...]:
-    """(z, y, x) slices around the lungs: air-density voxels inside the body, plus a margin."""
-    hu = sitk.GetArrayViewFromImage(image)
-    body = ndimage.binary_fill_holes(hu > -500)
+def lung_mask(hu: np.ndarray) -> np.ndarray:
+    """Air-density voxels inside the body (the largest dense component, holes filled per slice)."""
+    body = hu > -500
     labels, n = ndimage.label(body)
     if n:
         body = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
         body = np.stack([ndimage.binary_fill_holes(s) for s in body])
-    lungs = (hu < -400) & body
+    return (hu < -400) & body
+
+
+def lung_box(image: sitk.Image, margin_mm: float) -> tuple[slice, ...]:
+    """(z, y, x) slices around the lungs, plus a margin."""
+    hu = sitk.GetArrayViewFromImage(image)
+    lungs = lung_mask(hu)
     if not lungs.any():
         return tuple(slice(0, n) for n in hu.shape)
     idx = np.nonzero(lungs)
