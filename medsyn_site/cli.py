@@ -34,6 +34,16 @@ def _triple_option(name: str, kind, help_text: str):
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
                              default=None, help="YAML config (default: configs/tiny.yaml).")
 force_option = click.option("--force", is_flag=True, help="Replace an existing output.")
+site_key_option = click.option("--site-key", type=click.Path(dir_okay=False), default=None,
+                                help="The site's secret key file (default ~/.config/medsyn/site.key).")
+
+
+def _site_key(path):
+    from medsyn_site.data.prepare import DEFAULT_SITE_KEY
+
+    return Path(path) if path else DEFAULT_SITE_KEY
+
+
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,18 +121,17 @@ def data_show(cohort, out, max_cases):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cohort folder to write.")
 @_triple_option("--spacing", float, "Target spacing X Y Z in mm (default from the config).")
 @click.option("--crop-to-lungs/--no-crop-to-lungs", default=None, help="Crop to the lungs.")
-@click.option("--site-key", type=click.Path(dir_okay=False), default=None,
-              help="Secret key file for hashing ids (default ~/.config/medsyn/site.key).")
+@site_key_option
 @config_option
 @force_option
 @friendly
 def data_prepare(manifest, out, spacing, crop_to_lungs, site_key, config_path, force):
     """Ingest a site's scans (DICOM/NIfTI/NRRD) and masks (NIfTI/NRRD/SEG/LIDC XML) into a cohort."""
-    from medsyn_site.data.prepare import DEFAULT_SITE_KEY, prepare_cohort
+    from medsyn_site.data.prepare import prepare_cohort
 
     cfg = load_config(config_path, {"data.prepare.spacing": spacing,
                                     "data.prepare.crop_to_lungs": crop_to_lungs})
-    prepare_cohort(manifest, out, cfg.data, force=force, site_key=Path(site_key or DEFAULT_SITE_KEY))
+    prepare_cohort(manifest, out, cfg.data, force=force, site_key=_site_key(site_key))
     click.echo(f"wrote cohort {out}")
 
 
@@ -151,6 +160,61 @@ def train_cmd(cohort, out, resume, steps, device, precision, config_path, force)
         click.echo(str(e), err=True)
         sys.exit(3)
     click.echo(f"trained; EMA weights: {weights}")
+
+
+@main.command("sample")
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True),
+              help="Run dir (its latest EMA weights) or an ema.pt file.")
+@click.option("--masks", required=True,
+              help="cohort:DIR (train masks, verbatim), request:FILE (targeted), relocate:DIR (privacy-preserving).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic cohort to write.")
+@click.option("--per-mask", type=int, default=1, show_default=True, help="Volumes per mask.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddim", show_default=True)
+@click.option("--steps", type=int, default=50, show_default=True, help="Denoising steps.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@site_key_option
+@force_option
+@friendly
+def sample_cmd(run_dir, masks, out, per_mask, sampler, steps, seed, device, precision, site_key, force):
+    """Sample whole synthetic CT volumes from masks (resumable: a rerun skips finished cases)."""
+    from medsyn_site.diffusion.sample import sample_cohort
+
+    sample_cohort(run_dir, masks, out, per_mask=per_mask, sampler=sampler, steps=steps, seed=seed,
+                  device=device, precision=precision, force=force, site_key=_site_key(site_key))
+    click.echo(f"wrote synthetic cohort {out} (provenance.json beside it)")
+
+
+@main.command("publish")
+@click.argument("synth", type=click.Path(exists=True, file_okay=False))
+@click.option("--training-cohort", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The real cohort the model was trained on (train split) with held-out val/test cases.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Release folder to write.")
+@click.option("--format", "fmt", type=click.Choice(["nifti", "dicom", "both"]), default="both", show_default=True)
+@click.option("--override", "overrides", multiple=True, metavar="CASE=REASON",
+              help="Release a case the audit flagged, with a written reason (recorded).")
+@click.option("--allow-verbatim-masks", is_flag=True, help="Allow samples conditioned on verbatim real masks.")
+@click.option("--licence", default="CC-BY-4.0", show_default=True)
+@site_key_option
+@force_option
+@friendly
+def publish_cmd(synth, training_cohort, out, fmt, overrides, allow_verbatim_masks, licence, site_key, force):
+    """Release only provenance-checked, memorization-audited synthetic data (NIfTI and/or DICOM)."""
+    from medsyn_site.publish.release import publish
+
+    parsed = {}
+    for item in overrides:
+        case, sep, reason = item.partition("=")
+        if not sep or not reason.strip():
+            raise click.BadParameter(f"{item!r}: use CASE=REASON with a non-empty reason", param_hint="--override")
+        parsed[case] = reason.strip()
+    report = publish(synth, training_cohort, out, fmt=fmt, overrides=parsed, allow_verbatim=allow_verbatim_masks,
+                     licence=licence, force=force, site_key=_site_key(site_key))
+    refused = [c for c in report["cases"] if c["reasons"]]
+    for c in refused:
+        click.echo(f"REFUSED {c['case']}: {'; '.join(c['reasons'])}", err=True)
+    click.echo(f"released {len(report['cases']) - len(refused)} case(s) to {out}; refused {len(refused)}")
 
 
 @main.command()

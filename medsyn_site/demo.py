@@ -13,7 +13,8 @@ from medsyn_site.data.phantom import write_phantom_cohort
 from medsyn_site.data.show import show_cohort
 
 log = logging.getLogger(__name__)
-STAGES = ("data", "train")
+DEMO_STEPS = 10  # DDIM steps: enough to show the path at CPU size, not image quality
+STAGES = ("data", "train", "sample", "publish")
 
 
 def _say(i: int, text: str) -> None:
@@ -21,8 +22,11 @@ def _say(i: int, text: str) -> None:
 
 
 def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
-    """data (phantom -> validate -> picture) -> train (tiny DDPM through DeepSpeed)."""
+    """data (phantom -> validate -> picture) -> train (tiny DDPM through DeepSpeed) -> sample
+    (relocated masks, DDIM) -> publish (provenance gate, audit, NIfTI + DICOM)."""
+    from medsyn_site.diffusion.sample import sample_cohort
     from medsyn_site.diffusion.train import train
+    from medsyn_site.publish.release import publish
 
     refuse_existing(out, force)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,5 +43,16 @@ def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
     _say(2, f"training the {cfg.name} DDPM for {cfg.train.steps} steps in {run}")
     weights = train(cfg, cohort, run, force=True)
     _say(2, f"EMA weights {weights}; metrics {run / 'metrics.csv'}; previews {run / 'previews'}")
+
+    synth, key = out / "synthetic", out / "site.key"
+    _say(3, f"sampling whole volumes from relocated train masks (DDIM {DEMO_STEPS} steps) into {synth}")
+    sample_cohort(run, f"relocate:{cohort}", synth, sampler="ddim", steps=DEMO_STEPS, seed=0, force=True,
+                  site_key=key)
+    _say(3, f"picture: {show_cohort(synth, out / 'synthetic.png')}")
+
+    release = out / "release"
+    report = publish(synth, cohort, release, fmt="both", force=True, site_key=key)
+    n_out = sum(not c["reasons"] for c in report["cases"])
+    _say(4, f"released {n_out}/{len(report['cases'])} synthetic cases to {release} (card, audit, NIfTI, DICOM)")
     click.echo(f"demo finished: {out}")
     return out

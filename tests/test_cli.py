@@ -83,5 +83,7 @@ def test_demo_end_to_end(tmp_path):
     assert validate_cohort(out / "phantom") == []
     assert (out / "phantom.png").stat().st_size > 10_000 and (out / "config.yaml").is_file()
     assert (out / "run" / "checkpoints" / "latest").is_file() and list((out / "run" / "previews").glob("*.png"))
+    assert (out / "synthetic" / "provenance.json").is_file() and (out / "synthetic.png").is_file()
+    assert (out / "release" / "dataset_card.md").is_file() and list((out / "release" / "dicom").iterdir())
     again = subprocess.run([str(exe), "demo", "--out", str(out)], capture_output=True, text=True)
     assert again.returncode == 1 and "--force" in again.stderr

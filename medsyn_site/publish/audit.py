@@ -78,12 +78,16 @@ def nn_scores(f: Features, train: list[Features]) -> dict:
             "crop": max((nearest(c, crops) for c in f.crops), default=float("nan"))}
 
 
-def calibrate(heldout: list[Features], train: list[Features]) -> dict:
-    """Thresholds: the highest nearest-neighbour similarity of any held-out real scan."""
+def calibrate(heldout: list[Features], train: list[Features], floor: float = 0.9) -> dict:
+    """Thresholds: the highest nearest-neighbour similarity of any held-out real scan (its nodule
+    crops, for the crop threshold), but never below ``floor``: with few held-out scans (or few
+    nodules) the maximum is a poor estimate, and chance correlations of noise stay far below it."""
     scores = [nn_scores(f, train) for f in heldout]
     whole = [s["whole"] for s in scores]
     crop = [s["crop"] for s in scores if np.isfinite(s["crop"])]
-    return {"whole": max(whole), "crop": max(crop) if crop else 1.0, "heldout_scores": scores}
+    calibrated = {"whole": max(whole), "crop": max(crop) if crop else float("nan")}
+    return {k: max(v, floor) if np.isfinite(v) else floor for k, v in calibrated.items()} | {
+        "calibrated": calibrated, "floor": floor, "heldout_scores": scores}
 
 
 def flagged(score: dict, thresholds: dict) -> list[str]:

@@ -1,0 +1,192 @@
+"""``medsyn publish``: the gate through which only synthetic data leaves the site.
+
+1. Provenance: a case is released only if cohort.json, a provenance entry signed with the site key,
+   and the files' sha256 all agree; files nobody vouches for are refused.
+2. Memorization audit (publish/audit.py), calibrated on held-out real scans; flagged cases are
+   refused unless overridden with a written reason, which the audit records.
+3. Verbatim real masks are refused unless --allow-verbatim-masks (recorded in the card).
+The release (built aside, renamed into place) holds the synthetic files (NIfTI and/or DICOM CT+SEG),
+the dataset card and the audit, nothing else.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from medsyn_site import __version__, provenance
+from medsyn_site.atomic import atomic_write_text, sha256_file, staged_dir
+from medsyn_site.data.cohort import Cohort, CohortWriter, image_path, mask_path
+from medsyn_site.data.prepare import DEFAULT_SITE_KEY, load_site_key
+from medsyn_site.publish import audit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decision:
+    case: str
+    released: bool = False
+    reasons: list[str] = field(default_factory=list)
+    scores: dict = field(default_factory=dict)
+    override: str | None = None
+
+
+def check_provenance(synth: Path, key: bytes, allow_verbatim: bool) -> tuple[dict, dict[str, Decision], dict]:
+    """Per case: does it pass the provenance gate? Also lists stray files. Returns (header, decisions, entries)."""
+    header, entries = provenance.read(synth)
+    by_case = {}
+    decisions: dict[str, Decision] = {}
+    cohort = Cohort(synth)
+    for e in entries:
+        if provenance.verify(e, header, key):
+            by_case[e.get("case")] = e
+    for rec in cohort.cases:
+        d = decisions.setdefault(rec.id, Decision(rec.id))
+        e = by_case.get(rec.id)
+        if rec.source != "synthetic":
+            d.reasons.append(f"cohort.json marks it {rec.source}")
+        if e is None:
+            d.reasons.append("no provenance entry signed with this site's key")
+            continue
+        for key_, path in (("image_sha256", image_path(synth, rec.id)), ("mask_sha256", mask_path(synth, rec.id))):
+            if not path.is_file():
+                d.reasons.append(f"{path.name}: missing")
+            elif sha256_file(path) != e[key_]:
+                d.reasons.append(f"{path.parent.name}/{path.name}: sha256 differs from provenance (changed after sampling)")
+        if e.get("mask_mode") == "verbatim" and not allow_verbatim:
+            d.reasons.append("conditioned on a verbatim real mask (pass --allow-verbatim-masks to publish it)")
+    listed = {r.id for r in cohort.cases}
+    for sub in ("images", "masks"):
+        for f in sorted((synth / sub).glob("*")):
+            cid = f.name.removesuffix(".nii.gz")
+            if cid not in listed:
+                decisions.setdefault(cid, Decision(cid)).reasons.append(f"{sub}/{f.name}: not in cohort.json")
+    return header, decisions, by_case
+
+
+def _release_geometry(image: sitk.Image) -> sitk.Image:
+    """Origin reset to the volume centre: the scanner's table position is not published."""
+    out = sitk.Image(image)
+    size, sp = np.array(image.GetSize()), np.array(image.GetSpacing())
+    d = np.array(image.GetDirection()).reshape(3, 3)
+    out.SetOrigin(tuple(-(d @ ((size - 1) * sp / 2))))
+    return out
+
+
+def similarity_figure(heldout: list[dict], synth: list[dict], thresholds: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medsyn_site.atomic import atomic_write
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, title in zip(axes, ("whole", "crop"), ("whole volume", "nodule-centred crops")):
+        h = [s[key] for s in heldout if np.isfinite(s[key])]
+        y = [s[key] for s in synth if np.isfinite(s[key])]
+        bins = np.linspace(min(h + y + [0.0]), 1.0, 30)
+        ax.hist(h, bins=bins, alpha=0.6, label="held-out real (calibration)")
+        ax.hist(y, bins=bins, alpha=0.6, label="synthetic")
+        ax.axvline(thresholds[key], color="red", linestyle="--", label=f"threshold {thresholds[key]:.3f}")
+        ax.set_xlabel("NCC to nearest training scan")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        return atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def _card(header: dict, released: list[Decision], refused: list[Decision], thresholds: dict, fmt: str,
+          allow_verbatim: bool, licence: str, entries: dict) -> tuple[str, dict]:
+    card = {
+        "name": "medsyn-site synthetic lung CT + nodule masks",
+        "software": f"medsyn-site {__version__}",
+        "model_sha256": header["checkpoint_sha256"],
+        "sampler": header["sampler"], "steps": header["steps"], "seed": header["seed"],
+        "mask_source": header["mask_source"],
+        "verbatim_real_masks": allow_verbatim and any(entries[d.case]["mask_mode"] == "verbatim" for d in released),
+        "counts": {"released": len(released), "refused": len(refused)},
+        "format": fmt,
+        "audit": {"thresholds": {k: thresholds[k] for k in ("whole", "crop")},
+                  "overridden": [{"case": d.case, "reason": d.override} for d in released if d.override]},
+        "licence": licence,
+        "provenance": [entries[d.case] for d in released],
+        "notes": "Every file is synthetic: generated by a diffusion model from a nodule mask; no real patient "
+                 "image is included. Volume origins are reset to the volume centre.",
+    }
+    md = "\n".join([
+        f"# {card['name']}", "",
+        f"- software: {card['software']}", f"- model (EMA weights) sha256: `{card['model_sha256']}`",
+        f"- sampler: {card['sampler']}, {card['steps']} steps, seed {card['seed']}",
+        f"- conditioning masks: {card['mask_source']}"
+        + (" — INCLUDES VERBATIM REAL MASKS (published with --allow-verbatim-masks)" if card["verbatim_real_masks"] else ""),
+        f"- released cases: {len(released)}; refused: {len(refused)}",
+        f"- memorization audit thresholds (NCC, calibrated on held-out real scans): whole {thresholds['whole']:.4f}, "
+        f"nodule crop {thresholds['crop']:.4f}; overrides: {len(card['audit']['overridden'])}",
+        f"- format: {fmt}", f"- licence: {licence}", "", card["notes"], ""])
+    return md, card
+
+
+def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt: str = "both",
+            overrides: dict[str, str] | None = None, allow_verbatim: bool = False, licence: str = "CC-BY-4.0",
+            force: bool = False, site_key: Path = DEFAULT_SITE_KEY) -> dict:
+    """Gate, audit and write a release; returns the audit report."""
+    synth, overrides = Path(synth), overrides or {}
+    key = load_site_key(site_key)
+    header, decisions, entries = check_provenance(synth, key, allow_verbatim)
+    train_cohort = Cohort(training_cohort)
+    feats = {r.id: (audit.Features.of(*train_cohort.arrays(r.id), r.spacing), r.split) for r in
+             tqdm(train_cohort.cases, desc="audit: training cohort", unit="scan")}
+    train = [f for f, s in feats.values() if s == "train"]
+    heldout = [f for f, s in feats.values() if s != "train"]
+    if not train or not heldout:
+        raise ValueError(f"{training_cohort}: the audit needs train cases and held-out (val/test) cases to calibrate")
+    thresholds = audit.calibrate(heldout, train)
+    cohort = Cohort(synth)
+    for rec in tqdm(cohort.cases, desc="audit: synthetic", unit="volume"):
+        d = decisions[rec.id]
+        if d.reasons:
+            continue
+        d.scores = audit.nn_scores(audit.Features.of(*cohort.arrays(rec.id), rec.spacing), train)
+        hits = audit.flagged(d.scores, thresholds)
+        if hits and rec.id in overrides:
+            d.override = overrides[rec.id]
+        elif hits:
+            d.reasons.append(f"memorization audit: similarity to a training scan above threshold ({', '.join(hits)})")
+    released = [d for d in decisions.values() if not d.reasons]
+    refused = [d for d in decisions.values() if d.reasons]
+    for d in refused:
+        log.warning("refused %s: %s", d.case, "; ".join(d.reasons))
+    report = {"thresholds": {k: thresholds[k] for k in ("whole", "crop")},
+              "calibrated": thresholds["calibrated"], "floor": thresholds["floor"],
+              "heldout_scores": thresholds["heldout_scores"],
+              "cases": [d.__dict__ for d in decisions.values()]}
+    with staged_dir(out, force) as stage:
+        if fmt in ("nifti", "both"):
+            with CohortWriter(stage / "nifti", description="synthetic release") as w:
+                for d in released:
+                    image, mask = cohort.read(d.case)
+                    w.add(d.case, patient=d.case, split="train", source="synthetic",
+                          image=_release_geometry(image), mask=_release_geometry(mask))
+        if fmt in ("dicom", "both"):
+            from medsyn_site.publish.dicom import write_case
+
+            for d in tqdm(released, desc="DICOM", unit="case"):
+                image, mask = cohort.read(d.case)
+                write_case(_release_geometry(image), _release_geometry(mask), stage / "dicom" / d.case, d.case)
+        atomic_write_text(stage / "audit" / "audit.json", json.dumps(report, indent=1, default=float))
+        similarity_figure(thresholds["heldout_scores"], [d.scores for d in decisions.values() if d.scores],
+                          thresholds, stage / "audit" / "similarity.png")
+        md, card = _card(header, released, refused, thresholds, fmt, allow_verbatim, licence, entries)
+        atomic_write_text(stage / "dataset_card.md", md)
+        atomic_write_text(stage / "dataset_card.json", json.dumps(card, indent=1))
+    return report

@@ -1,0 +1,238 @@
+"""Whole-volume sampling and the publication gate, on a tiny trained run: geometry, samplers,
+determinism, resume, provenance, the memorization audit against disguised real scans, DICOM output
+validated by dciodvfy and read back by SimpleITK."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from medsyn_site import provenance
+from medsyn_site.config import load_config
+from medsyn_site.data.cohort import Cohort, image_path, mask_path, validate_cohort
+from medsyn_site.data.prepare import load_site_key, lung_mask
+from medsyn_site.data.readers import read_dicom_series, read_seg
+from medsyn_site.diffusion import sample as sample_mod
+from medsyn_site.diffusion.sample import sample_cohort
+from medsyn_site.diffusion.train import train
+from medsyn_site.publish.release import publish
+
+CONFIG = Path(__file__).parent / "configs" / "train_test.yaml"
+
+
+@pytest.fixture(scope="session")
+def run(phantom_cohort, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train(load_config(CONFIG, {"train.steps": 10}), phantom_cohort, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def key(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("keys") / "site.key"
+
+
+@pytest.fixture(scope="session")
+def synth(run, phantom_cohort, key, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "syn"
+    sample_cohort(run, f"relocate:{phantom_cohort}", out, sampler="ddim", steps=3, seed=1, site_key=key)
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_sample_geometry_provenance_and_relocation(synth, phantom_cohort, key):
+    assert validate_cohort(synth) == []
+    cohort, real = Cohort(synth), Cohort(phantom_cohort)
+    assert {c.source for c in cohort.cases} == {"synthetic"} and len(cohort.cases) == len(real.split("train"))
+    header, entries = provenance.read(synth)
+    assert header["sampler"] == "ddim" and header["steps"] == 3
+    k = load_site_key(key)
+    by_case = {e["case"]: e for e in entries}
+    sources = {r.id: real.read(r.id) for r in real.split("train")}
+    for rec in cohort.cases:
+        e = by_case[rec.id]
+        assert provenance.verify(e, header, k) and e["mask_mode"] == "relocated"
+        assert e["image_sha256"] == rec.sha256["image"] and e["mask_source_id"].startswith("src-")
+        image, mask = cohort.read(rec.id)
+        assert image.GetPixelID() == sitk.sitkInt16
+        # the mask's geometry is the source scan's; nodules moved but keep their sizes, inside the lungs
+        src = next(v for v in sources.values() if v[1].GetSize() == mask.GetSize())
+        for a, b in ((image, src[1]), (mask, src[1])):
+            assert a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
+            assert np.allclose(a.GetOrigin(), b.GetOrigin()) and np.allclose(a.GetDirection(), b.GetDirection())
+    moved = 0
+    for rec in real.split("train"):
+        hu, m = real.arrays(rec.id)
+        e = next(e for e in entries if e["mask_source_id"] == provenance_source(k, rec.id))
+        new = Cohort(synth).arrays(e["case"])[1]
+        sizes = lambda a: sorted(np.bincount(ndimage.label(a, np.ones((3, 3, 3)))[0].ravel())[1:])  # noqa: E731
+        assert set(sizes(new)) <= set(sizes(m))  # same nodule shapes (a nodule without room is dropped)
+        assert lung_mask(hu)[new > 0].all()
+        moved += int(m.any() and not np.array_equal(new, m))
+    assert moved >= 1
+
+
+def provenance_source(key: bytes, case_id: str) -> str:
+    from medsyn_site.data.prepare import pseudonym
+
+    return pseudonym(key, case_id, "src")
+
+
+def test_ddpm_and_ddim_deterministic_and_resumable(run, phantom_cohort, key, tmp_path, monkeypatch):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    sample_cohort(run, f"cohort:{phantom_cohort}", a, sampler="ddpm", steps=4, seed=5, site_key=key)
+    # resumable: the second run dies after one volume, the third finishes without redoing it
+    calls = []
+    real_volume = sample_mod.Sampler.volume
+
+    def dying(self, mask, seed):
+        if len(calls) == 1:
+            raise KeyboardInterrupt("killed")
+        calls.append(seed)
+        return real_volume(self, mask, seed)
+    monkeypatch.setattr(sample_mod.Sampler, "volume", dying)
+    with pytest.raises(KeyboardInterrupt):
+        sample_cohort(run, f"cohort:{phantom_cohort}", b, sampler="ddpm", steps=4, seed=5, site_key=key)
+    assert len(list((b / "images").glob("*.nii.gz"))) == 1 and not (b / "cohort.json").exists()
+    monkeypatch.setattr(sample_mod.Sampler, "volume", lambda self, m, s: (calls.append(s), real_volume(self, m, s))[1])
+    sample_cohort(run, f"cohort:{phantom_cohort}", b, sampler="ddpm", steps=4, seed=5, site_key=key)
+    n = len(Cohort(a).cases)
+    assert len(calls) == n and len(set(calls)) == n  # each volume made once across the two runs
+    assert [r.sha256 for r in Cohort(a).cases] == [r.sha256 for r in Cohort(b).cases]  # same seed, same bytes
+    sample_cohort(run, f"cohort:{phantom_cohort}", c, sampler="ddpm", steps=4, seed=6, site_key=key)
+    assert [r.sha256["image"] for r in Cohort(a).cases] != [r.sha256["image"] for r in Cohort(c).cases]
+    # verbatim masks are the source masks; a complete output is not overwritten without --force
+    src = Cohort(phantom_cohort)
+    for rec in Cohort(a).cases:
+        assert any(np.array_equal(Cohort(a).arrays(rec.id)[1], src.arrays(s.id)[1]) for s in src.split("train"))
+    from medsyn_site.atomic import OutputExistsError
+    with pytest.raises(OutputExistsError):
+        sample_cohort(run, f"cohort:{phantom_cohort}", a, sampler="ddpm", steps=4, seed=5, site_key=key)
+
+
+def _inject(synth: Path, phantom: Path, name: str, hu: np.ndarray, mask: np.ndarray, ref: sitk.Image,
+            key: bytes | None, forge: bool = False) -> str:
+    """Put a (disguised) real scan into SYNTH as if it were a sample: files, cohort.json entry and,
+    optionally, a provenance line (forged without the key, or signed by an insider with it)."""
+    case = f"syn-{name}"
+    for arr, path, dtype in ((hu, image_path(synth, case), np.int16), (mask, mask_path(synth, case), np.uint8)):
+        im = sitk.GetImageFromArray(arr.astype(dtype))
+        im.CopyInformation(ref)
+        sitk.WriteImage(im, str(path), useCompression=True)
+    from medsyn_site.atomic import sha256_file
+
+    doc = json.loads((synth / "cohort.json").read_text())
+    shas = {"image": sha256_file(image_path(synth, case)), "mask": sha256_file(mask_path(synth, case))}
+    doc["cases"].append({**doc["cases"][0], "id": case, "patient": case, "sha256": shas, "nodules": []})
+    (synth / "cohort.json").write_text(json.dumps(doc))
+    if key is not None or forge:
+        prov = json.loads((synth / "provenance.json").read_text())
+        header = {k: v for k, v in prov.items() if k not in ("format", "version", "files")}
+        entry = {**prov["files"][0], "case": case, "image_sha256": shas["image"], "mask_sha256": shas["mask"]}
+        entry = provenance.sign(entry, header, key) if key is not None else {**entry, "signature": "0" * 64}
+        prov["files"].append(entry)
+        (synth / "provenance.json").write_text(json.dumps(prov))
+    return case
+
+
+def _reasons(report, case):
+    return next(c["reasons"] for c in report["cases"] if c["case"] == case)
+
+
+def test_publish_refuses_real_scans_however_disguised(synth, phantom_cohort, key, tmp_path):
+    s = _copy(synth, tmp_path / "syn")
+    real = Cohort(phantom_cohort)
+    rec = real.split("train")[0]
+    hu, m = real.arrays(rec.id)
+    ref = real.read(rec.id)[0]
+    k = load_site_key(key)
+    rng = np.random.default_rng(0)
+    cases = {
+        "plain": _inject(s, phantom_cohort, "plain", hu, m, ref, None),
+        "forged": _inject(s, phantom_cohort, "forged", hu, m, ref, None, forge=True),
+        "insider": _inject(s, phantom_cohort, "insider", hu, m, ref, k),
+        "shifted": _inject(s, phantom_cohort, "shifted", np.roll(hu, (1, 3, -2), (0, 1, 2)),
+                           np.roll(m, (1, 3, -2), (0, 1, 2)), ref, k),
+        "noised": _inject(s, phantom_cohort, "noised", np.clip(hu + rng.normal(0, 40, hu.shape), -1024, 3071), m, ref, k),
+        "rescaled": _inject(s, phantom_cohort, "rescaled", np.clip(hu * 0.9 + 60, -1024, 3071), m, ref, k),
+    }
+    changed = Cohort(s).cases[0].id
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(image_path(s, changed))))
+    arr[0, 0, 0] += 1
+    im = sitk.GetImageFromArray(arr)
+    im.CopyInformation(sitk.ReadImage(str(image_path(s, changed))))
+    sitk.WriteImage(im, str(image_path(s, changed)), useCompression=True)
+    (s / "images" / "stray.nii.gz").write_bytes((s / "images" / f"{changed}.nii.gz").read_bytes())
+
+    out = tmp_path / "release"
+    report = publish(s, phantom_cohort, out, fmt="nifti", site_key=key)
+    assert "no provenance entry signed" in " ".join(_reasons(report, cases["plain"]))
+    assert "no provenance entry signed" in " ".join(_reasons(report, cases["forged"]))
+    for name in ("insider", "shifted", "noised", "rescaled"):
+        assert any("memorization audit" in r for r in _reasons(report, cases[name])), name
+    assert any("changed after sampling" in r for r in _reasons(report, changed))
+    assert any("not in cohort.json" in r for r in _reasons(report, "stray"))
+    released = {p.name.removesuffix(".nii.gz") for p in (out / "nifti" / "images").glob("*")}
+    assert released == {r.id for r in Cohort(synth).cases} - {changed}
+    assert not released & set(cases.values())
+    # an override with a written reason releases a flagged case, and the card records it
+    out2 = tmp_path / "release2"
+    publish(s, phantom_cohort, out2, fmt="nifti", site_key=key,
+            overrides={cases["insider"]: "test: reviewed by the privacy officer"})
+    card = json.loads((out2 / "dataset_card.json").read_text())
+    assert card["audit"]["overridden"] == [{"case": cases["insider"], "reason": "test: reviewed by the privacy officer"}]
+
+
+def test_release_contents_dicom_valid_and_readable(synth, phantom_cohort, key, tmp_path):
+    if shutil.which("dciodvfy") is None:
+        pytest.fail("dciodvfy (Debian dicom3tools) is required; scripts/test.sh installs it")
+    out = tmp_path / "release"
+    report = publish(synth, phantom_cohort, out, fmt="both", site_key=key)
+    cases = {r.id for r in Cohort(synth).cases}
+    assert all(not c["reasons"] for c in report["cases"])
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    expected_top = {"dataset_card.md", "dataset_card.json", "audit/audit.json", "audit/similarity.png",
+                    "nifti/cohort.json"}
+    assert expected_top <= files
+    for f in files - expected_top:  # nothing but synthetic files
+        parts = Path(f).parts
+        assert parts[0] in ("nifti", "dicom") and parts[1] in {"images", "masks"} | cases, f
+    assert validate_cohort(out / "nifti") == []
+    card = json.loads((out / "dataset_card.json").read_text())
+    assert card["counts"] == {"released": len(cases), "refused": 0} and card["verbatim_real_masks"] is False
+    for case in cases:
+        folder = out / "dicom" / case
+        for f in [*sorted((folder / "CT").glob("*.dcm"))[:3], folder / "SEG.dcm"]:
+            res = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True)
+            assert res.returncode == 0 and "Error" not in res.stdout + res.stderr, res.stderr[-1500:]
+        scan = read_dicom_series(folder / "CT")
+        nifti_img, nifti_mask = Cohort(out / "nifti").read(case)
+        assert scan.image.GetSize() == nifti_img.GetSize()
+        assert np.allclose(scan.image.GetSpacing(), nifti_img.GetSpacing(), atol=1e-4)
+        assert np.allclose(scan.image.GetOrigin(), nifti_img.GetOrigin(), atol=1e-3)
+        assert np.array_equal(sitk.GetArrayFromImage(scan.image), sitk.GetArrayFromImage(nifti_img))
+        seg = read_seg(folder / "SEG.dcm", scan)
+        assert np.array_equal(sitk.GetArrayFromImage(seg), sitk.GetArrayFromImage(nifti_mask))
+        import pydicom
+        ds = pydicom.dcmread(sorted((folder / "CT").glob("*.dcm"))[0])
+        assert ds.PatientIdentityRemoved == "YES" and "SYNTHETIC" in ds.ImageType and ds.StudyDate == ""
+
+
+def test_verbatim_masks_need_the_flag(run, phantom_cohort, key, tmp_path):
+    syn = tmp_path / "verbatim"
+    sample_cohort(run, f"cohort:{phantom_cohort}", syn, sampler="ddim", steps=2, seed=2, site_key=key)
+    report = publish(syn, phantom_cohort, tmp_path / "r1", fmt="nifti", site_key=key)
+    assert all(any("verbatim real mask" in r for r in c["reasons"]) for c in report["cases"])
+    publish(syn, phantom_cohort, tmp_path / "r2", fmt="nifti", site_key=key, allow_verbatim=True)
+    card = json.loads((tmp_path / "r2" / "dataset_card.json").read_text())
+    assert card["verbatim_real_masks"] is True and "VERBATIM REAL MASKS" in (tmp_path / "r2" / "dataset_card.md").read_text()
