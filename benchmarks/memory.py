@@ -115,15 +115,18 @@ def memory_table(cfg, sizes, batch, dev) -> list[dict]:
     return rows
 
 
-def _timed(step, n_warm=2, n=6) -> float:
+def _timed_pair(a, b, n_warm=3, n=15) -> tuple[float, float]:
+    """Median seconds of steps a and b, interleaved (a, b, a, b, ...) so load drift hits both alike."""
     for _ in range(n_warm):
-        step()
-    times = []
+        a()
+        b()
+    ta, tb = [], []
     for _ in range(n):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for step, times in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def speed(cfg, patch, batch, dev) -> dict:
@@ -145,7 +148,6 @@ def speed(cfg, patch, batch, dev) -> dict:
             net(x, t).float().abs().mean().backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
-        out[f"plain{'_ckpt' if ckpt else ''}_s"] = _timed(plain)
         tc = cfg.train.model_copy(update={"activation_checkpointing": ckpt, "batch_size": batch})
         engine, _ = eng.make_engine(build_unet(cfg.model), tc)
 
@@ -153,7 +155,9 @@ def speed(cfg, patch, batch, dev) -> dict:
             loss = engine(x, timesteps=t).float().abs().mean()
             engine.backward(loss)
             engine.step()
-        out[f"deepspeed{'_ckpt' if ckpt else ''}_s"] = _timed(ds)
+        suffix = "_ckpt" if ckpt else ""
+        out[f"plain{suffix}_s"], out[f"deepspeed{suffix}_s"] = _timed_pair(plain, ds)
+        out[f"deepspeed_overhead{suffix}"] = out[f"deepspeed{suffix}_s"] / out[f"plain{suffix}_s"] - 1
         del engine, net
     print(json.dumps(out), flush=True)
     return out
@@ -190,11 +194,20 @@ def main() -> None:
     ap.add_argument("--speed-batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=None, help="write results as JSON here")
+    ap.add_argument("--speed-only", action="store_true", help="skip the memory table")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     eng.init_distributed()
     dev = eng.device()
+    if args.speed_only:
+        result = {"device": str(dev), "model": args.speed_model, "patch": args.speed_patch, "batch": args.speed_batch,
+                  "threads": torch.get_num_threads(),
+                  "speed": speed(load_config(f"configs/{args.speed_model}.yaml"), args.speed_patch, args.speed_batch, dev)}
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     cfg = load_config(f"configs/{args.model}.yaml")
     rows = memory_table(cfg, args.sizes, args.batch, dev)
     # linear fit bytes = a * voxels + b for each mode, and the 24 GB prediction

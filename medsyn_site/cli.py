@@ -13,7 +13,7 @@ from medsyn_site.atomic import OutputExistsError
 from medsyn_site.config import ConfigError, load_config
 from medsyn_site.data.cohort import CohortError
 
-USER_ERRORS = (ConfigError, CohortError, OutputExistsError, ValueError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CohortError, OutputExistsError, ValueError, FileNotFoundError)  # incl. EvaluationError
 
 
 def friendly(fn):
@@ -215,6 +215,104 @@ def publish_cmd(synth, training_cohort, out, fmt, overrides, allow_verbatim_mask
     for c in refused:
         click.echo(f"REFUSED {c['case']}: {'; '.join(c['reasons'])}", err=True)
     click.echo(f"released {len(report['cases']) - len(refused)} case(s) to {out}; refused {len(refused)}")
+
+
+@main.group()
+def evaluate() -> None:
+    """Utility of synthetic data: nnU-Net v2 on real / synthetic / real+synthetic / real+targeted."""
+
+
+ws_option = click.option("--ws", required=True, type=click.Path(file_okay=False), help="Evaluation workspace.")
+trainer_options = [
+    click.option("--trainer", default="nnUNetTrainer_medsyn", show_default=True,
+                 help="nnU-Net trainer class (nnUNetTrainer for full nnU-Net schedules)."),
+    click.option("--epochs", type=int, default=2, show_default=True, help="Epochs (nnUNetTrainer_medsyn)."),
+    click.option("--iterations", type=int, default=5, show_default=True, help="Iterations per epoch (nnUNetTrainer_medsyn)."),
+    click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+]
+
+
+def _trainer_opts(fn):
+    for opt in reversed(trainer_options):
+        fn = opt(fn)
+    return fn
+
+
+@evaluate.command("prepare")
+@ws_option
+@click.option("--real", required=True, type=click.Path(exists=True, file_okay=False), help="Real cohort (train/val/test).")
+@click.option("--synthetic", type=click.Path(exists=True, file_okay=False), default=None, help="Synthetic cohort.")
+@click.option("--targeted", type=click.Path(exists=True, file_okay=False), default=None, help="Targeted synthetic cohort.")
+@click.option("--configuration", default="3d_fullres", show_default=True, help="nnU-Net configuration (3d_fullres, 2d, ...).")
+@click.option("--seeds", type=int, default=5, show_default=True, help="Trainings per arm (K).")
+@friendly
+def evaluate_prepare(ws, real, synthetic, targeted, configuration, seeds):
+    """Write the arms' nnU-Net datasets and split; plan and preprocess (integrity-checked)."""
+    from medsyn_site.evaluate.datasets import prepare_workspace
+    from medsyn_site.evaluate.pipeline import set_seeds
+
+    arms = prepare_workspace(ws, real, synthetic, targeted, configuration)
+    set_seeds(Path(ws), seeds)
+    click.echo(f"prepared arms {', '.join(arms)} in {ws}; next: `medsyn evaluate train --ws {ws} --arm ARM --seed K`")
+
+
+@evaluate.command("train")
+@ws_option
+@click.option("--arm", required=True, type=click.Choice(["real", "synthetic", "real+synthetic", "real+targeted"]))
+@click.option("--seed", type=int, required=True)
+@_trainer_opts
+@force_option
+@friendly
+def evaluate_train(ws, arm, seed, trainer, epochs, iterations, device, force):
+    """One nnU-Net training of one arm and seed, then its test predictions and Dice (one Slurm array task)."""
+    from medsyn_site.evaluate.runs import train_one
+
+    click.echo(f"wrote {train_one(ws, arm, seed, trainer, epochs, iterations, device, force)}")
+
+
+@evaluate.command("select-targeted")
+@ws_option
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Request file (default WS/targeted_request.json).")
+@friendly
+def evaluate_select(ws, out):
+    """Validation cases the real-only model segments worst (below its mean): a `medsyn sample` request."""
+    from medsyn_site.evaluate.report import select_targeted
+
+    path, cases = select_targeted(ws, out)
+    click.echo(f"{len(cases)} targeted case(s) -> {path}; next: medsyn sample --masks request:{path}")
+
+
+@evaluate.command("report")
+@ws_option
+@friendly
+def evaluate_report(ws):
+    """Collect finished trainings into report.md/json and figures; list what is missing."""
+    from medsyn_site.evaluate.report import write_report
+
+    rep = write_report(ws)
+    click.echo((Path(ws) / "report" / "report.md").read_text())
+    if rep["missing"]:
+        click.echo(f"missing: {', '.join(f'{a} seed {s}' for a, s in rep['missing'])}", err=True)
+
+
+@evaluate.command("run")
+@ws_option
+@click.option("--real", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--synthetic", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--run", "run_dir", type=click.Path(exists=True), default=None,
+              help="Diffusion run to sample targeted data from (adds the real+targeted arm).")
+@click.option("--seeds", type=int, default=5, show_default=True)
+@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps for targeted samples.")
+@_trainer_opts
+@site_key_option
+@friendly
+def evaluate_run(ws, real, synthetic, run_dir, seeds, steps, trainer, epochs, iterations, device, site_key):
+    """Everything: prepare, K trainings per arm, targeted selection and sampling, report."""
+    from medsyn_site.evaluate.pipeline import run_all
+
+    run_all(real, synthetic, ws, seeds, trainer, epochs, iterations, device, run=run_dir, steps=steps,
+            site_key=_site_key(site_key) if site_key else None)
+    click.echo((Path(ws) / "report" / "report.md").read_text())
 
 
 @main.command()

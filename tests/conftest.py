@@ -26,6 +26,32 @@ def phantom_cohort(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def run(phantom_cohort, tmp_path_factory) -> Path:
+    """A diffusion run trained for 10 steps on the phantom cohort (the smallest test model)."""
+    from medsyn_site.config import load_config
+    from medsyn_site.diffusion.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train(load_config(Path(__file__).parent / "configs" / "train_test.yaml", {"train.steps": 10}), phantom_cohort, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def key(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("keys") / "site.key"
+
+
+@pytest.fixture(scope="session")
+def synth(run, phantom_cohort, key, tmp_path_factory) -> Path:
+    """Synthetic volumes sampled from that run, conditioned on relocated train masks."""
+    from medsyn_site.diffusion.sample import sample_cohort
+
+    out = tmp_path_factory.mktemp("synth") / "syn"
+    sample_cohort(run, f"relocate:{phantom_cohort}", out, sampler="ddim", steps=3, seed=1, site_key=key)
+    return out
+
+
 @pytest.fixture
 def cohort_copy(phantom_cohort, tmp_path) -> Path:
     dst = tmp_path / "cohort"

@@ -14,35 +14,12 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from medsyn_site import provenance
-from medsyn_site.config import load_config
 from medsyn_site.data.cohort import Cohort, image_path, mask_path, validate_cohort
 from medsyn_site.data.prepare import load_site_key, lung_mask
 from medsyn_site.data.readers import read_dicom_series, read_seg
 from medsyn_site.diffusion import sample as sample_mod
 from medsyn_site.diffusion.sample import sample_cohort
-from medsyn_site.diffusion.train import train
 from medsyn_site.publish.release import publish
-
-CONFIG = Path(__file__).parent / "configs" / "train_test.yaml"
-
-
-@pytest.fixture(scope="session")
-def run(phantom_cohort, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "run"
-    train(load_config(CONFIG, {"train.steps": 10}), phantom_cohort, out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def key(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("keys") / "site.key"
-
-
-@pytest.fixture(scope="session")
-def synth(run, phantom_cohort, key, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "syn"
-    sample_cohort(run, f"relocate:{phantom_cohort}", out, sampler="ddim", steps=3, seed=1, site_key=key)
-    return out
 
 
 def _copy(src: Path, dst: Path) -> Path:

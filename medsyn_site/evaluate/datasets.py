@@ -1,0 +1,169 @@
+"""nnU-Net v2 raw datasets for the arms, one fixed patient-level split, and planning/preprocessing.
+
+Workspace layout (WS):
+  workspace.json                     inputs, arms, nnU-Net settings
+  nnUNet_raw/Dataset50N_medsyn_<arm> imagesTr, labelsTr (arm training cases + the real val cases),
+                                     imagesTs, labelsTs (the real test cases), dataset.json
+  nnUNet_preprocessed/...            nnU-Net's plans; splits_final.json fixes fold 0 = (arm train, real val)
+  runs/<arm>/seed<k>/                one training each (see runs.py)
+The real validation cases are the same in every arm; synthetic cases appear in training folds only;
+the real test set is never trained on nor used to pick targeted cases.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from medsyn_site.atomic import atomic_write_text
+from medsyn_site.data.cohort import Cohort, image_path, mask_path
+
+ARMS = {"real": 501, "synthetic": 502, "real+synthetic": 503, "real+targeted": 504}
+TRAINER_DIR = Path(__file__).parent / "trainers"
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot go ahead; the message names the file or dataset and the problem."""
+
+
+def dataset_name(arm: str) -> str:
+    return f"Dataset{ARMS[arm]}_medsyn_{arm.replace('+', '_')}"
+
+
+def nnunet_env(ws: Path, results: Path | None = None) -> dict:
+    """Environment for nnU-Net in this workspace (set before nnunetv2 is imported)."""
+    env = {"nnUNet_raw": str(ws / "nnUNet_raw"), "nnUNet_preprocessed": str(ws / "nnUNet_preprocessed"),
+           "nnUNet_results": str(results or ws / "nnUNet_results"), "nnUNet_extTrainer": str(TRAINER_DIR),
+           "nnUNet_def_n_proc": "1", "nnUNet_compile": "false"}
+    return env
+
+
+def apply_env(env: dict) -> None:
+    os.environ.update(env)
+
+
+@dataclass
+class Inputs:
+    real: Cohort
+    synthetic: Cohort | None
+    targeted: Cohort | None
+
+    def arm_cases(self, arm: str) -> list[tuple[Cohort, str]]:
+        real_train = [(self.real, c.id) for c in self.real.split("train")]
+        syn = [(self.synthetic, c.id) for c in self.synthetic.cases] if self.synthetic else []
+        tgt = [(self.targeted, c.id) for c in self.targeted.cases] if self.targeted else []
+        return {"real": real_train, "synthetic": syn, "real+synthetic": real_train + syn,
+                "real+targeted": real_train + tgt}[arm]
+
+    def available_arms(self) -> list[str]:
+        have = {"real": True, "synthetic": self.synthetic is not None,
+                "real+synthetic": self.synthetic is not None, "real+targeted": self.targeted is not None}
+        return [a for a in ARMS if have[a]]
+
+
+def check_no_test_leak(real: Cohort, other: Cohort) -> None:
+    """Refuse a synthetic set that shares an id or a file (sha256) with the real test set."""
+    test = real.split("test")
+    ids = {c.id for c in test}
+    shas = {c.sha256["image"]: c.id for c in test} | {c.sha256["mask"]: c.id for c in test if any(c.nodules)}
+    for rec in other.cases:
+        if rec.id in ids:
+            raise EvaluationError(f"{other.root}: case {rec.id!r} has the id of a real test case")
+        if rec.sha256["image"] in shas:
+            raise EvaluationError(f"{image_path(other.root, rec.id)}: identical to real test case "
+                                  f"{shas[rec.sha256['image']]!r} (same sha256)")
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def export_arm(ws: Path, arm: str, inputs: Inputs) -> Path:
+    """Write the arm's raw dataset (hard links to the cohort files) and return its folder."""
+    root = ws / "nnUNet_raw" / dataset_name(arm)
+    if root.exists():
+        shutil.rmtree(root)
+    train = inputs.arm_cases(arm)
+    val = [(inputs.real, c.id) for c in inputs.real.split("val")]
+    test = [(inputs.real, c.id) for c in inputs.real.split("test")]
+    if not val or not test:
+        raise EvaluationError(f"{inputs.real.root}: the real cohort needs val and test cases")
+    for cohort, cid in train + val:
+        _link(image_path(cohort.root, cid), root / "imagesTr" / f"{cid}_0000.nii.gz")
+        _link(mask_path(cohort.root, cid), root / "labelsTr" / f"{cid}.nii.gz")
+    for cohort, cid in test:
+        _link(image_path(cohort.root, cid), root / "imagesTs" / f"{cid}_0000.nii.gz")
+        _link(mask_path(cohort.root, cid), root / "labelsTs" / f"{cid}.nii.gz")
+    atomic_write_text(root / "dataset.json", json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "nodule": 1},
+        "numTraining": len(train) + len(val), "file_ending": ".nii.gz",
+        "name": dataset_name(arm), "description": f"medsyn utility arm {arm}"}, indent=1))
+    return root
+
+
+def write_split(ws: Path, arm: str, inputs: Inputs) -> Path:
+    """splits_final.json: fold 0 trains on the arm's cases and validates on the real val cases."""
+    path = ws / "nnUNet_preprocessed" / dataset_name(arm) / "splits_final.json"
+    split = [{"train": [cid for _, cid in inputs.arm_cases(arm)],
+              "val": [c.id for c in inputs.real.split("val")]}]
+    return atomic_write_text(path, json.dumps(split, indent=1))
+
+
+def plan_and_preprocess(ws: Path, arm: str, configuration: str) -> None:
+    """nnU-Net's fingerprint (with --verify_dataset_integrity), plans and preprocessing."""
+    apply_env(nnunet_env(ws))
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                      preprocess)
+
+    did = ARMS[arm]
+    try:
+        extract_fingerprints([did], num_processes=1, check_dataset_integrity=True, verbose=False)
+    except (AssertionError, RuntimeError, ValueError) as e:
+        raise EvaluationError(f"{ws / 'nnUNet_raw' / dataset_name(arm)}: fails nnU-Net's dataset integrity "
+                              f"check: {e}") from e
+    plan_experiments([did])
+    preprocess([did], configurations=(configuration,), num_processes=(1,), verbose=False)
+
+
+def prepare_workspace(ws: str | Path, real: str | Path, synthetic: str | Path | None = None,
+                      targeted: str | Path | None = None, configuration: str = "3d_fullres",
+                      arms: list[str] | None = None) -> list[str]:
+    """Export, split and preprocess every arm the inputs allow (or those asked for)."""
+    ws = Path(ws)
+    inputs = Inputs(Cohort(real), Cohort(synthetic) if synthetic else None, Cohort(targeted) if targeted else None)
+    for other in (inputs.synthetic, inputs.targeted):
+        if other is not None:
+            check_no_test_leak(inputs.real, other)
+    arms = arms or inputs.available_arms()
+    missing = [a for a in arms if a not in inputs.available_arms()]
+    if missing:
+        raise EvaluationError(f"arm(s) {missing} need inputs that were not given")
+    ws.mkdir(parents=True, exist_ok=True)
+    state_path = ws / "workspace.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"arms": []}
+    state.update({"real": str(Path(real).resolve()), "configuration": configuration})
+    if synthetic:
+        state["synthetic"] = str(Path(synthetic).resolve())
+    if targeted:
+        state["targeted"] = str(Path(targeted).resolve())
+    for arm in arms:
+        export_arm(ws, arm, inputs)
+        plan_and_preprocess(ws, arm, configuration)
+        write_split(ws, arm, inputs)
+        if arm not in state["arms"]:
+            state["arms"].append(arm)
+    atomic_write_text(state_path, json.dumps(state, indent=1))
+    return arms
+
+
+def load_workspace(ws: str | Path) -> dict:
+    path = Path(ws) / "workspace.json"
+    if not path.is_file():
+        raise EvaluationError(f"{path}: not an evaluation workspace (run `medsyn evaluate prepare` first)")
+    return json.loads(path.read_text())

@@ -1,0 +1,74 @@
+"""One nnU-Net training of one arm with one seed: train (fold 0 = arm cases / real val cases),
+predict the real test set, score it. Each is one command, so a Slurm array can run them in parallel;
+a finished one (result.json) is skipped."""
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medsyn_site.atomic import atomic_write_text
+from medsyn_site.evaluate.datasets import EvaluationError, apply_env, dataset_name, load_workspace, nnunet_env
+
+RESULT = "result.json"
+
+
+def run_dir(ws: Path, arm: str, seed: int) -> Path:
+    return Path(ws) / "runs" / arm.replace("+", "_") / f"seed{seed}"
+
+
+def _per_case(summary: dict) -> dict:
+    """Per-case TP/FP/FN of label 1 from an nnU-Net summary.json, keyed by case id."""
+    out = {}
+    for row in summary["metric_per_case"]:
+        case = Path(row["reference_file"]).name.removesuffix(".nii.gz")
+        m = row["metrics"].get("1", row["metrics"].get(1))
+        out[case] = {k: int(m[k]) for k in ("TP", "FP", "FN")} | {"nnunet_dice": m["Dice"]}
+    return out
+
+
+def train_one(ws: str | Path, arm: str, seed: int, trainer: str = "nnUNetTrainer_medsyn", epochs: int = 2,
+              iterations: int = 5, device: str = "cpu", force: bool = False) -> Path:
+    """Train, predict and score one (arm, seed); returns its result.json."""
+    import os
+
+    ws = Path(ws)
+    state = load_workspace(ws)
+    if arm not in state["arms"]:
+        raise EvaluationError(f"{ws / 'workspace.json'}: arm {arm!r} was not prepared (have {state['arms']})")
+    out = run_dir(ws, arm, seed)
+    if (out / RESULT).exists() and not force:
+        return out / RESULT
+    apply_env(nnunet_env(ws, out / "nnUNet_results"))
+    os.environ.update({"MEDSYN_NNUNET_EPOCHS": str(epochs), "MEDSYN_NNUNET_ITERS": str(iterations),
+                       "MEDSYN_NNUNET_VAL_ITERS": str(max(1, iterations // 2))})
+    import torch
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.run.run_training import run_training
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    name, config = dataset_name(arm), state["configuration"]
+    t0 = time.time()
+    run_training(name, config, 0, trainer_class_name=trainer, device=torch.device(device))
+    model = out / "nnUNet_results" / name / f"{trainer}__nnUNetPlans__{config}"
+    predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False,
+                                device=torch.device(device), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+    raw = ws / "nnUNet_raw" / name
+    predictor.predict_from_files(str(raw / "imagesTs"), str(out / "pred_test"), num_processes_preprocessing=1,
+                                 num_processes_segmentation_export=1)
+    compute_metrics_on_folder_simple(str(raw / "labelsTs"), str(out / "pred_test"), labels=[1],
+                                     output_file=str(out / "summary_test.json"), num_processes=1)
+    test = json.loads((out / "summary_test.json").read_text())
+    val = json.loads((model / "fold_0" / "validation" / "summary.json").read_text())
+    result = {"arm": arm, "seed": seed, "trainer": trainer, "epochs": epochs, "iterations": iterations,
+              "configuration": config, "seconds": round(time.time() - t0, 1),
+              "test": _per_case(test), "val": _per_case(val),
+              "pred_test": str(out / "pred_test"), "pred_val": str(model / "fold_0" / "validation")}
+    return atomic_write_text(out / RESULT, json.dumps(result, indent=1))

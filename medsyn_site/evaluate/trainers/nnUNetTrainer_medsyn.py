@@ -1,0 +1,19 @@
+"""A short nnU-Net trainer for CPU tests and the demo, found by nnU-Net through nnUNet_extTrainer.
+
+As nnU-Net's own nnUNetTrainer_5epochs etc., it only overrides the schedule: epochs, iterations per
+epoch and validation iterations come from MEDSYN_NNUNET_EPOCHS / _ITERS / _VAL_ITERS (set by
+``medsyn evaluate train``), so one class serves every size.
+"""
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class nnUNetTrainer_medsyn(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = int(os.environ.get("MEDSYN_NNUNET_EPOCHS", "2"))
+        self.num_iterations_per_epoch = int(os.environ.get("MEDSYN_NNUNET_ITERS", "5"))
+        self.num_val_iterations_per_epoch = int(os.environ.get("MEDSYN_NNUNET_VAL_ITERS", "2"))
