@@ -148,6 +148,25 @@ class TrainConfig(Strict):
         return self
 
 
+class SampleConfig(Strict):
+    """Whole-volume sampling as the demo runs it (``medsyn sample`` takes the same as flags)."""
+
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = Field(50, ge=1)
+    per_mask: int = Field(1, ge=1)
+
+
+class EvaluateConfig(Strict):
+    """The nnU-Net utility test as the demo runs it (``medsyn evaluate`` takes the same as flags)."""
+
+    seeds: int = Field(5, ge=1)
+    configuration: str = "3d_fullres"
+    trainer: str = "nnUNetTrainer_medsyn"
+    epochs: int = Field(2, ge=1)
+    iterations: int = Field(5, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
 class Config(Strict):
     """The whole resolved configuration of a run; saved beside every stage's outputs."""
 
@@ -156,6 +175,8 @@ class Config(Strict):
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
     def _patch_fits_model(self) -> "Config":

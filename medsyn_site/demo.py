@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import click
@@ -13,8 +14,7 @@ from medsyn_site.data.phantom import write_phantom_cohort
 from medsyn_site.data.show import show_cohort
 
 log = logging.getLogger(__name__)
-DEMO_STEPS = 10  # DDIM steps: enough to show the path at CPU size, not image quality
-STAGES = ("data", "train", "sample", "publish")
+STAGES = ("data", "train", "sample", "publish", "evaluate")
 
 
 def _say(i: int, text: str) -> None:
@@ -23,9 +23,11 @@ def _say(i: int, text: str) -> None:
 
 def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
     """data (phantom -> validate -> picture) -> train (tiny DDPM through DeepSpeed) -> sample
-    (relocated masks, DDIM) -> publish (provenance gate, audit, NIfTI + DICOM)."""
+    (relocated masks, DDIM) -> publish (provenance gate, audit, NIfTI + DICOM) -> evaluate (nnU-Net
+    on the released synthetic data against the phantom's real split, targeted loop included)."""
     from medsyn_site.diffusion.sample import sample_cohort
     from medsyn_site.diffusion.train import train
+    from medsyn_site.evaluate.pipeline import run_all
     from medsyn_site.publish.release import publish
 
     refuse_existing(out, force)
@@ -45,14 +47,25 @@ def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
     _say(2, f"EMA weights {weights}; metrics {run / 'metrics.csv'}; previews {run / 'previews'}")
 
     synth, key = out / "synthetic", out / "site.key"
-    _say(3, f"sampling whole volumes from relocated train masks (DDIM {DEMO_STEPS} steps) into {synth}")
-    sample_cohort(run, f"relocate:{cohort}", synth, sampler="ddim", steps=DEMO_STEPS, seed=0, force=True,
-                  site_key=key)
+    sc = cfg.sample
+    _say(3, f"sampling whole volumes from relocated train masks ({sc.sampler} {sc.steps} steps) into {synth}")
+    sample_cohort(run, f"relocate:{cohort}", synth, per_mask=sc.per_mask, sampler=sc.sampler, steps=sc.steps,
+                  seed=0, force=True, site_key=key)
     _say(3, f"picture: {show_cohort(synth, out / 'synthetic.png')}")
 
     release = out / "release"
     report = publish(synth, cohort, release, fmt="both", force=True, site_key=key)
     n_out = sum(not c["reasons"] for c in report["cases"])
     _say(4, f"released {n_out}/{len(report['cases'])} synthetic cases to {release} (card, audit, NIfTI, DICOM)")
+
+    ev, ws = cfg.evaluate, out / "evaluation"
+    if ws.exists():
+        shutil.rmtree(ws)
+    _say(5, f"nnU-Net ({ev.configuration}, {ev.trainer}) on real / synthetic / real+synthetic / real+targeted, "
+            f"{ev.seeds} trainings each, in {ws}")
+    run_all(cohort, release / "nifti", ws, seeds=ev.seeds, trainer=ev.trainer, epochs=ev.epochs,
+            iterations=ev.iterations, device=ev.device, configuration=ev.configuration, run=run,
+            sampler=sc.sampler, steps=sc.steps, per_mask=sc.per_mask, site_key=key)
+    _say(5, f"report: {ws / 'report' / 'report.md'} (figures beside it)")
     click.echo(f"demo finished: {out}")
     return out

@@ -78,12 +78,16 @@ def test_demo_end_to_end(tmp_path):
     """The console script, as the README runs it."""
     exe = Path(sys.executable).with_name("medsyn")
     out = tmp_path / "demo"
-    proc = subprocess.run([str(exe), "demo", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    config = Path(__file__).parent / "configs" / "demo_test.yaml"
+    proc = subprocess.run([str(exe), "demo", "--out", str(out), "--config", str(config)], capture_output=True,
+                          text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert validate_cohort(out / "phantom") == []
     assert (out / "phantom.png").stat().st_size > 10_000 and (out / "config.yaml").is_file()
     assert (out / "run" / "checkpoints" / "latest").is_file() and list((out / "run" / "previews").glob("*.png"))
     assert (out / "synthetic" / "provenance.json").is_file() and (out / "synthetic.png").is_file()
     assert (out / "release" / "dataset_card.md").is_file() and list((out / "release" / "dicom").iterdir())
-    again = subprocess.run([str(exe), "demo", "--out", str(out)], capture_output=True, text=True)
+    report = (out / "evaluation" / "report" / "report.md").read_text()
+    assert all(f"| {arm} | 2 |" in report for arm in ("real", "synthetic", "real+synthetic", "real+targeted"))
+    again = subprocess.run([str(exe), "demo", "--out", str(out), "--config", str(config)], capture_output=True, text=True)
     assert again.returncode == 1 and "--force" in again.stderr
