@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from medsyn_site import provenance
 from medsyn_site.config import DiffusionConfig, ModelConfig
-from medsyn_site.data.cohort import ResumableCohortWriter
+from medsyn_site.data.cohort import Cohort, ResumableCohortWriter
 from medsyn_site.data.prepare import DEFAULT_SITE_KEY, load_site_key, pseudonym
 from medsyn_site.diffusion.masks import mask_jobs
 from medsyn_site.diffusion.model import build_unet, coordinate_grid, scheduler, unit_to_hu
@@ -49,27 +49,37 @@ class Sampler:
         self.sampler, self.steps, self.precision = sampler, steps, precision
 
     @torch.no_grad()
-    def volume(self, mask: sitk.Image, seed: int) -> sitk.Image:
-        """One synthetic CT (HU, float) with the mask's geometry."""
-        m = torch.from_numpy(sitk.GetArrayFromImage(mask).astype(np.float32))
-        shape = tuple(m.shape)
+    def volumes(self, masks: list[sitk.Image], seeds: list[int]) -> list[sitk.Image]:
+        """Synthetic CTs (HU, float) for masks of one shape, denoised together as a batch; each
+        keeps its mask's geometry. The starting noise is per volume (its seed); the DDPM step noise
+        follows the batch's first seed, so a batch is reproducible as a unit."""
+        arrays = [sitk.GetArrayFromImage(m).astype(np.float32) for m in masks]
+        shape = arrays[0].shape
+        if any(a.shape != shape for a in arrays):
+            raise ValueError("a sampling batch needs masks of one shape")
         k = self.model_cfg.multiple
         padded = tuple(-(-n // k) * k for n in shape)
         pad = [p for n, q in zip(reversed(shape), reversed(padded)) for p in (0, q - n)]
-        m = torch.nn.functional.pad(m[None, None], pad)
-        coords = coordinate_grid(padded, (0, 0, 0), shape)[None]  # whole-volume grid, extended into the pad
-        cond = torch.cat([m, coords], 1).to(self.device)
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn((1, 1, *padded), generator=gen).to(self.device)
-        torch.manual_seed(seed)  # the schedulers' per-step noise
+        m = torch.nn.functional.pad(torch.from_numpy(np.stack(arrays))[:, None], pad)
+        coords = coordinate_grid(padded, (0, 0, 0), shape)[None].expand(len(arrays), -1, -1, -1, -1)
+        cond = torch.cat([m, coords], 1).to(self.device)  # whole mask + whole grid, extended into the pad
+        noise = torch.cat([torch.randn((1, 1, *padded), generator=torch.Generator().manual_seed(s)) for s in seeds])
+        torch.manual_seed(seeds[0])  # the schedulers' per-step noise
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            x = self.inferer.sample(input_noise=noise, diffusion_model=self.net, scheduler=self.scheduler,
-                                    conditioning=cond, mode="concat", verbose=False)
-        hu = unit_to_hu(x[0, 0, : shape[0], : shape[1], : shape[2]].float().cpu(), self.diffusion.hu_window)
-        out = sitk.GetImageFromArray(hu.numpy())
-        out.CopyInformation(mask)
+            x = self.inferer.sample(input_noise=noise.to(self.device), diffusion_model=self.net,
+                                    scheduler=self.scheduler, conditioning=cond, mode="concat", verbose=False)
+        out = []
+        for i, mask in enumerate(masks):
+            hu = unit_to_hu(x[i, 0, : shape[0], : shape[1], : shape[2]].float().cpu(), self.diffusion.hu_window)
+            img = sitk.GetImageFromArray(hu.numpy())
+            img.CopyInformation(mask)
+            out.append(img)
         return out
+
+    def volume(self, mask: sitk.Image, seed: int) -> sitk.Image:
+        """One synthetic CT with the mask's geometry."""
+        return self.volumes([mask], [seed])[0]
 
 
 def case_seed(seed: int, source_id: str, replicate: int) -> int:
@@ -78,7 +88,7 @@ def case_seed(seed: int, source_id: str, replicate: int) -> int:
 
 def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 1, sampler: str = "ddim",
                   steps: int = 50, seed: int = 0, device: str = "auto", precision: str = "fp32",
-                  force: bool = False, site_key: Path = DEFAULT_SITE_KEY) -> Path:
+                  force: bool = False, site_key: Path = DEFAULT_SITE_KEY, batch_size: int = 1) -> Path:
     """Sample a synthetic cohort (source=synthetic) and its signed provenance.json."""
     weights = resolve_weights(run)
     jobs = mask_jobs(masks, per_mask)  # fails early on a bad mask source
@@ -89,16 +99,31 @@ def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 
               "model": gen.model_cfg.model_dump(mode="json"), "diffusion": gen.diffusion.model_dump(mode="json")}
     settings = {k: header[k] for k in ("checkpoint_sha256", "sampler", "steps", "seed")} | {"masks": masks,
                                                                                        "per_mask": per_mask}
-    entries = []
+    settings["batch_size"] = batch_size
+    ids = [f"syn-{hashlib.sha256(f'{gen.sha256}|{j.source_id}|{j.replicate}|{seed}|{masks}'.encode()).hexdigest()[:16]}"
+           for j in jobs]
+    seeds = [case_seed(seed, j.source_id, j.replicate) for j in jobs]
     with ResumableCohortWriter(out, settings, force=force, description=f"synthetic, {sampler} {steps} steps") as w:
-        for job in tqdm(jobs, desc=f"sample ({sampler} {steps})", unit="volume"):
-            s = case_seed(seed, job.source_id, job.replicate)
-            case_id = f"syn-{hashlib.sha256(f'{gen.sha256}|{job.source_id}|{job.replicate}|{seed}|{masks}'.encode()).hexdigest()[:16]}"
-            if not w.done(case_id):
-                mask = job.mask(seed)
-                w.add(case_id, patient=case_id, split="train", source="synthetic", image=gen.volume(mask, s), mask=mask)
-            rec = next(r for r in w.records if r.id == case_id)
-            entries.append({"case": case_id, "image_sha256": rec.sha256["image"], "mask_sha256": rec.sha256["mask"],
-                            "seed": s, "mask_source_id": pseudonym(key, job.source_id, "src"), "mask_mode": job.mode})
+        bar = tqdm(total=len(jobs), desc=f"sample ({sampler} {steps})", unit="volume")
+        for start in range(0, len(jobs), batch_size):  # fixed chunks: a resumed run batches alike
+            chunk = list(range(start, min(start + batch_size, len(jobs))))
+            todo = [i for i in chunk if not w.done(ids[i])]
+            if todo:
+                masks_ = {i: jobs[i].mask(seed) for i in chunk}
+                by_shape: dict[tuple, list[int]] = {}
+                for i in chunk:
+                    by_shape.setdefault(masks_[i].GetSize(), []).append(i)
+                for group in by_shape.values():
+                    if any(i in todo for i in group):
+                        for i, img in zip(group, gen.volumes([masks_[i] for i in group], [seeds[i] for i in group])):
+                            if not w.done(ids[i]):
+                                w.add(ids[i], patient=ids[i], split="train", source="synthetic", image=img, mask=masks_[i])
+            bar.update(len(chunk))
+        bar.close()
+    records = {r.id: r for r in Cohort(out).cases}
+    entries = [{"case": ids[i], "image_sha256": records[ids[i]].sha256["image"],
+                "mask_sha256": records[ids[i]].sha256["mask"], "seed": seeds[i],
+                "mask_source_id": pseudonym(key, j.source_id, "src"), "mask_mode": j.mode}
+               for i, j in enumerate(jobs)]
     provenance.write(Path(out), header, entries, key)
     return Path(out)
