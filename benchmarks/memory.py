@@ -111,7 +111,7 @@ def memory_table(cfg, sizes, batch, dev) -> list[dict]:
         rows.append(row)
         print(json.dumps({k: (round(v / 2 ** 20, 1) if isinstance(v, int) and k not in ("patch", "batch") else v)
                           for k, v in row.items()}), flush=True)
-        del net, x
+
     return rows
 
 
@@ -130,7 +130,6 @@ def _timed_pair(a, b, n_warm=3, n=15) -> tuple[float, float]:
 
 
 def speed(cfg, patch, batch, dev) -> dict:
-    import deepspeed
     from torch.utils.checkpoint import checkpoint as torch_ckpt
 
     x = torch.randn(batch, 5, patch, patch, patch, device=dev)
@@ -158,7 +157,7 @@ def speed(cfg, patch, batch, dev) -> dict:
         suffix = "_ckpt" if ckpt else ""
         out[f"plain{suffix}_s"], out[f"deepspeed{suffix}_s"] = _timed_pair(plain, ds)
         out[f"deepspeed_overhead{suffix}"] = out[f"deepspeed{suffix}_s"] / out[f"plain{suffix}_s"] - 1
-        del engine, net
+
     print(json.dumps(out), flush=True)
     return out
 

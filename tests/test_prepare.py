@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 from conftest import PHI, read_series_datasets, write_ct_series
 from medsyn_site.cli import main
 from medsyn_site.config import load_config
-from medsyn_site.data.cohort import Cohort, image_path, mask_path, validate_cohort
+from medsyn_site.data.cohort import Cohort, image_path, validate_cohort
 from medsyn_site.data.prepare import prepare_cohort
 from medsyn_site.data.readers import IngestError
 

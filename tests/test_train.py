@@ -2,7 +2,6 @@
 checkpoints, stop signals, and bad configs failing before any work."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

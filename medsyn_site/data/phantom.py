@@ -11,7 +11,6 @@ Arrays are (z, y, x); patient axes are LPS like DICOM (y grows posterior, z grow
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
