@@ -1,7 +1,6 @@
 """``medsyn demo``: every stage that exists, on the built-in phantom cohort, at CPU size."""
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from medsyn_site.data.cohort import CohortError, validate_cohort
 from medsyn_site.data.phantom import write_phantom_cohort
 from medsyn_site.data.show import show_cohort
 
-log = logging.getLogger(__name__)
 STAGES = ("data", "train", "sample", "publish", "evaluate")
 
 

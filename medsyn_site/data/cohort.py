@@ -236,7 +236,8 @@ class Cohort:
         return sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(msk)
 
 
-def _geometry_problems(a: sitk.Image, b: sitk.Image) -> list[str]:
+def geometry_differences(a: sitk.Image, b: sitk.Image) -> list[str]:
+    """How b's geometry (shape, spacing, origin, direction) differs from a's; empty if it does not."""
     out = []
     if a.GetSize() != b.GetSize():
         out.append(f"shape {b.GetSize()} differs from the image's {a.GetSize()}")
@@ -299,7 +300,7 @@ def _case_problems(root: Path, rec: CaseRecord, hu_range: tuple[int, int]) -> li
             problems.append(Problem(mpath, f"mask voxels are {msk.GetPixelIDTypeAsString()}, "
                                            "expected 8-bit unsigned integer"))
         if img is not None:
-            problems += [Problem(mpath, m) for m in _geometry_problems(img, msk)]
+            problems += [Problem(mpath, m) for m in geometry_differences(img, msk)]
     return problems
 
 

@@ -15,6 +15,8 @@ import pydicom
 import SimpleITK as sitk
 from scipy import ndimage
 
+from medsyn_site.data.cohort import geometry_differences
+
 SLICE_GAP_TOL = 0.05  # relative deviation of slice spacing tolerated within a series
 
 
@@ -103,12 +105,6 @@ def read_image(path: str | Path) -> Scan:
         raise IngestError(path, f"image is {image.GetDimension()}-D, expected a 3-D volume")
     stem = path.name.split(".")[0]
     return Scan(image=image, path=path, patient_hint=stem)
-
-
-def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> bool:
-    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
 
 
 def _on_scan(arr_zyx: np.ndarray, scan: Scan) -> sitk.Image:
@@ -203,7 +199,7 @@ def read_mask(path: str | Path | None, scan: Scan, min_agreement: float = 0.5,
         mask = sitk.ReadImage(str(path))
     except RuntimeError as e:
         raise IngestError(path, f"unreadable mask: {str(e).strip().splitlines()[-1]}")
-    if not same_geometry(mask, scan.image):
+    if geometry_differences(scan.image, mask):
         raise IngestError(path, f"mask geometry (size {mask.GetSize()}, spacing "
                                 f"{tuple(round(s, 3) for s in mask.GetSpacing())}) differs from the "
                                 f"image {scan.path} (size {scan.image.GetSize()}, spacing "

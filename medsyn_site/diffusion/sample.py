@@ -31,7 +31,7 @@ def resolve_weights(run_or_file: str | Path) -> Path:
 
 
 class Sampler:
-    """EMA network + scheduler; ``volume(mask, seed)`` generates one CT for one mask."""
+    """EMA network + scheduler; ``volumes(masks, seeds)`` generates one CT per mask."""
 
     def __init__(self, weights: str | Path, sampler: str = "ddim", steps: int = 50, device: str = "auto",
                  precision: str = "fp32"):
@@ -76,10 +76,6 @@ class Sampler:
             img.CopyInformation(mask)
             out.append(img)
         return out
-
-    def volume(self, mask: sitk.Image, seed: int) -> sitk.Image:
-        """One synthetic CT with the mask's geometry."""
-        return self.volumes([mask], [seed])[0]
 
 
 def case_seed(seed: int, source_id: str, replicate: int) -> int:
