@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +53,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--iterations", type=int, default=25)
     ap.add_argument("--configuration", default="2d")
-    ap.add_argument("--work", default="/tmp/medsyn-phantom-difficulty")
+    ap.add_argument("--work", default="/tmp/medsyn-phantom-difficulty", help="must not exist yet")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     work = Path(args.work)
@@ -63,7 +65,12 @@ def main() -> None:
                              args.configuration, "--seeds", "1"], check=True)
     subprocess.run(medsyn + ["train", "--ws", str(ws), "--arm", "real", "--seed", "0", "--epochs", str(args.epochs),
                              "--iterations", str(args.iterations), "--force"], check=True)
-    result = json.loads((ws / "runs" / "real" / "seed0" / "result.json").read_text())
+    run = ws / "runs" / "real" / "seed0"
+    result = json.loads((run / "result.json").read_text())
+    log = next(run.rglob("training_log*.txt")).read_text()
+    curve = [float(v) for v in re.findall(r"Pseudo dice \[np\.float32\(([0-9.e-]+)\)\]", log)]
+    if args.out:  # nnU-Net's own learning-curve figure (losses, pseudo Dice, epoch times)
+        shutil.copyfile(next(run.rglob("progress.png")), Path(args.out).with_suffix(".png"))
     cohort = Cohort(cohort_dir)
     per_case, fps = {}, {"vessel": 0, "pleura": 0, "other": 0}
     for case, m in result["test"].items():
@@ -75,7 +82,7 @@ def main() -> None:
     summary = {"cases": args.cases, "shape": args.shape, "configuration": args.configuration,
                "epochs": args.epochs, "iterations": args.iterations, "seconds": result["seconds"],
                "test_dice_mean": float(np.mean(list(per_case.values()))), "test_dice": per_case,
-               "false_positive_components": fps}
+               "false_positive_components": fps, "val_pseudo_dice_per_epoch": curve}
     print(json.dumps(summary, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=1))

@@ -175,16 +175,20 @@ def train_cmd(cohort, out, resume, steps, device, precision, config_path, force)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Volumes denoised together (same shape).")
+@click.option("--stream-gb", type=click.FloatRange(min=0), default=None,
+              help="Evaluate the UNet in z-slabs (same result), keeping at most this many GiB of feature maps "
+                   "on the device and the rest in host memory: for volumes too large for the GPU.")
 @site_key_option
 @force_option
 @friendly
-def sample_cmd(run_dir, masks, out, per_mask, sampler, steps, seed, device, precision, batch_size, site_key, force):
+def sample_cmd(run_dir, masks, out, per_mask, sampler, steps, seed, device, precision, batch_size, stream_gb,
+               site_key, force):
     """Sample whole synthetic CT volumes from masks (resumable: a rerun skips finished cases)."""
     from medsyn_site.diffusion.sample import sample_cohort
 
     sample_cohort(run_dir, masks, out, per_mask=per_mask, sampler=sampler, steps=steps, seed=seed,
                   device=device, precision=precision, force=force, site_key=_site_key(site_key),
-                  batch_size=batch_size)
+                  batch_size=batch_size, stream_gb=stream_gb)
     click.echo(f"wrote synthetic cohort {out} (provenance.json beside it)")
 
 

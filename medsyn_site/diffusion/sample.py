@@ -20,6 +20,7 @@ from medsyn_site.data.prepare import DEFAULT_SITE_KEY, load_site_key, pseudonym
 from medsyn_site.diffusion.masks import mask_jobs
 from medsyn_site.diffusion.model import build_unet, coordinate_grid, scheduler, unit_to_hu
 from medsyn_site.diffusion.rundir import RunDir, load_weights
+from medsyn_site.diffusion.streamed import StreamedUNet
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class Sampler:
     """EMA network + scheduler; ``volumes(masks, seeds)`` generates one CT per mask."""
 
     def __init__(self, weights: str | Path, sampler: str = "ddim", steps: int = 50, device: str = "auto",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", stream_gb: float | None = None):
         blob = load_weights(weights)
         self.sha256, self.model_cfg = blob["sha256"], ModelConfig(**blob["model"])
         self.diffusion = DiffusionConfig(**blob["diffusion"])
@@ -47,6 +48,9 @@ class Sampler:
         self.scheduler.set_timesteps(steps)
         self.inferer = DiffusionInferer(self.scheduler)
         self.sampler, self.steps, self.precision = sampler, steps, precision
+        # Streamed evaluation (same function, z-slabs; feature maps beyond stream_gb go to host memory)
+        # for volumes whose whole-volume evaluation does not fit the device.
+        self.model = self.net if stream_gb is None else StreamedUNet(self.net, budget_bytes=stream_gb * 2 ** 30)
 
     @torch.no_grad()
     def volumes(self, masks: list[sitk.Image], seeds: list[int]) -> list[sitk.Image]:
@@ -67,8 +71,9 @@ class Sampler:
         torch.manual_seed(seeds[0])  # the schedulers' per-step noise
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            x = self.inferer.sample(input_noise=noise.to(self.device), diffusion_model=self.net,
-                                    scheduler=self.scheduler, conditioning=cond, mode="concat", verbose=False)
+            x = self.inferer.sample(input_noise=noise.to(self.device), diffusion_model=self.model,
+                                    scheduler=self.scheduler, conditioning=cond, mode="concat",
+                                    verbose=self.model is not self.net)  # streamed = large: per-step progress
         out = []
         for i, mask in enumerate(masks):
             hu = unit_to_hu(x[i, 0, : shape[0], : shape[1], : shape[2]].float().cpu(), self.diffusion.hu_window)
@@ -84,11 +89,12 @@ def case_seed(seed: int, source_id: str, replicate: int) -> int:
 
 def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 1, sampler: str = "ddim",
                   steps: int = 50, seed: int = 0, device: str = "auto", precision: str = "fp32",
-                  force: bool = False, site_key: Path = DEFAULT_SITE_KEY, batch_size: int = 1) -> Path:
+                  force: bool = False, site_key: Path = DEFAULT_SITE_KEY, batch_size: int = 1,
+                  stream_gb: float | None = None) -> Path:
     """Sample a synthetic cohort (source=synthetic) and its signed provenance.json."""
     weights = resolve_weights(run)
     jobs = mask_jobs(masks, per_mask)  # fails early on a bad mask source
-    gen = Sampler(weights, sampler, steps, device, precision)
+    gen = Sampler(weights, sampler, steps, device, precision, stream_gb)
     key = load_site_key(site_key)
     header = {"checkpoint_sha256": gen.sha256, "sampler": sampler, "steps": steps, "seed": seed,
               "mask_source": masks.partition(":")[0] if ":" in masks else "cohort",
