@@ -46,18 +46,25 @@ def test_streamed_equals_monai_forward(channels, groups, blocks, budget):
         assert store.peak["host"] > 0 and store.moved > 0
 
 
-def test_streamed_keeps_far_less_than_whole_levels():
-    """Streaming every level: peak device feature-map bytes stay under the budget while the host
-    takes the rest, and a zero budget keeps nothing on the device."""
+def test_streamed_budget_spills_oldest_maps_first():
+    """Streaming every level: with no budget every map lives on the host; with half the maps' peak
+    the device holds at most that, and evicting the oldest maps (skips, needed last) moves far fewer
+    bytes than keeping nothing on the device."""
     net = _net((16, 32, 32), 8, 1)
-    x = torch.randn(1, 5, 32, 32, 32)
+    x, t = torch.randn(1, 5, 32, 32, 32), torch.tensor([10])
+    runs = {}
     with torch.no_grad():
-        full = StreamedUNet(net, slab_voxels=32 * 32 * 4)
-        full(x, torch.tensor([10]))
-        zero = StreamedUNet(net, slab_voxels=32 * 32 * 4, budget_bytes=0)
-        zero(x, torch.tensor([10]))
-    assert zero.store.peak["device"] == 0
-    assert zero.store.peak["host"] == full.store.peak["device"]
+        ref = net(x, t)
+        for name, budget in (("all", float("inf")), ("none", 0)):
+            runs[name] = StreamedUNet(net, slab_voxels=32 * 32 * 4, budget_bytes=budget)
+            runs[name](x, t)
+        half = runs["all"].store.peak["device"] / 2
+        runs["half"] = StreamedUNet(net, slab_voxels=32 * 32 * 4, budget_bytes=half)
+        torch.testing.assert_close(runs["half"](x, t), ref, rtol=1e-4, atol=1e-5)
+    assert runs["none"].store.peak["device"] == 0
+    assert runs["none"].store.peak["host"] == runs["all"].store.peak["device"]
+    assert 0 < runs["half"].store.peak["device"] <= half
+    assert 0 < runs["half"].store.moved < runs["none"].store.moved / 3
 
 
 def test_streamed_refuses_attention_at_a_streamed_level():

@@ -70,10 +70,15 @@ class Sampler:
         noise = torch.cat([torch.randn((1, 1, *padded), generator=torch.Generator().manual_seed(s)) for s in seeds])
         torch.manual_seed(seeds[0])  # the schedulers' per-step noise
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            x = self.inferer.sample(input_noise=noise.to(self.device), diffusion_model=self.model,
-                                    scheduler=self.scheduler, conditioning=cond, mode="concat",
-                                    verbose=self.model is not self.net)  # streamed = large: per-step progress
+        try:
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                x = self.inferer.sample(input_noise=noise.to(self.device), diffusion_model=self.model,
+                                        scheduler=self.scheduler, conditioning=cond, mode="concat",
+                                        verbose=self.model is not self.net)  # streamed = large: step progress
+        except torch.OutOfMemoryError as e:  # finished cases are kept; a rerun resumes
+            raise ValueError(f"{len(masks)} whole volume(s) of {padded[::-1]} voxels (x y z) do not fit the "
+                             f"{self.device} memory: sample with --stream-gb (e.g. 16 on a 24 GB GPU)"
+                             + (" and --batch-size 1" if len(masks) > 1 else "")) from e
         out = []
         for i, mask in enumerate(masks):
             hu = unit_to_hu(x[i, 0, : shape[0], : shape[1], : shape[2]].float().cpu(), self.diffusion.hu_window)

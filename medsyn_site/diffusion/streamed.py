@@ -25,29 +25,57 @@ from torch import nn
 
 
 class Store:
-    """Whole-volume feature maps: on ``device`` while they fit ``budget_bytes``, else on the host.
-    Counts bytes held on each side and bytes moved between them."""
+    """Whole-volume feature maps: on ``device`` up to ``budget_bytes``; beyond it the oldest maps
+    move to host memory (in a UNet the oldest are the skips, needed last). Counts bytes held on each
+    side and bytes moved between them."""
 
     def __init__(self, device: torch.device, budget_bytes: float):
         self.device, self.budget = torch.device(device), budget_bytes
         self.bytes = {"device": 0, "host": 0}
         self.peak = {"device": 0, "host": 0}
         self.moved = 0
+        self._live: dict[int, list] = {}  # allocation order -> [side, bytes, weakref]
+        self._next = 0
 
     def empty(self, shape, dtype) -> torch.Tensor:
         n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        side = "device" if self.bytes["device"] + n <= self.budget else "host"
-        if side == "device":
-            t = torch.empty(shape, dtype=dtype, device=self.device)
+        for entry in list(self._live.values()):  # evict the oldest until the new map fits
+            if self.bytes["device"] + n <= self.budget:
+                break
+            if entry[0] == "device" and entry[2]() is not None:
+                self._evict(entry)
+        if self.bytes["device"] + n <= self.budget:
+            side, t = "device", torch.empty(shape, dtype=dtype, device=self.device)
         else:
-            t = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
-            t._medsyn_host = True  # on a CPU-only run both sides are host memory: tell them apart
-        self.bytes[side] += n
-        self.peak[side] = max(self.peak[side], self.bytes[side])
-        weakref.finalize(t, self._release, side, n)
+            side, t = "host", self._host_empty(shape, dtype)
+        self._account(side, n)
+        self._live[self._next] = [side, n, weakref.ref(t)]
+        weakref.finalize(t, self._release, self._next)
+        self._next += 1
         return t
 
-    def _release(self, side: str, n: int) -> None:
+    def _host_empty(self, shape, dtype) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+        t._medsyn_host = True  # on a CPU-only run both sides are host memory: tell them apart
+        return t
+
+    def _evict(self, entry: list) -> None:
+        t = entry[2]()
+        host = self._host_empty(t.shape, t.dtype)
+        host.copy_(t)
+        t.set_(host)  # every holder of t now reads host memory
+        t._medsyn_host = True
+        self.moved += entry[1]
+        self._account("device", -entry[1])
+        self._account("host", entry[1])
+        entry[0] = "host"
+
+    def _account(self, side: str, n: int) -> None:
+        self.bytes[side] += n
+        self.peak[side] = max(self.peak[side], self.bytes[side])
+
+    def _release(self, key: int) -> None:
+        side, n, _ = self._live.pop(key)
         self.bytes[side] -= n
 
     def read(self, t: torch.Tensor, z0: int, z1: int) -> torch.Tensor:
@@ -100,15 +128,17 @@ def _conv3d(module: nn.Module) -> nn.Conv3d:
 
 class StreamedUNet(nn.Module):
     """``StreamedUNet(net)(x, timesteps)`` == ``net(x, timesteps)`` for a 3-D DiffusionModelUNet
-    without attention at the streamed levels. ``slab_voxels``: output voxels per slab (and the level
-    size below which MONAI's own forward runs); ``budget_bytes``: feature-map bytes kept on the
-    device before spilling to the host (default: all)."""
+    without attention at the streamed levels. ``slab_voxels``: output voxels per slab;
+    ``whole_voxels``: levels up to this size run MONAI's own block forward (default: one slab);
+    ``budget_bytes``: feature-map bytes kept on the device before spilling to the host (default: all)."""
 
-    def __init__(self, net: nn.Module, slab_voxels: int = 2 ** 21, budget_bytes: float = float("inf")):
+    def __init__(self, net: nn.Module, slab_voxels: int = 2 ** 20, budget_bytes: float = float("inf"),
+                 whole_voxels: int | None = None):
         super().__init__()
         if net.num_class_embeds is not None or getattr(net, "with_conditioning", False):
             raise NotImplementedError("streamed evaluation: class or cross-attention conditioning")
         self.net, self.slab_voxels, self.budget_bytes = net, slab_voxels, budget_bytes
+        self.whole_voxels = slab_voxels if whole_voxels is None else whole_voxels
         self.store: Store | None = None
 
     # --- slab-wise primitives -------------------------------------------------------------------
@@ -124,7 +154,9 @@ class StreamedUNet(nn.Module):
         for o0 in range(0, z_out, self._depth(plane)):
             o1 = min(z_out, o0 + self._depth(plane))
             a, b = o0 * s - p, (o1 - 1) * s - p + k
-            x = F.pad(read(max(a, 0), min(b, z_in)), (0, 0, 0, 0, max(0, -a), max(0, b - z_in)))
+            x = read(max(a, 0), min(b, z_in))
+            if a < 0 or b > z_in:  # the layer's zero padding, at the volume's ends only
+                x = F.pad(x, (0, 0, 0, 0, max(0, -a), max(0, b - z_in)))
             y = F.conv3d(x, conv.weight, conv.bias, stride=conv.stride, padding=(0, py, px))
             if add is not None:
                 y = y + add(o0, o1)
@@ -148,10 +180,10 @@ class StreamedUNet(nn.Module):
         w = gn.weight.float().view(1, c, 1, 1, 1)
         bias = gn.bias.float().view(1, c, 1, 1, 1)
 
-        def read(z0: int, z1: int) -> torch.Tensor:
-            x = f.read(z0, z1).float()
-            x = ((x.reshape(b, g, -1) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
-            return F.silu(x * w + bias)
+        def read(z0: int, z1: int) -> torch.Tensor:  # one float32 copy, normalized in place
+            x = f.read(z0, z1).to(torch.float32, copy=True)
+            x.view(b, g, -1).sub_(mean[..., None]).mul_(rstd[..., None])
+            return F.silu(x.mul_(w).add_(bias), inplace=True)
         return read
 
     def _resnet(self, block: nn.Module, f: Feature, emb: torch.Tensor) -> Feature:
@@ -166,7 +198,7 @@ class StreamedUNet(nn.Module):
                                               add=lambda o0, o1: skip(f.read(o0, o1))))
 
     def _small(self, f: Feature) -> bool:
-        return f.voxels <= self.slab_voxels
+        return f.voxels <= self.whole_voxels
 
     def _whole(self, value: torch.Tensor) -> Feature:
         return Feature(self.store, self.store.put(value))

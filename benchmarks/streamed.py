@@ -1,0 +1,120 @@
+"""Streamed whole-volume evaluation against MONAI's whole forward (a benchmark, not a test).
+
+At one volume size, each in a fresh process (CPU, fp32): MONAI's forward (peak extra RSS, s/eval),
+and the streamed evaluation with every level above the bottom streamed:
+- all feature maps kept on the "device" (no budget): the maps' peak bytes, time overhead;
+- none kept (budget 0), at two slab sizes: peak RSS minus the maps (all on the host side) is the slab
+  working memory; its growth between the two slab sizes gives bytes per slab voxel;
+- a budget of the same fraction of the maps that --budget-gib is of the 512x512x256 bf16 maps: bytes
+  moved between host and device per voxel at that fraction.
+From these, for a 24 GB GPU in bf16: device = min(maps, budget) + slab memory at StreamedUNet's
+default slab + weights; host = the rest; time = FLOPs at a stated fraction of the GPU's peak + bytes
+moved over PCIe. Feature maps and moved bytes are exact counts (the Store's); bf16 halves them.
+
+  python benchmarks/streamed.py --size 64x64x64 --out benchmarks/streamed_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import multiprocessing as mp
+import resource
+import time
+
+import torch
+
+from medsyn_site.config import load_config
+from medsyn_site.diffusion.model import build_unet
+from medsyn_site.diffusion.streamed import StreamedUNet
+
+GiB = 2 ** 30
+SLAB_VOXELS = inspect.signature(StreamedUNet).parameters["slab_voxels"].default
+TARGETS = {"256x256x128": 256 * 256 * 128, "512x512x256": 512 * 512 * 256}
+
+
+def _one(model: str, zyx, budget, slab_rows: int, whole_voxels: int, queue) -> None:
+    torch.manual_seed(0)
+    net = build_unet(load_config(f"configs/{model}.yaml").model).eval()
+    x, t = torch.randn(1, 5, *zyx), torch.tensor([500])
+    fn = net if budget is None else StreamedUNet(net, slab_voxels=zyx[1] * zyx[2] * slab_rows, budget_bytes=budget,
+                                                 whole_voxels=whole_voxels)
+    with torch.no_grad():
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        t0 = time.perf_counter()
+        fn(x, t)
+        seconds = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    store = getattr(fn, "store", None)
+    queue.put({"budget": budget, "slab_voxels": zyx[1] * zyx[2] * slab_rows if store else None,
+               "s_per_eval": seconds, "peak_rss_bytes": peak, "maps_peak": store.peak if store else None,
+               "moved_bytes": store.moved if store else 0})
+
+
+def measure(*args) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_one, args=(*args, q))
+    p.start()
+    row = q.get()
+    p.join()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="lidc")
+    ap.add_argument("--size", default="64x64x64", help="XxYxZ")
+    ap.add_argument("--slab-rows", type=int, nargs=2, default=(4, 16), help="two slab depths (full-resolution rows)")
+    ap.add_argument("--whole-voxels", type=int, default=8192, help="levels up to this size run MONAI's forward")
+    ap.add_argument("--flops-per-voxel", type=float, default=6.87e6, help="sampling.py's measurement")
+    ap.add_argument("--gpu-tflops", type=float, default=120.0, help="a 24 GB GPU's dense bf16 peak")
+    ap.add_argument("--utilisation", type=float, default=0.3, help="fraction of that peak 3-D convs reach")
+    ap.add_argument("--pcie-gbs", type=float, default=20.0, help="host<->device GB/s (PCIe 4 x16, pinned)")
+    ap.add_argument("--budget-gib", type=float, default=16.0, help="feature maps kept on the 24 GB GPU")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    x, y, z = (int(v) for v in args.size.split("x"))
+    zyx, voxels, (r1, r2) = (z, y, x), x * y * z, args.slab_rows
+    params = sum(p.numel() for p in build_unet(load_config(f"configs/{args.model}.yaml").model).parameters())
+    whole = measure(args.model, zyx, None, r1, args.whole_voxels)
+    alldev = measure(args.model, zyx, float("inf"), r1, args.whole_voxels)
+    maps = alldev["maps_peak"]["device"]
+    host1, host2 = (measure(args.model, zyx, 0, r, args.whole_voxels) for r in (r1, r2))
+    big_maps = maps / voxels / 2 * TARGETS["512x512x256"]
+    fraction = min(1.0, args.budget_gib * GiB / big_maps)
+    part = measure(args.model, zyx, fraction * maps, r1, args.whole_voxels)
+    scratch = [h["peak_rss_bytes"] - h["maps_peak"]["host"] for h in (host1, host2)]
+    per_slab_voxel = max(0.0, (scratch[1] - scratch[0]) / (host2["slab_voxels"] - host1["slab_voxels"]))
+    eff = args.gpu_tflops * 1e12 * args.utilisation
+    predict = {}
+    for name, v in TARGETS.items():
+        m = maps / voxels / 2 * v
+        keep = min(m, args.budget_gib * GiB)
+        moved = 0.0 if keep >= m else part["moved_bytes"] / voxels / 2 * v  # measured at 512's fraction
+        s_eval = args.flops_per_voxel * v / eff + moved / (args.pcie_gbs * 1e9)
+        predict[name] = {"feature_maps_gib": m / GiB, "device_gib": (keep + per_slab_voxel * SLAB_VOXELS
+                                                                      + 2 * params) / GiB,
+                         "host_gib": (m - keep) / GiB, "moved_gb_per_eval": moved / 1e9,
+                         "s_per_eval": s_eval, "ddim50_min": 50 * s_eval / 60}
+    result = {"model": args.model, "size": args.size, "params": params,
+              "rows": {"whole": whole, "all_device": alldev, "all_host_r1": host1, "all_host_r2": host2,
+                       "budget_fraction": part},
+              "whole_peak_bytes_per_voxel": whole["peak_rss_bytes"] / voxels,
+              "feature_map_bytes_per_voxel": maps / voxels,
+              "slab_bytes_per_slab_voxel": per_slab_voxel, "default_slab_voxels": SLAB_VOXELS,
+              "moved_bytes_per_voxel": {"budget_0": host1["moved_bytes"] / voxels,
+                                        f"budget_{fraction:.2f}_of_maps": part["moved_bytes"] / voxels},
+              "time_overhead_vs_whole": alldev["s_per_eval"] / whole["s_per_eval"] - 1,
+              "assumed": {k: getattr(args, k) for k in ("gpu_tflops", "utilisation", "pcie_gbs", "budget_gib",
+                                                         "flops_per_voxel")},
+              "predict_bf16": predict}
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
