@@ -71,9 +71,9 @@ def test_streamed_refuses_attention_at_a_streamed_level():
     net = _net((16, 32, 32), 8, 1, mid_attention=True)
     x = torch.randn(1, 5, 16, 16, 16)
     with pytest.raises(NotImplementedError, match="middle-block attention"):
-        StreamedUNet(net, slab_voxels=8)(x, torch.tensor([1]))
+        StreamedUNet(net, slab_voxels=8, whole_voxels=8)(x, torch.tensor([1]))
     with torch.no_grad():  # where the level is small, MONAI's own block (with attention) runs
-        torch.testing.assert_close(StreamedUNet(net, slab_voxels=16 ** 3 // 8)(x, torch.tensor([1])),
+        torch.testing.assert_close(StreamedUNet(net, slab_voxels=8, whole_voxels=16 ** 3 // 64)(x, torch.tensor([1])),
                                    net(x, torch.tensor([1])), rtol=1e-4, atol=1e-5)
 
 
@@ -91,7 +91,7 @@ def test_sample_stream_gb_gives_the_same_volumes(run, phantom_cohort, key, tmp_p
     cohort = Cohort(phantom_cohort)
     mask = cohort.read(cohort.split("train")[0].id)[1]
     gens = [Sampler(resolve_weights(run), "ddim", 2), Sampler(resolve_weights(run), "ddim", 2, stream_gb=0)]
-    gens[1].model.slab_voxels = 64 * 64 * 3
+    gens[1].model.slab_voxels, gens[1].model.whole_voxels = 64 * 64 * 3, 64
     a, b = (g.volumes([mask], [9])[0] for g in gens)
     assert gens[1].model.store.moved > 0
     # float rounding only (DDIM divides by sqrt(alpha_bar) at t ~ 1000): well under 1 HU

@@ -129,7 +129,7 @@ def _conv3d(module: nn.Module) -> nn.Conv3d:
 class StreamedUNet(nn.Module):
     """``StreamedUNet(net)(x, timesteps)`` == ``net(x, timesteps)`` for a 3-D DiffusionModelUNet
     without attention at the streamed levels. ``slab_voxels``: output voxels per slab;
-    ``whole_voxels``: levels up to this size run MONAI's own block forward (default: one slab);
+    ``whole_voxels``: levels up to this size run MONAI's own block forward (default: 1/8 slab);
     ``budget_bytes``: feature-map bytes kept on the device before spilling to the host (default: all)."""
 
     def __init__(self, net: nn.Module, slab_voxels: int = 2 ** 20, budget_bytes: float = float("inf"),
@@ -138,7 +138,7 @@ class StreamedUNet(nn.Module):
         if net.num_class_embeds is not None or getattr(net, "with_conditioning", False):
             raise NotImplementedError("streamed evaluation: class or cross-attention conditioning")
         self.net, self.slab_voxels, self.budget_bytes = net, slab_voxels, budget_bytes
-        self.whole_voxels = slab_voxels if whole_voxels is None else whole_voxels
+        self.whole_voxels = slab_voxels // 8 if whole_voxels is None else whole_voxels
         self.store: Store | None = None
 
     # --- slab-wise primitives -------------------------------------------------------------------
