@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import resource
 import statistics
 import time
 
 import torch
+from _common import in_fresh_process, report
 
 from medsyn_site.config import load_config
 from medsyn_site.diffusion.model import build_unet
@@ -55,16 +55,6 @@ def _one(model: str, zyx, device: str, queue) -> None:
                "flops": fc.get_total_flops(), "peak_bytes": peak})
 
 
-def measure(model, zyx, device) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_one, args=(model, zyx, device, q))
-    p.start()
-    row = q.get()
-    p.join()
-    return row
-
-
 def ddim_check(model: str, zyx, steps: int, device: str) -> float:
     """Wall time of a real DDIM run through MONAI's inferer, as `medsyn sample` does it."""
     from monai.inferers import DiffusionInferer
@@ -96,7 +86,7 @@ def main() -> None:
     rows = []
     for s in args.sizes:
         x, y, z = (int(v) for v in s.split("x"))
-        row = measure(args.model, (z, y, x), args.device)
+        row = in_fresh_process(_one, args.model, (z, y, x), args.device)
         row["xyz"] = [x, y, z]
         for name, steps in (("ddim20_s", 20), ("ddim50_s", 50), ("ddpm1000_s", 1000)):
             row[name] = steps * row["s_per_eval"]
@@ -121,10 +111,7 @@ def main() -> None:
               "flops_per_voxel": flops_per_voxel, "peak_bytes_per_voxel_fp32": bytes_per_voxel,
               "assumed_gpu": {"tflops_bf16": args.gpu_tflops, "utilisation": args.utilisation},
               "predict": predict, "largest_SxSxS/2_bf16_in_22GiB": largest}
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import multiprocessing as mp
 import resource
 import time
 import weakref
 
 import torch
 import torch.utils._pytree as pytree
+from _common import in_fresh_process, report
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from medsyn_site.config import load_config
@@ -94,12 +94,7 @@ def _one(model: str, zyx, budget, slab_rows: int, whole_voxels: int, queue) -> N
 
 
 def measure(*args) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_one, args=(*args, q))
-    p.start()
-    row = q.get()
-    p.join()
+    row = in_fresh_process(_one, *args)
     print(json.dumps(row), flush=True)
     return row
 
@@ -155,10 +150,7 @@ def main() -> None:
               "assumed": {k: getattr(args, k) for k in ("gpu_tflops", "utilisation", "pcie_gbs", "budget_gib",
                                                          "flops_per_voxel")},
               "predict_bf16": predict}
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,12 @@ import weakref
 import torch
 import torch.nn.functional as F
 from monai.networks.nets.diffusion_model_unet import (
-    DiffusionUnetDownsample, DiffusionUNetResnetBlock, DownBlock, UpBlock, get_timestep_embedding)
+    DiffusionUnetDownsample,
+    DiffusionUNetResnetBlock,
+    DownBlock,
+    UpBlock,
+    get_timestep_embedding,
+)
 from torch import nn
 
 
