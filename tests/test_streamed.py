@@ -46,6 +46,24 @@ def test_streamed_equals_monai_forward(channels, groups, blocks, budget):
         assert store.peak["host"] > 0 and store.moved > 0
 
 
+def test_streamed_under_bf16_autocast_is_as_close_as_bf16_itself():
+    """The GPU path's precision (bf16 autocast; here on the CPU): maps stored in bf16, GroupNorm
+    statistics in float32; the streamed result differs from MONAI's bf16 forward no more than bf16
+    differs from float32."""
+    net = _net((16, 32, 32), 8, 1)
+    x, t = torch.randn(1, 5, 24, 32, 32), torch.tensor([100])
+    with torch.no_grad():
+        ref32 = net(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = net(x, t)
+            streamed = StreamedUNet(net, slab_voxels=32 * 32 * 3, whole_voxels=64, budget_bytes=100_000)
+            out = streamed(x, t)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert streamed.store.peak["host"] > 0
+    bf16_error = (ref.float() - ref32).abs().max()
+    assert (out.float() - ref.float()).abs().max() <= 2 * bf16_error
+
+
 def test_streamed_budget_spills_oldest_maps_first():
     """Streaming every level: with no budget every map lives on the host; with half the maps' peak
     the device holds at most that, and evicting the oldest maps (skips, needed last) moves far fewer
