@@ -4,7 +4,8 @@ nnU-Net v2 (real-only arm, through `medsyn evaluate`) trained on a phantom cohor
 Dice, and sorts every false-positive component of the predictions by what it sits on: a vessel
 (dense lung voxels outside the mask), the pleura (touching the lung boundary) or elsewhere.
 
-  python benchmarks/phantom_difficulty.py --cases 24 --epochs 10 --iterations 25 --out benchmarks/phantom_difficulty.json
+  python benchmarks/phantom_difficulty.py --cases 20 --epochs 30 --iterations 16 \
+      --out benchmarks/phantom_difficulty.json
 """
 from __future__ import annotations
 
@@ -46,6 +47,27 @@ def classify_false_positives(hu: np.ndarray, gt: np.ndarray, pred: np.ndarray) -
     return out
 
 
+def detected_nodules(gt: np.ndarray, pred: np.ndarray, nodules) -> list[dict]:
+    """Per listed nodule (type, size, attachment): did the prediction touch its mask component?"""
+    labels, _ = ndimage.label(gt > 0, structure=np.ones((3, 3, 3)))
+    out = []
+    for n in nodules:
+        x, y, z = n.center_voxel
+        comp = labels[z, y, x]
+        out.append({"type": n.type, "diameter_mm": n.diameter_mm, "attachment": n.attachment,
+                    "detected": bool(comp and (pred[labels == comp] > 0).any())})
+    return out
+
+
+def summarise_detection(rows: list[dict]) -> dict:
+    groups = {}
+    for r in rows:
+        size = "<6 mm" if r["diameter_mm"] < 6 else "6-10 mm" if r["diameter_mm"] < 10 else ">=10 mm"
+        for key in (f"type={r['type']}", f"size={size}", f"attachment={r['attachment']}"):
+            groups.setdefault(key, []).append(r["detected"])
+    return {k: f"{sum(v)}/{len(v)}" for k, v in sorted(groups.items())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=24)
@@ -59,30 +81,34 @@ def main() -> None:
     work = Path(args.work)
     cohort_dir, ws = work / "phantom", work / "ws"
     if not cohort_dir.exists():
-        write_phantom_cohort(PhantomConfig(cases=args.cases, seed=7, shape=tuple(args.shape)), SplitConfig(), cohort_dir)
+        write_phantom_cohort(PhantomConfig(cases=args.cases, seed=7, shape=tuple(args.shape)), SplitConfig(),
+                             cohort_dir)
     medsyn = [sys.executable, "-m", "medsyn_site.cli", "evaluate"]
-    subprocess.run(medsyn + ["prepare", "--ws", str(ws), "--real", str(cohort_dir), "--configuration",
-                             args.configuration, "--seeds", "1"], check=True)
-    subprocess.run(medsyn + ["train", "--ws", str(ws), "--arm", "real", "--seed", "0", "--epochs", str(args.epochs),
-                             "--iterations", str(args.iterations), "--force"], check=True)
     run = ws / "runs" / "real" / "seed0"
+    if not (run / "result.json").exists():  # else: analyse the finished training again
+        subprocess.run(medsyn + ["prepare", "--ws", str(ws), "--real", str(cohort_dir), "--configuration",
+                                 args.configuration, "--seeds", "1"], check=True)
+        subprocess.run(medsyn + ["train", "--ws", str(ws), "--arm", "real", "--seed", "0", "--epochs",
+                                 str(args.epochs), "--iterations", str(args.iterations), "--force"], check=True)
     result = json.loads((run / "result.json").read_text())
     log = next(run.rglob("training_log*.txt")).read_text()
     curve = [float(v) for v in re.findall(r"Pseudo dice \[np\.float32\(([0-9.e-]+)\)\]", log)]
     if args.out:  # nnU-Net's own learning-curve figure (losses, pseudo Dice, epoch times)
         shutil.copyfile(next(run.rglob("progress.png")), Path(args.out).with_suffix(".png"))
     cohort = Cohort(cohort_dir)
-    per_case, fps = {}, {"vessel": 0, "pleura": 0, "other": 0}
+    per_case, fps, found = {}, {"vessel": 0, "pleura": 0, "other": 0}, []
     for case, m in result["test"].items():
         hu, gt = cohort.arrays(case)
         pred = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(result["pred_test"]) / f"{case}.nii.gz")))
         per_case[case] = dice(m["TP"], m["FP"], m["FN"])
         for k, v in classify_false_positives(hu, gt, pred).items():
             fps[k] += v
+        found += detected_nodules(gt, pred, cohort.case(case).nodules)
     summary = {"cases": args.cases, "shape": args.shape, "configuration": args.configuration,
                "epochs": args.epochs, "iterations": args.iterations, "seconds": result["seconds"],
                "test_dice_mean": float(np.mean(list(per_case.values()))), "test_dice": per_case,
-               "false_positive_components": fps, "val_pseudo_dice_per_epoch": curve}
+               "false_positive_components": fps, "test_nodules_detected": summarise_detection(found),
+               "val_pseudo_dice_per_epoch": curve}
     print(json.dumps(summary, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=1))
