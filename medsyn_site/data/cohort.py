@@ -18,8 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medsyn_site.atomic import (OutputExistsError, atomic_write, atomic_write_text, sha256_file,
-                                staged_dir)
+from medsyn_site.atomic import OutputExistsError, atomic_write, atomic_write_text, sha256_file, staged_dir
 
 FORMAT = "medsyn-cohort"
 VERSION = 1
@@ -236,8 +235,9 @@ class Cohort:
         return sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(msk)
 
 
-def geometry_differences(a: sitk.Image, b: sitk.Image) -> list[str]:
-    """How b's geometry (shape, spacing, origin, direction) differs from a's; empty if it does not."""
+def geometry_differences(a, b) -> list[str]:
+    """How b's geometry (shape, spacing, origin, direction) differs from a's; empty if it does not.
+    a, b: SimpleITK images or header readers (sitk.ImageFileReader after ReadImageInformation)."""
     out = []
     if a.GetSize() != b.GetSize():
         out.append(f"shape {b.GetSize()} differs from the image's {a.GetSize()}")
@@ -250,12 +250,16 @@ def geometry_differences(a: sitk.Image, b: sitk.Image) -> list[str]:
     return out
 
 
-def _read(path: Path, problems: list[Problem], what: str) -> sitk.Image | None:
+def _read(path: Path, problems: list[Problem], what: str) -> sitk.ImageFileReader | None:
+    """The file's header (geometry, voxel type); voxel values are read once, through nibabel."""
     if not path.is_file():
         problems.append(Problem(path, f"missing {what} file"))
         return None
     try:
-        return sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return reader
     except RuntimeError as e:
         problems.append(Problem(path, f"unreadable {what}: {str(e).strip().splitlines()[-1]}"))
         return None
@@ -281,7 +285,7 @@ def _case_problems(root: Path, rec: CaseRecord, hu_range: tuple[int, int]) -> li
         # Voxel values through nibabel: SimpleITK's NIfTI reader silently turns NaN into 0.
         arr = np.asanyarray(nib.load(ipath).dataobj)
         if img.GetPixelID() != sitk.sitkInt16:
-            problems.append(Problem(ipath, f"image voxels are {img.GetPixelIDTypeAsString()}, "
+            problems.append(Problem(ipath, f"image voxels are {sitk.GetPixelIDValueAsString(img.GetPixelID())}, "
                                            "expected 16-bit signed integer HU"))
         bad = int(np.count_nonzero(~np.isfinite(arr))) if arr.dtype.kind == "f" else 0
         if bad:
@@ -297,7 +301,7 @@ def _case_problems(root: Path, rec: CaseRecord, hu_range: tuple[int, int]) -> li
             shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
             problems.append(Problem(mpath, f"mask values {{{shown}}}; only 0 and 1 are allowed"))
         if msk.GetPixelID() != sitk.sitkUInt8 and set(values.tolist()) <= {0, 1}:
-            problems.append(Problem(mpath, f"mask voxels are {msk.GetPixelIDTypeAsString()}, "
+            problems.append(Problem(mpath, f"mask voxels are {sitk.GetPixelIDValueAsString(msk.GetPixelID())}, "
                                            "expected 8-bit unsigned integer"))
         if img is not None:
             problems += [Problem(mpath, m) for m in geometry_differences(img, msk)]
@@ -330,6 +334,6 @@ def validate_cohort(root: str | Path, hu_range: tuple[int, int] = (-1024, 3071))
     listed = {rec.id for rec in cohort.cases}
     for sub in ("images", "masks"):
         for f in sorted((root / sub).glob("*")):
-            if not re.sub(r"\.nii\.gz$", "", f.name) in listed:
+            if re.sub(r"\.nii\.gz$", "", f.name) not in listed:
                 problems.append(Problem(f, "file is not listed in cohort.json"))
     return problems
