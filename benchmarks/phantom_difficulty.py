@@ -68,6 +68,28 @@ def summarise_detection(rows: list[dict]) -> dict:
     return {k: f"{sum(v)}/{len(v)}" for k, v in sorted(groups.items())}
 
 
+def false_positive_figure(rows, out: Path) -> None:
+    """Per test case, the axial slice with the most false-positive voxels: mask green, prediction red."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medsyn_site.data.show import LUNG_WINDOW
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(3 * len(rows), 3.2), squeeze=False)
+    for ax, (case, hu, gt, pred) in zip(axes[0], rows):
+        z = int(np.argmax(((pred > 0) & (gt == 0)).sum((1, 2))))
+        ax.imshow(hu[z], cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1])
+        for m, colour in ((gt, "lime"), (pred, "red")):
+            if m[z].any():
+                ax.contour(m[z] > 0, levels=[0.5], colors=colour, linewidths=0.8)
+        ax.set_title(f"{case} z={z}: nodule green, nnU-Net red", fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=24)
@@ -91,12 +113,12 @@ def main() -> None:
         subprocess.run(medsyn + ["train", "--ws", str(ws), "--arm", "real", "--seed", "0", "--epochs",
                                  str(args.epochs), "--iterations", str(args.iterations), "--force"], check=True)
     result = json.loads((run / "result.json").read_text())
-    log = next(run.rglob("training_log*.txt")).read_text()
+    log = "".join(f.read_text() for f in sorted(run.rglob("training_log*.txt")))  # + resumed runs' logs
     curve = [float(v) for v in re.findall(r"Pseudo dice \[np\.float32\(([0-9.e-]+)\)\]", log)]
     if args.out:  # nnU-Net's own learning-curve figure (losses, pseudo Dice, epoch times)
         shutil.copyfile(next(run.rglob("progress.png")), Path(args.out).with_suffix(".png"))
     cohort = Cohort(cohort_dir)
-    per_case, fps, found = {}, {"vessel": 0, "pleura": 0, "other": 0}, []
+    per_case, fps, found, shown = {}, {"vessel": 0, "pleura": 0, "other": 0}, [], []
     for case, m in result["test"].items():
         hu, gt = cohort.arrays(case)
         pred = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(result["pred_test"]) / f"{case}.nii.gz")))
@@ -104,6 +126,7 @@ def main() -> None:
         for k, v in classify_false_positives(hu, gt, pred).items():
             fps[k] += v
         found += detected_nodules(gt, pred, cohort.case(case).nodules)
+        shown.append((case, hu, gt, pred))
     summary = {"cases": args.cases, "shape": args.shape, "configuration": args.configuration,
                "epochs": args.epochs, "iterations": args.iterations, "seconds": result["seconds"],
                "test_dice_mean": float(np.mean(list(per_case.values()))), "test_dice": per_case,
@@ -111,6 +134,7 @@ def main() -> None:
                "val_pseudo_dice_per_epoch": curve}
     print(json.dumps(summary, indent=1))
     if args.out:
+        false_positive_figure(shown, Path(args.out).with_name(Path(args.out).stem + "_fp.png"))
         Path(args.out).write_text(json.dumps(summary, indent=1))
 
 

@@ -267,13 +267,15 @@ def evaluate_prepare(ws, real, synthetic, targeted, configuration, seeds):
 @click.option("--arm", required=True, type=click.Choice(["real", "synthetic", "real+synthetic", "real+targeted"]))
 @click.option("--seed", type=int, required=True)
 @_trainer_opts
+@click.option("--resume", is_flag=True,
+              help="Continue from nnU-Net's latest checkpoint (after a kill, or to train to more --epochs).")
 @force_option
 @friendly
-def evaluate_train(ws, arm, seed, trainer, epochs, iterations, device, force):
+def evaluate_train(ws, arm, seed, trainer, epochs, iterations, device, resume, force):
     """One nnU-Net training of one arm and seed, then its test predictions and Dice (one Slurm array task)."""
     from medsyn_site.evaluate.runs import train_one
 
-    click.echo(f"wrote {train_one(ws, arm, seed, trainer, epochs, iterations, device, force)}")
+    click.echo(f"wrote {train_one(ws, arm, seed, trainer, epochs, iterations, device, force, resume)}")
 
 
 @evaluate.command("select-targeted")

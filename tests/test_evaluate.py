@@ -107,3 +107,24 @@ def test_refuses_a_dataset_that_fails_nnunet_integrity(real, synth, tmp_path):
     sitk.WriteImage(new, str(mask_path(bad, case)), useCompression=True)
     with pytest.raises(EvaluationError, match="fails nnU-Net's dataset integrity check"):
         prepare_workspace(tmp_path / "ws", real, bad, configuration="2d", arms=["synthetic"])
+
+
+def test_resume_trains_on_from_the_checkpoint(evaluated, tmp_path):
+    """`medsyn evaluate train --resume`: nnU-Net continues from its checkpoint (here: a finished
+    1-epoch training taken on to 2 epochs) instead of starting again."""
+    import subprocess
+    import sys
+
+    ws = tmp_path / "ws"
+    shutil.copytree(evaluated, ws, symlinks=True)
+    fold = next(run_dir(ws, "real", 0).rglob("fold_0"))
+    before = set(fold.glob("training_log*.txt"))
+    done = subprocess.run([sys.executable, "-m", "medsyn_site.cli", "evaluate", "train", "--ws", str(ws), "--arm",
+                           "real", "--seed", "0", "--epochs", "2", "--iterations", "3", "--resume"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (log,) = set(fold.glob("training_log*.txt")) - before
+    text = log.read_text()
+    assert "Epoch 1" in text and "Epoch 0" not in text
+    result = json.loads((run_dir(ws, "real", 0) / "result.json").read_text())
+    assert result["epochs"] == 2 and result["test"]

@@ -31,8 +31,9 @@ def _per_case(summary: dict) -> dict:
 
 
 def train_one(ws: str | Path, arm: str, seed: int, trainer: str = "nnUNetTrainer_medsyn", epochs: int = 2,
-              iterations: int = 5, device: str = "cpu", force: bool = False) -> Path:
-    """Train, predict and score one (arm, seed); returns its result.json."""
+              iterations: int = 5, device: str = "cpu", force: bool = False, resume: bool = False) -> Path:
+    """Train, predict and score one (arm, seed); returns its result.json. ``resume``: continue from
+    nnU-Net's latest checkpoint (after a kill or preemption, or to train a finished run to more epochs)."""
     import os
 
     ws = Path(ws)
@@ -40,7 +41,7 @@ def train_one(ws: str | Path, arm: str, seed: int, trainer: str = "nnUNetTrainer
     if arm not in state["arms"]:
         raise EvaluationError(f"{ws / 'workspace.json'}: arm {arm!r} was not prepared (have {state['arms']})")
     out = run_dir(ws, arm, seed)
-    if (out / RESULT).exists() and not force:
+    if (out / RESULT).exists() and not (force or resume):
         return out / RESULT
     apply_env(nnunet_env(ws, out / "nnUNet_results"))
     os.environ.update({"MEDSYN_NNUNET_EPOCHS": str(epochs), "MEDSYN_NNUNET_ITERS": str(iterations),
@@ -55,7 +56,7 @@ def train_one(ws: str | Path, arm: str, seed: int, trainer: str = "nnUNetTrainer
     torch.manual_seed(seed)
     name, config = dataset_name(arm), state["configuration"]
     t0 = time.time()
-    run_training(name, config, 0, trainer_class_name=trainer, device=torch.device(device))
+    run_training(name, config, 0, trainer_class_name=trainer, device=torch.device(device), continue_training=resume)
     model = out / "nnUNet_results" / name / f"{trainer}__nnUNetPlans__{config}"
     predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False,
                                 device=torch.device(device), allow_tqdm=False)

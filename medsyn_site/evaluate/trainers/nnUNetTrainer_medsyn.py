@@ -2,7 +2,7 @@
 
 As nnU-Net's own nnUNetTrainer_5epochs etc., it only overrides the schedule: epochs, iterations per
 epoch and validation iterations come from MEDSYN_NNUNET_EPOCHS / _ITERS / _VAL_ITERS (set by
-``medsyn evaluate train``), so one class serves every size.
+``medsyn evaluate train``), so one class serves every size; and it checkpoints every epoch.
 """
 import os
 
@@ -17,3 +17,4 @@ class nnUNetTrainer_medsyn(nnUNetTrainer):
         self.num_epochs = int(os.environ.get("MEDSYN_NNUNET_EPOCHS", "2"))
         self.num_iterations_per_epoch = int(os.environ.get("MEDSYN_NNUNET_ITERS", "5"))
         self.num_val_iterations_per_epoch = int(os.environ.get("MEDSYN_NNUNET_VAL_ITERS", "2"))
+        self.save_every = 1  # checkpoint_latest every epoch, so `medsyn evaluate train --resume` loses little
