@@ -69,7 +69,8 @@ def summarise_detection(rows: list[dict]) -> dict:
 
 
 def false_positive_figure(rows, out: Path) -> None:
-    """Per test case, the axial slice with the most false-positive voxels: mask green, prediction red."""
+    """Per test case, the axial slice with the most false-positive voxels (else the most nodule
+    voxels): mask green, prediction red."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -78,7 +79,8 @@ def false_positive_figure(rows, out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(rows), figsize=(3 * len(rows), 3.2), squeeze=False)
     for ax, (case, hu, gt, pred) in zip(axes[0], rows):
-        z = int(np.argmax(((pred > 0) & (gt == 0)).sum((1, 2))))
+        fp = ((pred > 0) & (gt == 0)).sum((1, 2))
+        z = int(np.argmax(fp if fp.any() else gt.sum((1, 2))))
         ax.imshow(hu[z], cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1])
         for m, colour in ((gt, "lime"), (pred, "red")):
             if m[z].any():
