@@ -77,7 +77,7 @@ class Sampler:
                                         verbose=self.model is not self.net)  # streamed = large: step progress
         except torch.OutOfMemoryError as e:  # finished cases are kept; a rerun resumes
             raise ValueError(f"{len(masks)} whole volume(s) of {padded[::-1]} voxels (x y z) do not fit the "
-                             f"{self.device} memory: sample with --stream-gb (e.g. 16 on a 24 GB GPU)"
+                             f"{self.device} memory: sample with --stream-gb (e.g. 14 on a 24 GB GPU)"
                              + (" and --batch-size 1" if len(masks) > 1 else "")) from e
         out = []
         for i, mask in enumerate(masks):
