@@ -155,9 +155,9 @@ class StreamedUNet(nn.Module):
         ``read(a, b)`` yields input rows a..b-1."""
         conv = _conv3d(module)
         (k, _, _), (s, _, _), (p, py, px) = conv.kernel_size, conv.stride, conv.padding
-        z_out, out = (z_in + 2 * p - k) // s + 1, None
-        for o0 in range(0, z_out, self._depth(plane)):
-            o1 = min(z_out, o0 + self._depth(plane))
+        z_out, out, depth = (z_in + 2 * p - k) // s + 1, None, self._depth(plane)
+        for o0 in range(0, z_out, depth):
+            o1 = min(z_out, o0 + depth)
             a, b = o0 * s - p, (o1 - 1) * s - p + k
             x = read(max(a, 0), min(b, z_in))
             if a < 0 or b > z_in:  # the layer's zero padding, at the volume's ends only
@@ -174,9 +174,9 @@ class StreamedUNet(nn.Module):
         """Reader of SiLU(GroupNorm(f)) rows, with statistics from a first pass over all slabs."""
         b, c, g = f.shape[0], f.shape[1], gn.num_groups
         n = torch.zeros(b, g, dtype=torch.float64, device=self.store.device)
-        mean, m2 = torch.zeros_like(n), torch.zeros_like(n)
-        for z0 in range(0, f.shape[2], self._depth(f.shape[3] * f.shape[4])):
-            x = f.read(z0, min(f.shape[2], z0 + self._depth(f.shape[3] * f.shape[4]))).float().reshape(b, g, -1)
+        mean, m2, depth = torch.zeros_like(n), torch.zeros_like(n), self._depth(f.shape[3] * f.shape[4])
+        for z0 in range(0, f.shape[2], depth):
+            x = f.read(z0, min(f.shape[2], z0 + depth)).float().reshape(b, g, -1)
             n_i = x.shape[-1]
             m_i, v_i = x.mean(-1).double(), x.var(-1, unbiased=False).double()
             delta, tot = m_i - mean, n + n_i
