@@ -202,10 +202,17 @@ def sample_cmd(run_dir, masks, out, per_mask, sampler, steps, seed, device, prec
               help="Release a case the audit flagged, with a written reason (recorded).")
 @click.option("--allow-verbatim-masks", is_flag=True, help="Allow samples conditioned on verbatim real masks.")
 @click.option("--licence", default="CC-BY-4.0", show_default=True)
+@click.option("--min-contrast", type=float, default=None, metavar="HU",
+              help="Refuse cases whose faintest nodule is less than HU brighter than a shell around it.")
+@click.option("--segmenter", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Nodule segmenter trained on real scans (benchmarks/quality.py): adds its Dice at the masks.")
+@click.option("--min-dice", type=click.FloatRange(0, 1), default=None,
+              help="Refuse cases whose segmenter Dice at the masks is below this (needs --segmenter).")
 @site_key_option
 @force_option
 @friendly
-def publish_cmd(synth, training_cohort, out, fmt, overrides, allow_verbatim_masks, licence, site_key, force):
+def publish_cmd(synth, training_cohort, out, fmt, overrides, allow_verbatim_masks, licence, min_contrast, segmenter,
+                min_dice, site_key, force):
     """Release only provenance-checked, memorization-audited synthetic data (NIfTI and/or DICOM)."""
     from medsyn_site.publish.release import publish
 
@@ -216,7 +223,8 @@ def publish_cmd(synth, training_cohort, out, fmt, overrides, allow_verbatim_mask
             raise click.BadParameter(f"{item!r}: use CASE=REASON with a non-empty reason", param_hint="--override")
         parsed[case] = reason.strip()
     report = publish(synth, training_cohort, out, fmt=fmt, overrides=parsed, allow_verbatim=allow_verbatim_masks,
-                     licence=licence, force=force, site_key=_site_key(site_key))
+                     licence=licence, force=force, site_key=_site_key(site_key), min_contrast=min_contrast,
+                     min_dice=min_dice, segmenter=segmenter)
     refused = [c for c in report["cases"] if c["reasons"]]
     for c in refused:
         click.echo(f"REFUSED {c['case']}: {'; '.join(c['reasons'])}", err=True)
@@ -333,7 +341,9 @@ def demo(out, config_path, force):
     """Run every stage on the built-in phantom cohort at CPU size."""
     from medsyn_site.demo import run_demo
 
-    run_demo(Path(out), load_config(config_path), force=force)
+    from medsyn_site.config import CONFIG_DIR
+
+    run_demo(Path(out), load_config(config_path or CONFIG_DIR / "demo.yaml"), force=force)
 
 
 if __name__ == "__main__":

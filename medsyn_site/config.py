@@ -83,6 +83,9 @@ class ModelConfig(Strict):
     norm_num_groups: int = 16
     mid_attention: bool = False  # MONAI always puts self-attention in the middle block; off = Identity
     flash_attention: bool = True
+    # hidden width of the coordinate prior head (a per-voxel MLP of position and timestep added to
+    # the UNet's output, see diffusion/model.py: CoordPriorHead); 0 = none
+    coord_head: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _shape(self) -> "ModelConfig":
@@ -140,6 +143,9 @@ class TrainConfig(Strict):
     preview_every: int = Field(100, ge=1)
     threads: int = Field(0, ge=0)  # torch CPU threads (0: torch's default)
     deterministic: bool = False
+    # start a new run from these weights (an EMA weights file, a run dir, or builtin:NAME for a
+    # checkpoint shipped in medsyn_site/pretrained/); the model config must match
+    init_weights: str | None = None
 
     @model_validator(mode="after")
     def _patch(self) -> "TrainConfig":

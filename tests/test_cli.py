@@ -1,6 +1,7 @@
 """The command line as a new user meets it: --help everywhere, --version, config errors, the demo."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,12 @@ def test_demo_end_to_end(tmp_path):
     assert (out / "phantom.png").stat().st_size > 10_000 and (out / "config.yaml").is_file()
     assert (out / "run" / "checkpoints" / "latest").is_file() and list((out / "run" / "previews").glob("*.png"))
     assert (out / "synthetic" / "provenance.json").is_file() and (out / "synthetic.png").is_file()
+    # the synthetic volumes look like the phantom and show nodules at their masks (the log says so too)
+    from test_quality import realistic
+
+    q = json.loads((out / "quality.json").read_text())
+    assert realistic(q["synthetic"], q["real"]) == [], q
+    assert "mask adherence: nodule contrast" in proc.stdout and "realism (synthetic vs real)" in proc.stdout
     assert (out / "release" / "dataset_card.md").is_file() and list((out / "release" / "dicom").iterdir())
     report = (out / "evaluation" / "report" / "report.md").read_text()
     assert all(f"| {arm} | 2 |" in report for arm in ("real", "synthetic", "real+synthetic", "real+targeted"))

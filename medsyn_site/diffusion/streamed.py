@@ -28,6 +28,8 @@ from monai.networks.nets.diffusion_model_unet import (
 )
 from torch import nn
 
+from medsyn_site.diffusion.model import COORDS
+
 
 class Store:
     """Whole-volume feature maps: on ``device`` up to ``budget_bytes``; beyond it the oldest maps
@@ -255,7 +257,10 @@ class StreamedUNet(nn.Module):
             if block.upsampler is not None:
                 h = self._upsample(block.upsampler, h)
         gn, _, conv = net.out
-        return self._conv(self._norm_act(h, gn), h.shape[2], conv, h.shape[3] * h.shape[4]).to(x.device)
+        out = self._conv(self._norm_act(h, gn), h.shape[2], conv, h.shape[3] * h.shape[4]).to(x.device)
+        if getattr(net, "coord_head", None) is not None:  # per voxel, chunked in z by the head itself
+            out += net.coord_head(x[:, COORDS], timesteps).to(out.dtype)
+        return out
 
     def _upsample(self, up: nn.Module, h: Feature) -> Feature:
         """MONAI's non-trainable Upsample: nearest x2, then its post-convolution."""

@@ -109,6 +109,28 @@ def preview(net, cfg: Config, samples: list[dict], out: Path, dev, dtype) -> Pat
     return denoise_figure(rows, out, cfg.diffusion.hu_window)
 
 
+PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
+
+
+def initial_weights(source: str, cfg: Config) -> dict:
+    """The EMA weights a new run starts from: a weights file, a run dir (its latest), or
+    ``builtin:NAME`` (medsyn_site/pretrained/NAME.pt). The model and noise process must match."""
+    from medsyn_site.diffusion.rundir import RunDir, RunError
+
+    path = PRETRAINED / f"{source.partition(':')[2]}.pt" if source.startswith("builtin:") else Path(source)
+    if path.is_dir():
+        path = RunDir(path).latest_weights()
+    if not path.is_file():
+        raise RunError(f"{path}: train.init_weights not found")
+    blob = torch.load(path, map_location="cpu")
+    for section, want in (("model", cfg.model), ("diffusion", cfg.diffusion)):
+        if blob.get(section) != want.model_dump(mode="json"):
+            raise RunError(f"{path}: train.init_weights was trained with another {section} config "
+                           f"({blob.get(section)}); use the config it was made with")
+    log.info("starting from %s (step %s of its run)", path, blob.get("step"))
+    return blob["ema"]
+
+
 def _configure_torch(cfg: Config) -> None:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -133,6 +155,8 @@ def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool
     eng.select_accelerator(t.device)
     eng.init_distributed()
     net = build_unet(cfg.model)
+    if t.init_weights and not resume:  # before the engine exists: its fp32 master copy starts from them
+        net.load_state_dict(initial_weights(t.init_weights, cfg))
     ema = EMA(net, t.ema_decay)
     engine, _ = eng.make_engine(net, t)
     dev = eng.device()
