@@ -18,7 +18,8 @@ import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medsyn_site.atomic import OutputExistsError, atomic_write, atomic_write_text, sha256_file, staged_dir
+from medsyn_site.atomic import OutputExistsError, atomic_write, atomic_write_text, clean_stale, sha256_file, staged_dir
+from medsyn_site.errors import MedsynError
 
 FORMAT = "medsyn-cohort"
 VERSION = 1
@@ -69,7 +70,7 @@ class Problem:
         return f"{self.path}: {self.message}"
 
 
-class CohortError(ValueError):
+class CohortError(MedsynError):
     """A cohort cannot be read; the message names the file and the problem."""
 
 
@@ -149,16 +150,26 @@ class ResumableCohortWriter(CohortWriter):
         super().__init__(out, force, description)
         self.settings = settings
 
+    @classmethod
+    def would_replace(cls, out: Path, force: bool) -> bool:
+        """True if ``out`` holds a finished or foreign output (refused unless ``force``); checked
+        before long work starts."""
+        out = Path(out)
+        replace = (out / INDEX).exists() or (out.exists() and any(out.iterdir()) and not (out / cls.PARTIAL).exists())
+        if replace and not force:
+            raise OutputExistsError(f"{out}: output already exists; pass --force to replace it")
+        return replace
+
     def __enter__(self) -> "ResumableCohortWriter":
         import shutil
 
         self.root = self.out
         log = self.out / self.PARTIAL
-        if (self.out / INDEX).exists() or (self.out.exists() and any(self.out.iterdir()) and not log.exists()):
-            if not self.force:
-                raise OutputExistsError(f"{self.out}: output already exists; pass --force to replace it")
+        if self.would_replace(self.out, self.force):
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        for folder in (self.out, self.out / "images", self.out / "masks"):  # leftovers of a killed run
+            clean_stale(folder)
         if log.exists():
             lines = log.read_text().splitlines()
             saved = json.loads(lines[0]) if lines else {}

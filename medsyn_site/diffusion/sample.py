@@ -76,9 +76,10 @@ class Sampler:
                                         scheduler=self.scheduler, conditioning=cond, mode="concat",
                                         verbose=self.model is not self.net)  # streamed = large: step progress
         except torch.OutOfMemoryError as e:  # finished cases are kept; a rerun resumes
-            raise ValueError(f"{len(masks)} whole volume(s) of {padded[::-1]} voxels (x y z) do not fit the "
-                             f"{self.device} memory: sample with --stream-gb (e.g. 14 on a 24 GB GPU)"
-                             + (" and --batch-size 1" if len(masks) > 1 else "")) from e
+            e.add_note(f"{len(masks)} whole volume(s) of {padded[::-1]} voxels (x y z) do not fit the "
+                       f"{self.device} memory: sample with --stream-gb (e.g. 14 on a 24 GB GPU)"
+                       + (" and --batch-size 1" if len(masks) > 1 else "") + "; finished cases are kept")
+            raise
         out = []
         for i, mask in enumerate(masks):
             hu = unit_to_hu(x[i, 0, : shape[0], : shape[1], : shape[2]].float().cpu(), self.diffusion.hu_window)
@@ -97,10 +98,11 @@ def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 
                   force: bool = False, site_key: Path = DEFAULT_SITE_KEY, batch_size: int = 1,
                   stream_gb: float | None = None) -> Path:
     """Sample a synthetic cohort (source=synthetic) and its signed provenance.json."""
+    ResumableCohortWriter.would_replace(Path(out), force)  # before long work
+    key = load_site_key(site_key)  # an existing key only: provenance signed with a new key is useless
     weights = resolve_weights(run)
     jobs = mask_jobs(masks, per_mask)  # fails early on a bad mask source
     gen = Sampler(weights, sampler, steps, device, precision, stream_gb)
-    key = load_site_key(site_key)
     header = {"checkpoint_sha256": gen.sha256, "sampler": sampler, "steps": steps, "seed": seed,
               "mask_source": masks.partition(":")[0] if ":" in masks else "cohort",
               "model": gen.model_cfg.model_dump(mode="json"), "diffusion": gen.diffusion.model_dump(mode="json")}
