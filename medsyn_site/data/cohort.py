@@ -276,6 +276,17 @@ def _read(path: Path, problems: list[Problem], what: str) -> sitk.ImageFileReade
         return None
 
 
+def _voxels(path: Path, problems: list[Problem], what: str) -> np.ndarray | None:
+    """Voxel values through nibabel (SimpleITK's NIfTI reader silently turns NaN into 0 and fills a
+    truncated file with zeros; nibabel checks the decoded byte count)."""
+    try:
+        return np.asanyarray(nib.load(path).dataobj)
+    except Exception as e:  # EOFError, OSError, zlib.error, ImageFileError for a damaged file
+        problems.append(Problem(path, f"unreadable {what} voxels: truncated or corrupt "
+                                      f"({' '.join(str(e).split())[:200]})"))
+        return None
+
+
 def _case_problems(root: Path, rec: CaseRecord, hu_range: tuple[int, int]) -> list[Problem]:
     problems: list[Problem] = []
     ipath, mpath = image_path(root, rec.id), mask_path(root, rec.id)
@@ -292,9 +303,9 @@ def _case_problems(root: Path, rec: CaseRecord, hu_range: tuple[int, int]) -> li
         if not np.allclose(im.GetSpacing(), rec.spacing, atol=GEOMETRY_TOL):
             problems.append(Problem(path, f"spacing {im.GetSpacing()} differs from cohort.json's "
                                           f"{tuple(rec.spacing)}"))
-    if img is not None:
-        # Voxel values through nibabel: SimpleITK's NIfTI reader silently turns NaN into 0.
-        arr = np.asanyarray(nib.load(ipath).dataobj)
+    arr = _voxels(ipath, problems, "image") if img is not None else None
+    mvox = _voxels(mpath, problems, "mask") if msk is not None else None
+    if arr is not None:
         if img.GetPixelID() != sitk.sitkInt16:
             problems.append(Problem(ipath, f"image voxels are {sitk.GetPixelIDValueAsString(img.GetPixelID())}, "
                                            "expected 16-bit signed integer HU"))
@@ -306,8 +317,8 @@ def _case_problems(root: Path, rec: CaseRecord, hu_range: tuple[int, int]) -> li
         if lo < hu_range[0] or hi > hu_range[1]:
             problems.append(Problem(ipath, f"intensities {lo:g}..{hi:g} lie outside the plausible "
                                            f"HU range {hu_range[0]}..{hu_range[1]}"))
-    if msk is not None:
-        values = np.unique(np.asanyarray(nib.load(mpath).dataobj))
+    if mvox is not None:
+        values = np.unique(mvox)
         if not set(values.tolist()) <= {0, 1}:
             shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
             problems.append(Problem(mpath, f"mask values {{{shown}}}; only 0 and 1 are allowed"))

@@ -72,7 +72,10 @@ def _is_nifti(path: Path) -> bool:
 def _check_dicom_pixels(files: list[Path]) -> None:
     """Every uncompressed slice holds the pixel bytes its header promises (a copy cut short is refused)."""
     for f in files:
-        ds = pydicom.dcmread(f)
+        try:
+            ds = pydicom.dcmread(f)
+        except Exception as e:  # pydicom raises several types for a damaged file
+            raise IngestError(f, f"unreadable DICOM file ({' '.join(str(e).split())[:200]})") from None
         if "PixelData" not in ds:
             raise IngestError(f, "DICOM slice without pixel data")
         if ds.file_meta.TransferSyntaxUID.is_compressed:

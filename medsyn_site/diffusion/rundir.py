@@ -190,6 +190,8 @@ class RunDir:
 
     def load(self, engine, ema) -> int:
         tag = self.intact_tag()
+        if self.latest() != tag:  # killed before `latest` was updated, or the newest is damaged
+            atomic_write_text(self.ckpt / "latest", tag)
         try:
             path, client = engine.load_checkpoint(str(self.ckpt), tag=tag)
         except Exception as e:  # a damaged checkpoint without checksums (written by an older version)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from medsyn_site import provenance
 from medsyn_site.config import DiffusionConfig, ModelConfig
-from medsyn_site.data.cohort import Cohort, ResumableCohortWriter
+from medsyn_site.data.cohort import ResumableCohortWriter
 from medsyn_site.data.prepare import DEFAULT_SITE_KEY, load_site_key, pseudonym
 from medsyn_site.diffusion.masks import mask_jobs
 from medsyn_site.diffusion.model import build_unet, coordinate_grid, scheduler, unit_to_hu
@@ -129,10 +129,11 @@ def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 
                                 w.add(ids[i], patient=ids[i], split="train", source="synthetic", image=img, mask=masks_[i])
             bar.update(len(chunk))
         bar.close()
-    records = {r.id: r for r in Cohort(out).cases}
-    entries = [{"case": ids[i], "image_sha256": records[ids[i]].sha256["image"],
-                "mask_sha256": records[ids[i]].sha256["mask"], "seed": seeds[i],
-                "mask_source_id": pseudonym(key, j.source_id, "src"), "mask_mode": j.mode}
-               for i, j in enumerate(jobs)]
-    provenance.write(Path(out), header, entries, key)
+        # provenance.json before cohort.json: a run killed in between is still resumable (it just rewrites both)
+        records = {r.id: r for r in w.records}
+        entries = [{"case": ids[i], "image_sha256": records[ids[i]].sha256["image"],
+                    "mask_sha256": records[ids[i]].sha256["mask"], "seed": seeds[i],
+                    "mask_source_id": pseudonym(key, j.source_id, "src"), "mask_mode": j.mode}
+                   for i, j in enumerate(jobs)]
+        provenance.write(Path(out), header, entries, key)
     return Path(out)
