@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from medsyn_site.errors import MedsynError, write_failure
+from medsyn_site.errors import DiskError, MedsynError, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,11 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{owner_tag()}-", suffix="-" + path.name)
-    except OSError as e:
-        raise write_failure(path, e) from e
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
+        os.close(fd)
+        tmp = Path(tmp)
         writer(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
@@ -98,7 +96,8 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
             raise
         raise err from e
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -126,6 +125,9 @@ def staged_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-{owner_tag()}-"))
     try:
         yield stage
+    except DiskError as e:  # name the output the user asked for, not only the hidden staging folder
+        shutil.rmtree(stage, ignore_errors=True)
+        raise DiskError(f"{out}: not written, nothing changed: {e}") from e
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -87,8 +87,7 @@ def _run_copy(t: Path, run: Path, damage_newest: bool, damage_all: bool = False)
     if damage_newest or damage_all:
         _truncate(ck / "step_00000020" / "ema.pt", 0.5)
     if damage_all:
-        model = next((ck / "step_00000010").glob("*model_states.pt"))
-        _truncate(model, 0.5)
+        _truncate(ck / "step_00000010" / "ema.pt", 0.5)
     return dst
 
 
@@ -124,8 +123,8 @@ def prepare_row(kind):
         elif kind == "truncated-nrrd":
             rows.append((_truncate(_write(site / "cut.nrrd", vol)).name, ""))
         elif kind == "truncated-mask":
-            m = np.zeros_like(vol, np.uint8)
-            m[2:10] = 1  # the cut-off half would silently read as background
+            m = np.random.default_rng(0).integers(0, 2, vol.shape).astype(np.uint8)  # the cut-off half
+            # would silently read as background
             _write(site / "cutmask.nii.gz", m)
             _truncate(site / "cutmask.nii.gz", 0.5)
             rows = [("good.nii.gz", "cutmask.nii.gz")]
@@ -202,7 +201,7 @@ def row_sample_damaged_latest(c):
 def row_sample_all_damaged(c):
     run = _run_copy(c.tmp, c.run, damage_newest=True, damage_all=True)
     return ["sample", "--run", str(run), "--masks", f"cohort:{c.cohort}", "--out", str(c.tmp / "s"),
-            "--steps", "1", "--site-key", str(c.key)], "model_states.pt", None
+            "--steps", "1", "--site-key", str(c.key)], "step_00000010/ema.pt", None
 
 
 def row_sample_truncated_weights_file(c):
@@ -233,7 +232,7 @@ def row_train_resume_damaged(c):
 def row_train_resume_all_damaged(c):
     run = _run_copy(c.tmp, c.run, damage_newest=True, damage_all=True)
     return ["train", "--config", TRAIN_CFG, "--cohort", str(c.cohort), "--out", str(run), "--resume",
-            "--steps", "12"], "model_states.pt", None
+            "--steps", "12"], "step_00000010/ema.pt", None
 
 
 def row_train_out_exists(c):
@@ -441,7 +440,8 @@ def _fill(fs: Path, leave: int) -> Path:
 def test_full_disk_phantom_one_line_nothing_left(small_fs):
     _fill(small_fs, 200 * 1024)
     before = _snapshot(small_fs)
-    res = CliRunner().invoke(main, ["data", "phantom", "--out", str(small_fs / "ph"), "--cases", "3"])
+    res = CliRunner().invoke(main, ["data", "phantom", "--out", str(small_fs / "ph"), "--cases", "3",
+                                     "--shape", "48", "48", "32"])
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output[-2000:]
     line = [ln for ln in res.output.splitlines() if ln.startswith("Error")]
     assert len(line) == 1 and str(small_fs / "ph") in line[0] and "free there" in line[0], res.output[-2000:]

@@ -135,7 +135,11 @@ class CohortWriter:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             index = CohortIndex(description=self.description, cases=self.records)
-            atomic_write_text(self.root / INDEX, index.model_dump_json(indent=1))
+            try:
+                atomic_write_text(self.root / INDEX, index.model_dump_json(indent=1))
+            except BaseException as e:  # e.g. a full disk: the staging folder goes too
+                self._ctx.__exit__(type(e), e, e.__traceback__)
+                raise
         return self._ctx.__exit__(exc_type, exc, tb)
 
 

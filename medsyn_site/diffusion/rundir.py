@@ -59,9 +59,9 @@ def write_sums(folder: Path) -> None:
     atomic_write_text(folder / SUMS, "".join(f"{sha256_file(f)}  {f.relative_to(folder)}\n" for f in files))
 
 
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why a checkpoint folder cannot be trusted (naming the file), or None. A checkpoint written
-    before checksums existed (no SHA256SUMS) is trusted as it is."""
+def checkpoint_problem(folder: Path, only: str | None = None) -> str | None:
+    """Why a checkpoint folder (or only its file ``only``) cannot be trusted, naming the file; None
+    if it can. A checkpoint written before checksums existed (no SHA256SUMS) is trusted as it is."""
     sums = folder / SUMS
     if not folder.is_dir():
         return f"{folder}: missing"
@@ -69,6 +69,8 @@ def checkpoint_problem(folder: Path) -> str | None:
         return None
     for line in sums.read_text().splitlines():
         digest, _, name = line.partition("  ")
+        if only is not None and name != only:
+            continue
         f = folder / name
         if not f.is_file():
             return f"{f}: missing from the checkpoint"
@@ -90,6 +92,7 @@ class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.ckpt = self.root / "checkpoints"
+        self.resume_tag: str | None = None
 
     # -- setup -------------------------------------------------------------------------------
     def check_new(self, force: bool) -> None:
@@ -110,6 +113,7 @@ class RunDir:
         """Resuming needs a checkpoint and the same config (train.steps may grow)."""
         if not self.tags():
             raise RunError(f"{self.ckpt}: no checkpoint to resume from")
+        self.resume_tag = self.intact_tag()  # fails (naming the file) before anything is written
         saved = yaml.safe_load((self.root / "config.yaml").read_text())
         now = cfg.model_dump(mode="json")
         saved["train"]["steps"] = now["train"]["steps"]
@@ -132,11 +136,12 @@ class RunDir:
         return sorted((p.name for p in self.ckpt.iterdir() if re.fullmatch(r"step_\d+", p.name) and p.is_dir()),
                       reverse=True)
 
-    def intact_tag(self) -> str:
-        """The newest checkpoint whose files match their checksums; warns about newer damaged ones."""
+    def intact_tag(self, only: str | None = None) -> str:
+        """The newest checkpoint whose files (or file ``only``) match their checksums; warns about
+        newer damaged ones."""
         problems = []
         for tag in self.tags():
-            problem = checkpoint_problem(self.ckpt / tag)
+            problem = checkpoint_problem(self.ckpt / tag, only)
             if problem is None:
                 if problems:
                     log.warning("%s; using the newest intact checkpoint, %s", "; ".join(problems), tag)
@@ -148,7 +153,7 @@ class RunDir:
 
     def latest_weights(self) -> Path:
         """The EMA weights file of the newest intact checkpoint (what sampling uses)."""
-        return self.ckpt / self.intact_tag() / EMA_FILE
+        return self.ckpt / self.intact_tag(only=EMA_FILE) / EMA_FILE
 
     def _estimate_bytes(self, engine) -> int:
         """A checkpoint's size: the last one's, else fp32 weights + Adam moments + EMA (x4) + margin."""
@@ -189,7 +194,7 @@ class RunDir:
         return final
 
     def load(self, engine, ema) -> int:
-        tag = self.intact_tag()
+        tag = self.resume_tag or self.intact_tag()
         if self.latest() != tag:  # killed before `latest` was updated, or the newest is damaged
             atomic_write_text(self.ckpt / "latest", tag)
         try:
@@ -208,7 +213,7 @@ def load_weights(path: str | Path) -> dict:
     checkpoint its checksums are checked first."""
     path = Path(path)
     if (path.parent / SUMS).is_file():
-        problem = checkpoint_problem(path.parent)
+        problem = checkpoint_problem(path.parent, only=path.name)
         if problem:
             raise RunError(problem)
     blob = _torch_load(path)
