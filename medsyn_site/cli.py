@@ -9,21 +9,32 @@ from pathlib import Path
 import click
 
 from medsyn_site import __version__
-from medsyn_site.atomic import OutputExistsError
-from medsyn_site.config import ConfigError, load_config
-from medsyn_site.data.cohort import CohortError
+from medsyn_site.config import load_config
+from medsyn_site.errors import USER_OS_ERRNOS, MedsynError, os_error_message
 
-USER_ERRORS = (ConfigError, CohortError, OutputExistsError, ValueError, FileNotFoundError)  # incl. EvaluationError
+BUG_HINT = ("medsyn: this is not a known error of the input; it may be a bug. Please report it with the "
+            "command line and the traceback above.")
 
 
 def friendly(fn):
-    """Turn the toolkit's own errors into a one-line message and exit status 1 (no traceback)."""
+    """The toolkit's own errors (MedsynError) and OS errors about a path (full disk, permissions)
+    become a one-line message and exit status 1; anything else keeps its traceback, with a hint
+    to report it (a CUDA out-of-memory error keeps its type and its own hint)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as e:
+        except MedsynError as e:
             raise click.ClickException(str(e)) from e
+        except OSError as e:
+            if e.errno in USER_OS_ERRNOS and e.filename:
+                raise click.ClickException(os_error_message(e)) from e
+            e.add_note(BUG_HINT)
+            raise
+        except Exception as e:
+            if type(e).__name__ != "OutOfMemoryError":
+                e.add_note(BUG_HINT)
+            raise
     return wrapper
 
 
@@ -34,15 +45,28 @@ def _triple_option(name: str, kind, help_text: str):
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
                              default=None, help="YAML config (default: configs/tiny.yaml).")
 force_option = click.option("--force", is_flag=True, help="Replace an existing output.")
-site_key_option = click.option("--site-key", type=click.Path(dir_okay=False), default=None,
-                                help="The site's secret key file (default ~/.config/medsyn/site.key).")
+
+
+def _existing_key(ctx, param, value):
+    if value is not None and not Path(value).is_file():
+        raise click.BadParameter(f"{value}: no site key there (a given key must exist; create one with "
+                                 f"`medsyn site-key new {value}`)", ctx, param)
+    return value
+
+
+site_key_option = click.option("--site-key", type=click.Path(dir_okay=False), default=None, callback=_existing_key,
+                                help="The site's secret key file (default ~/.config/medsyn/site.key, or "
+                                     "$MEDSYN_SITE_KEY). It must exist: the site's first `data prepare` or "
+                                     "`medsyn site-key new` creates it.")
+prepare_key_option = click.option("--site-key", type=click.Path(dir_okay=False), default=None,
+                                  help="The site's secret key file (default ~/.config/medsyn/site.key, or "
+                                       "$MEDSYN_SITE_KEY); created here if this is the site's first prepare.")
 
 
 def _site_key(path):
     from medsyn_site.data.prepare import DEFAULT_SITE_KEY
 
     return Path(path) if path else DEFAULT_SITE_KEY
-
 
 
 
@@ -56,6 +80,21 @@ def main(verbose: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+@main.group("site-key")
+def site_key_group() -> None:
+    """The site's secret key: signs provenance and pseudonymises ids (keep it; keep it secret)."""
+
+
+@site_key_group.command("new")
+@click.argument("path", type=click.Path(dir_okay=False), required=False)
+@friendly
+def site_key_new(path):
+    """Create a new site key at PATH (default ~/.config/medsyn/site.key); never overwrites one."""
+    from medsyn_site.data.prepare import new_site_key
+
+    click.echo(f"created site key {new_site_key(_site_key(path))} (mode 0600; back it up, keep it secret)")
+
+
 @main.group()
 def data() -> None:
     """Cohorts: build the phantom, ingest site data, validate, show."""
@@ -63,7 +102,7 @@ def data() -> None:
 
 @data.command("phantom")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cohort folder to write.")
-@click.option("--cases", type=int, default=None, help="Number of cases.")
+@click.option("--cases", type=click.IntRange(min=1), default=None, help="Number of cases.")
 @click.option("--seed", type=int, default=None, help="Random seed.")
 @_triple_option("--shape", int, "Volume size X Y Z in voxels.")
 @_triple_option("--spacing", float, "Voxel spacing X Y Z in mm.")
@@ -104,7 +143,7 @@ def data_validate(cohort, config_path):
 @click.argument("cohort", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="PNG to write (default: COHORT.png beside the cohort folder).")
-@click.option("--cases", "max_cases", type=int, default=6, help="Cases to show.")
+@click.option("--cases", "max_cases", type=click.IntRange(min=1), default=6, help="Cases to show.")
 @friendly
 def data_show(cohort, out, max_cases):
     """Write a PNG montage of axial and coronal slices with the mask outlined."""
@@ -121,7 +160,7 @@ def data_show(cohort, out, max_cases):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cohort folder to write.")
 @_triple_option("--spacing", float, "Target spacing X Y Z in mm (default from the config).")
 @click.option("--crop-to-lungs/--no-crop-to-lungs", default=None, help="Crop to the lungs.")
-@site_key_option
+@prepare_key_option
 @config_option
 @force_option
 @friendly
@@ -131,7 +170,7 @@ def data_prepare(manifest, out, spacing, crop_to_lungs, site_key, config_path, f
 
     cfg = load_config(config_path, {"data.prepare.spacing": spacing,
                                     "data.prepare.crop_to_lungs": crop_to_lungs})
-    prepare_cohort(manifest, out, cfg.data, force=force, site_key=_site_key(site_key))
+    prepare_cohort(manifest, out, cfg.data, force=force, site_key=Path(site_key) if site_key else None)
     click.echo(f"wrote cohort {out}")
 
 
@@ -139,7 +178,7 @@ def data_prepare(manifest, out, spacing, crop_to_lungs, site_key, config_path, f
 @click.option("--cohort", required=True, type=click.Path(), help="Cohort to train on (its train split).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run dir.")
 @click.option("--resume", is_flag=True, help="Continue from the run dir's latest checkpoint.")
-@click.option("--steps", type=int, default=None, help="Total training steps (overrides train.steps).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Total training steps (overrides train.steps).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None)
 @config_option
@@ -168,13 +207,13 @@ def train_cmd(cohort, out, resume, steps, device, precision, config_path, force)
 @click.option("--masks", required=True,
               help="cohort:DIR (train masks, verbatim), request:FILE (targeted), relocate:DIR (privacy-preserving).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic cohort to write.")
-@click.option("--per-mask", type=int, default=1, show_default=True, help="Volumes per mask.")
+@click.option("--per-mask", type=click.IntRange(min=1), default=1, show_default=True, help="Volumes per mask.")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddim", show_default=True)
-@click.option("--steps", type=int, default=50, show_default=True, help="Denoising steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Denoising steps.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Volumes denoised together (same shape).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Volumes denoised together (same shape).")
 @click.option("--stream-gb", type=click.FloatRange(min=0), default=None,
               help="Evaluate the UNet in z-slabs (same result), keeping at most this many GiB of feature maps "
                    "on the device and the rest in host memory: for volumes too large for the GPU.")
@@ -240,8 +279,8 @@ ws_option = click.option("--ws", required=True, type=click.Path(file_okay=False)
 trainer_options = [
     click.option("--trainer", default="nnUNetTrainer_medsyn", show_default=True,
                  help="nnU-Net trainer class (nnUNetTrainer for full nnU-Net schedules)."),
-    click.option("--epochs", type=int, default=2, show_default=True, help="Epochs (nnUNetTrainer_medsyn)."),
-    click.option("--iterations", type=int, default=5, show_default=True, help="Iterations per epoch (nnUNetTrainer_medsyn)."),
+    click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True, help="Epochs (nnUNetTrainer_medsyn)."),
+    click.option("--iterations", type=click.IntRange(min=1), default=5, show_default=True, help="Iterations per epoch (nnUNetTrainer_medsyn)."),
     click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
 ]
 
@@ -258,7 +297,7 @@ def _trainer_opts(fn):
 @click.option("--synthetic", type=click.Path(exists=True, file_okay=False), default=None, help="Synthetic cohort.")
 @click.option("--targeted", type=click.Path(exists=True, file_okay=False), default=None, help="Targeted synthetic cohort.")
 @click.option("--configuration", default="3d_fullres", show_default=True, help="nnU-Net configuration (3d_fullres, 2d, ...).")
-@click.option("--seeds", type=int, default=5, show_default=True, help="Trainings per arm (K).")
+@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="Trainings per arm (K).")
 @friendly
 def evaluate_prepare(ws, real, synthetic, targeted, configuration, seeds):
     """Write the arms' nnU-Net datasets and split; plan and preprocess (integrity-checked)."""
@@ -317,8 +356,8 @@ def evaluate_report(ws):
 @click.option("--synthetic", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option("--run", "run_dir", type=click.Path(exists=True), default=None,
               help="Diffusion run to sample targeted data from (adds the real+targeted arm).")
-@click.option("--seeds", type=int, default=5, show_default=True)
-@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps for targeted samples.")
+@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="DDIM steps for targeted samples.")
 @_trainer_opts
 @site_key_option
 @friendly

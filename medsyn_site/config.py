@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from medsyn_site.errors import MedsynError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 Triple = tuple[float, float, float]
@@ -193,7 +194,7 @@ class Config(Strict):
         return self
 
 
-class ConfigError(ValueError):
+class ConfigError(MedsynError):
     """A config file or override is invalid; the message names the file and the field."""
 
 

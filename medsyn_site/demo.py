@@ -55,6 +55,7 @@ def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
     """data (phantom -> validate -> picture) -> train (tiny DDPM through DeepSpeed) -> sample
     (relocated masks, DDIM) -> publish (provenance gate, audit, NIfTI + DICOM) -> evaluate (nnU-Net
     on the released synthetic data against the phantom's real split, targeted loop included)."""
+    from medsyn_site.data.prepare import load_site_key
     from medsyn_site.diffusion.sample import sample_cohort
     from medsyn_site.diffusion.train import train
     from medsyn_site.evaluate.pipeline import run_all
@@ -77,6 +78,7 @@ def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
     _say(2, f"EMA weights {weights}; metrics {run / 'metrics.csv'}; previews {run / 'previews'}")
 
     synth, key = out / "synthetic", out / "site.key"
+    load_site_key(key, create=True)  # the demo's own key (a site's comes from its first `data prepare`)
     sc = cfg.sample
     _say(3, f"sampling whole volumes from relocated train masks ({sc.sampler} {sc.steps} steps) into {synth}")
     sample_cohort(run, f"relocate:{cohort}", synth, per_mask=sc.per_mask, sampler=sc.sampler, steps=sc.steps,

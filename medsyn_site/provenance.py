@@ -9,12 +9,13 @@ import json
 from pathlib import Path
 
 from medsyn_site.atomic import atomic_write_text
+from medsyn_site.errors import MedsynError
 
 FILE = "provenance.json"
 FORMAT = "medsyn-provenance"
 
 
-class ProvenanceError(ValueError):
+class ProvenanceError(MedsynError):
     """Provenance missing, malformed or not matching; the message names the file."""
 
 

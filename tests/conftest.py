@@ -39,7 +39,9 @@ def run(phantom_cohort, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def key(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("keys") / "site.key"
+    from medsyn_site.data.prepare import new_site_key
+
+    return new_site_key(tmp_path_factory.mktemp("keys") / "site.key")
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medsyn_site.atomic import OutputExistsError, atomic_write, atomic_write_text, sha256_file, staged_dir
+from medsyn_site.atomic import OutputExistsError, atomic_write, atomic_write_text, clean_stale, sha256_file, staged_dir
+from medsyn_site.errors import MedsynError
 
 FORMAT = "medsyn-cohort"
 VERSION = 1
@@ -69,7 +70,7 @@ class Problem:
         return f"{self.path}: {self.message}"
 
 
-class CohortError(ValueError):
+class CohortError(MedsynError):
     """A cohort cannot be read; the message names the file and the problem."""
 
 
@@ -134,7 +135,11 @@ class CohortWriter:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             index = CohortIndex(description=self.description, cases=self.records)
-            atomic_write_text(self.root / INDEX, index.model_dump_json(indent=1))
+            try:
+                atomic_write_text(self.root / INDEX, index.model_dump_json(indent=1))
+            except BaseException as e:  # e.g. a full disk: the staging folder goes too
+                self._ctx.__exit__(type(e), e, e.__traceback__)
+                raise
         return self._ctx.__exit__(exc_type, exc, tb)
 
 
@@ -149,16 +154,26 @@ class ResumableCohortWriter(CohortWriter):
         super().__init__(out, force, description)
         self.settings = settings
 
+    @classmethod
+    def would_replace(cls, out: Path, force: bool) -> bool:
+        """True if ``out`` holds a finished or foreign output (refused unless ``force``); checked
+        before long work starts."""
+        out = Path(out)
+        replace = (out / INDEX).exists() or (out.exists() and any(out.iterdir()) and not (out / cls.PARTIAL).exists())
+        if replace and not force:
+            raise OutputExistsError(f"{out}: output already exists; pass --force to replace it")
+        return replace
+
     def __enter__(self) -> "ResumableCohortWriter":
         import shutil
 
         self.root = self.out
         log = self.out / self.PARTIAL
-        if (self.out / INDEX).exists() or (self.out.exists() and any(self.out.iterdir()) and not log.exists()):
-            if not self.force:
-                raise OutputExistsError(f"{self.out}: output already exists; pass --force to replace it")
+        if self.would_replace(self.out, self.force):
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        for folder in (self.out, self.out / "images", self.out / "masks"):  # leftovers of a killed run
+            clean_stale(folder)
         if log.exists():
             lines = log.read_text().splitlines()
             saved = json.loads(lines[0]) if lines else {}
@@ -265,6 +280,17 @@ def _read(path: Path, problems: list[Problem], what: str) -> sitk.ImageFileReade
         return None
 
 
+def _voxels(path: Path, problems: list[Problem], what: str) -> np.ndarray | None:
+    """Voxel values through nibabel (SimpleITK's NIfTI reader silently turns NaN into 0 and fills a
+    truncated file with zeros; nibabel checks the decoded byte count)."""
+    try:
+        return np.asanyarray(nib.load(path).dataobj)
+    except Exception as e:  # EOFError, OSError, zlib.error, ImageFileError for a damaged file
+        problems.append(Problem(path, f"unreadable {what} voxels: truncated or corrupt "
+                                      f"({' '.join(str(e).split())[:200]})"))
+        return None
+
+
 def _case_problems(root: Path, rec: CaseRecord, hu_range: tuple[int, int]) -> list[Problem]:
     problems: list[Problem] = []
     ipath, mpath = image_path(root, rec.id), mask_path(root, rec.id)
@@ -281,9 +307,9 @@ def _case_problems(root: Path, rec: CaseRecord, hu_range: tuple[int, int]) -> li
         if not np.allclose(im.GetSpacing(), rec.spacing, atol=GEOMETRY_TOL):
             problems.append(Problem(path, f"spacing {im.GetSpacing()} differs from cohort.json's "
                                           f"{tuple(rec.spacing)}"))
-    if img is not None:
-        # Voxel values through nibabel: SimpleITK's NIfTI reader silently turns NaN into 0.
-        arr = np.asanyarray(nib.load(ipath).dataobj)
+    arr = _voxels(ipath, problems, "image") if img is not None else None
+    mvox = _voxels(mpath, problems, "mask") if msk is not None else None
+    if arr is not None:
         if img.GetPixelID() != sitk.sitkInt16:
             problems.append(Problem(ipath, f"image voxels are {sitk.GetPixelIDValueAsString(img.GetPixelID())}, "
                                            "expected 16-bit signed integer HU"))
@@ -295,8 +321,8 @@ def _case_problems(root: Path, rec: CaseRecord, hu_range: tuple[int, int]) -> li
         if lo < hu_range[0] or hi > hu_range[1]:
             problems.append(Problem(ipath, f"intensities {lo:g}..{hi:g} lie outside the plausible "
                                            f"HU range {hu_range[0]}..{hu_range[1]}"))
-    if msk is not None:
-        values = np.unique(np.asanyarray(nib.load(mpath).dataobj))
+    if mvox is not None:
+        values = np.unique(mvox)
         if not set(values.tolist()) <= {0, 1}:
             shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
             problems.append(Problem(mpath, f"mask values {{{shown}}}; only 0 and 1 are allowed"))

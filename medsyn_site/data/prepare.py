@@ -21,29 +21,55 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
+from medsyn_site.atomic import refuse_existing
 from medsyn_site.config import DataConfig
 from medsyn_site.data.cohort import CohortWriter
 from medsyn_site.data.readers import IngestError, read_image, read_mask
 from medsyn_site.data.split import split_patients
+from medsyn_site.errors import MedsynError
 
 log = logging.getLogger(__name__)
 DEFAULT_SITE_KEY = Path(os.environ.get("MEDSYN_SITE_KEY", "~/.config/medsyn/site.key")).expanduser()
 
 
-def load_site_key(path: Path = DEFAULT_SITE_KEY) -> bytes:
-    """The site's secret for hashing identifiers; created (mode 0600) on first use.
+class SiteKeyError(MedsynError):
+    """The site key is missing or unreadable."""
+
+
+def new_site_key(path: Path = DEFAULT_SITE_KEY) -> Path:
+    """Create a site key (mode 0600); an existing key is never replaced (it would change every id)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise SiteKeyError(f"{path}: a site key exists already; it is kept (replacing it would change every "
+                           "case id and invalidate every signed provenance)") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    log.warning("created a new site key at %s (keep it secret and back it up: it makes case ids stable "
+                "and signs provenance)", path)
+    return path
+
+
+def load_site_key(path: Path = DEFAULT_SITE_KEY, create: bool = False) -> bytes:
+    """The site's secret for hashing identifiers and signing provenance. Created only when asked
+    (``create``: a site's first ``data prepare``); sampling and publishing need an existing key, so
+    a mistyped path fails instead of silently signing with a new key.
 
     A keyed hash (HMAC) keeps ids stable across runs at the site, and unlike a plain hash of a
     medical record number it cannot be reversed by trying every possible number.
     """
     path = Path(path)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-        log.info("created a new site key at %s (keep it secret; it makes case ids stable)", path)
-    return path.read_text().strip().encode()
+        if not create:
+            raise SiteKeyError(f"{path}: site key not found; it is created by the first `medsyn data prepare` "
+                               f"or by `medsyn site-key new {path}`")
+        new_site_key(path)
+    key = path.read_text().strip().encode()
+    if not key:
+        raise SiteKeyError(f"{path}: the site key file is empty")
+    return key
 
 
 def pseudonym(key: bytes, value: str, prefix: str) -> str:
@@ -56,13 +82,14 @@ def read_manifest(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise IngestError(path, "manifest not found")
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = [(reader.line_num, row) for row in reader]  # line_num: the CSV line the row ends on
     if not rows:
         raise IngestError(path, "manifest has no rows")
-    if "image" not in rows[0]:
-        raise IngestError(path, f"manifest needs an 'image' column (has {list(rows[0])})")
+    if "image" not in rows[0][1]:
+        raise IngestError(path, f"manifest needs an 'image' column (has {list(rows[0][1])})")
     out = []
-    for n, row in enumerate(rows, start=2):
+    for n, row in rows:
         if not (row.get("image") or "").strip():
             raise IngestError(path, f"line {n}: empty image path")
         resolve = lambda p: (path.parent / p.strip()) if p and p.strip() else None  # noqa: E731
@@ -117,14 +144,22 @@ def prepare_case(row: dict, cfg: DataConfig) -> tuple[sitk.Image, sitk.Image, st
 
 
 def prepare_cohort(manifest: str | Path, out: str | Path, cfg: DataConfig, force: bool = False,
-                   site_key: Path = DEFAULT_SITE_KEY) -> Path:
-    """Ingest every manifest row into a cohort at ``out`` (atomically; --force replaces)."""
+                   site_key: Path | None = None) -> Path:
+    """Ingest every manifest row into a cohort at ``out`` (atomically; --force replaces). The site
+    key (default DEFAULT_SITE_KEY) is created if this is the site's first prepare."""
+    refuse_existing(out, force)  # before any scan is read
     rows = read_manifest(manifest)
-    key = load_site_key(site_key)
+    key = load_site_key(site_key or DEFAULT_SITE_KEY, create=True)
     with CohortWriter(out, force=force, description="prepared from site data") as writer:
+        lines: dict[str, int] = {}
         for row in tqdm(rows, desc="prepare", unit="scan"):
             image, mask, patient = prepare_case(row, cfg)
-            writer.add(pseudonym(key, f"{patient}|{Path(row['image']).resolve()}", "case"),
+            case_id = pseudonym(key, f"{patient}|{Path(row['image']).resolve()}", "case")
+            if case_id in lines:
+                raise IngestError(manifest, f"lines {lines[case_id]} and {row['line']} name the same scan "
+                                            f"{str(row['image'])!r} of one patient; list each scan once")
+            lines[case_id] = row["line"]
+            writer.add(case_id,
                        patient=pseudonym(key, patient, "pt"), split="train", source="real",
                        image=image, mask=mask)
         splits = split_patients([r.patient for r in writer.records], cfg.split)

@@ -6,6 +6,7 @@ LIDC-IDRI XML (reader consensus, nodules >= a minimum size). Every error names t
 from __future__ import annotations
 
 import math
+import zlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +17,12 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from medsyn_site.data.cohort import geometry_differences
+from medsyn_site.errors import MedsynError
 
 SLICE_GAP_TOL = 0.05  # relative deviation of slice spacing tolerated within a series
 
 
-class IngestError(ValueError):
+class IngestError(MedsynError):
     """Bad input to ``medsyn data prepare``; the message names the file and the problem."""
 
     def __init__(self, path, message: str):
@@ -37,6 +39,52 @@ class Scan:
     patient_hint: str  # the patient identifier found in the input (hashed before it is written)
     sop_uids: list[str] = field(default_factory=list)  # DICOM only: per slice, in image z order
     series_uid: str = ""
+
+
+def _nonfinite(path: Path, arr: np.ndarray) -> None:
+    if arr.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise IngestError(path, f"{bad} NaN or infinite voxel(s); fix or exclude this file")
+
+
+def check_nifti_voxels(path: Path) -> None:
+    """Decode a NIfTI's voxels with nibabel, which checks that the file holds as many bytes as the
+    header promises (ITK silently fills a truncated file with zeros, and turns NaN into 0), and
+    refuse NaN or infinite values. Called before any cast."""
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    try:
+        arr = np.asanyarray(nib.load(str(path)).dataobj)
+    except (EOFError, OSError, zlib.error) as e:
+        raise IngestError(path, f"truncated or corrupt voxel data ({' '.join(str(e).split())}); "
+                                "copy the file again") from None
+    except (ImageFileError, ValueError) as e:
+        raise IngestError(path, f"unreadable NIfTI ({' '.join(str(e).split())})") from None
+    _nonfinite(path, arr)
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _check_dicom_pixels(files: list[Path]) -> None:
+    """Every uncompressed slice holds the pixel bytes its header promises (a copy cut short is refused)."""
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f)
+        except Exception as e:  # pydicom raises several types for a damaged file
+            raise IngestError(f, f"unreadable DICOM file ({' '.join(str(e).split())[:200]})") from None
+        if "PixelData" not in ds:
+            raise IngestError(f, "DICOM slice without pixel data")
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            continue  # decoding checks a compressed stream
+        need = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+                * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8)
+        if len(ds.PixelData) < need:
+            raise IngestError(f, f"pixel data has {len(ds.PixelData)} bytes, the header promises {need} "
+                                 "(file cut short?)")
 
 
 def _dicom_files(folder: Path) -> list[Path]:
@@ -72,6 +120,11 @@ def read_dicom_series(folder: Path) -> Scan:
         dz = float(np.mean(gaps))
     else:
         dz = float(getattr(headers[0], "SpacingBetweenSlices", getattr(headers[0], "SliceThickness", 1.0)))
+    counts = {str(h.get("ImagesInAcquisition", "")) for h in headers}
+    if len(counts) == 1 and counts != {""} and int(counts.pop()) > len(files):
+        raise IngestError(folder, f"{len(files)} slices, but ImagesInAcquisition says "
+                                  f"{headers[0].ImagesInAcquisition} (missing slices?)")
+    _check_dicom_pixels(files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(files[i]) for i in order])
     try:
@@ -97,12 +150,19 @@ def read_image(path: str | Path) -> Scan:
         raise IngestError(path, "image not found")
     if path.is_dir():
         return read_dicom_series(path)
+    if _is_nifti(path):
+        check_nifti_voxels(path)
     try:
-        image = sitk.ReadImage(str(path), sitk.sitkFloat32)
+        image = sitk.ReadImage(str(path))  # the file's own voxel type: checked before the cast
     except RuntimeError as e:
         raise IngestError(path, f"unreadable image: {str(e).strip().splitlines()[-1]}")
     if image.GetDimension() != 3:
         raise IngestError(path, f"image is {image.GetDimension()}-D, expected a 3-D volume")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise IngestError(path, f"image has {image.GetNumberOfComponentsPerPixel()} values per voxel, "
+                                "expected a scalar CT volume")
+    _nonfinite(path, sitk.GetArrayViewFromImage(image))
+    image = sitk.Cast(image, sitk.sitkFloat32)
     stem = path.name.split(".")[0]
     return Scan(image=image, path=path, patient_hint=stem)
 
@@ -195,6 +255,8 @@ def read_mask(path: str | Path | None, scan: Scan, min_agreement: float = 0.5,
         return read_lidc_xml(path, scan, min_agreement, min_nodule_mm)
     if path.suffix.lower() == ".dcm" or pydicom.misc.is_dicom(path):
         return read_seg(path, scan)
+    if _is_nifti(path):
+        check_nifti_voxels(path)
     try:
         mask = sitk.ReadImage(str(path))
     except RuntimeError as e:

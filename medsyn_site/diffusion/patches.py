@@ -17,11 +17,12 @@ from torch.utils.data import Dataset
 
 from medsyn_site.data.cohort import Cohort
 from medsyn_site.diffusion.model import coordinate_grid, hu_to_unit
+from medsyn_site.errors import MedsynError
 
 log = logging.getLogger(__name__)
 
 
-class PatchError(ValueError):
+class PatchError(MedsynError):
     """A patch cannot be cut from the cohort (e.g. the patch is larger than a volume)."""
 
 

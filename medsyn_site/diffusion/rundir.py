@@ -1,10 +1,14 @@
 """The run dir contract: resolved config, checkpoints (DeepSpeed engine state + EMA weights + step +
-RNG), metrics. A checkpoint is written into a temp folder and renamed into place, then ``latest`` is
-replaced atomically, so a crash mid-write never touches the previous checkpoint."""
+RNG), metrics. A checkpoint is written into a temp folder with a SHA256SUMS of its files, renamed
+into place, then ``latest`` is replaced atomically, so a crash mid-write never touches the previous
+checkpoint; a checkpoint damaged later (a truncated copy, a bad disk) fails its checksums, and
+resuming or sampling falls back to the newest intact one with a warning."""
 from __future__ import annotations
 
+import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -12,13 +16,16 @@ import numpy as np
 import torch
 import yaml
 
-from medsyn_site.atomic import atomic_write_text, refuse_existing, sha256_file
+from medsyn_site.atomic import atomic_write_text, clean_stale, owner_tag, refuse_existing, sha256_file
 from medsyn_site.config import Config, dump_config
+from medsyn_site.errors import MedsynError, check_free, write_failure
 
 EMA_FILE = "ema.pt"
+SUMS = "SHA256SUMS"
+log = logging.getLogger(__name__)
 
 
-class RunError(ValueError):
+class RunError(MedsynError):
     """A run dir cannot be used as asked (resume without checkpoint, config mismatch, ...)."""
 
 
@@ -46,15 +53,57 @@ def _differences(a: dict, b: dict, prefix="") -> list[str]:
     return out
 
 
+def write_sums(folder: Path) -> None:
+    """SHA256SUMS (``sha256sum -c`` format) of every file under ``folder``."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != SUMS)
+    atomic_write_text(folder / SUMS, "".join(f"{sha256_file(f)}  {f.relative_to(folder)}\n" for f in files))
+
+
+def checkpoint_problem(folder: Path, only: str | None = None) -> str | None:
+    """Why a checkpoint folder (or only its file ``only``) cannot be trusted, naming the file; None
+    if it can. A checkpoint written before checksums existed (no SHA256SUMS) is trusted as it is."""
+    sums = folder / SUMS
+    if not folder.is_dir():
+        return f"{folder}: missing"
+    if not sums.is_file():
+        return None
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if only is not None and name != only:
+            continue
+        f = folder / name
+        if not f.is_file():
+            return f"{f}: missing from the checkpoint"
+        if sha256_file(f) != digest:
+            return f"{f}: checksum differs from {SUMS} (truncated or damaged)"
+    return None
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu")
+    except FileNotFoundError:
+        raise RunError(f"{path}: weights file not found") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+        raise RunError(f"{path}: unreadable checkpoint file ({' '.join(str(e).split())[:200]})") from e
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.ckpt = self.root / "checkpoints"
+        self.resume_tag: str | None = None
 
     # -- setup -------------------------------------------------------------------------------
+    def check_new(self, force: bool) -> None:
+        """Would ``create`` refuse? (Checked before long work.) A run dir that never wrote a
+        checkpoint (a first run that failed) holds nothing to keep and is reused without --force."""
+        if not (self.root.is_dir() and (self.root / "config.yaml").is_file() and not self.tags()):
+            refuse_existing(self.root, force)
+
     def create(self, cfg: Config, force: bool) -> None:
         """A new run: refuse an existing run dir unless --force (then old checkpoints go)."""
-        refuse_existing(self.root, force)
+        self.check_new(force)
         if self.ckpt.exists():
             shutil.rmtree(self.ckpt)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -62,14 +111,17 @@ class RunDir:
 
     def check_resume(self, cfg: Config) -> None:
         """Resuming needs a checkpoint and the same config (train.steps may grow)."""
-        if self.latest() is None:
+        if not self.tags():
             raise RunError(f"{self.ckpt}: no checkpoint to resume from")
+        self.resume_tag = self.intact_tag()  # fails (naming the file) before anything is written
         saved = yaml.safe_load((self.root / "config.yaml").read_text())
         now = cfg.model_dump(mode="json")
         saved["train"]["steps"] = now["train"]["steps"]
         diff = _differences(saved, now)
         if diff:
             raise RunError(f"{self.root / 'config.yaml'}: --resume with a different config: " + "; ".join(diff))
+        for folder in (self.root, self.ckpt, self.root / "previews"):  # leftovers of a killed run
+            clean_stale(folder)
         atomic_write_text(self.root / "config.yaml", dump_config(cfg))
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -77,49 +129,95 @@ class RunDir:
         f = self.ckpt / "latest"
         return f.read_text().strip() if f.is_file() else None
 
+    def tags(self) -> list[str]:
+        """Checkpoint tags, newest first."""
+        if not self.ckpt.is_dir():
+            return []
+        return sorted((p.name for p in self.ckpt.iterdir() if re.fullmatch(r"step_\d+", p.name) and p.is_dir()),
+                      reverse=True)
+
+    def intact_tag(self, only: str | None = None) -> str:
+        """The newest checkpoint whose files (or file ``only``) match their checksums; warns about
+        newer damaged ones."""
+        problems = []
+        for tag in self.tags():
+            problem = checkpoint_problem(self.ckpt / tag, only)
+            if problem is None:
+                if problems:
+                    log.warning("%s; using the newest intact checkpoint, %s", "; ".join(problems), tag)
+                return tag
+            problems.append(problem)
+        if problems:
+            raise RunError("; ".join(problems) + "; no intact checkpoint is left")
+        raise RunError(f"{self.ckpt}: no checkpoint")
+
     def latest_weights(self) -> Path:
-        """The EMA weights file of the latest checkpoint (what sampling uses)."""
-        tag = self.latest()
-        if tag is None:
-            raise RunError(f"{self.ckpt}: no checkpoint")
-        return self.ckpt / tag / EMA_FILE
+        """The EMA weights file of the newest intact checkpoint (what sampling uses)."""
+        return self.ckpt / self.intact_tag(only=EMA_FILE) / EMA_FILE
+
+    def _estimate_bytes(self, engine) -> int:
+        """A checkpoint's size: the last one's, else fp32 weights + Adam moments + EMA (x4) + margin."""
+        for tag in self.tags():
+            return int(sum(f.stat().st_size for f in (self.ckpt / tag).rglob("*") if f.is_file()) * 1.1)
+        n = sum(p.numel() for p in engine.module.parameters())
+        return 4 * n * 4 + 2 ** 20
 
     def save(self, engine, ema, step: int, cfg: Config, keep: int) -> Path:
         tag = f"step_{step:08d}"
         self.ckpt.mkdir(parents=True, exist_ok=True)
-        tmp = self.ckpt / f".tmp-{tag}-{os.getpid()}"
+        check_free(self.ckpt, self._estimate_bytes(engine), f"checkpoint {tag}")
+        tmp = self.ckpt / f".tmp-{owner_tag()}-{tag}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             engine.save_checkpoint(str(tmp), tag=tag, client_state={"step": step, "rng": rng_state()},
                                    save_latest=False)
             torch.save({"ema": ema.state_dict(), "step": step, "model": cfg.model.model_dump(mode="json"),
                         "diffusion": cfg.diffusion.model_dump(mode="json")}, tmp / tag / EMA_FILE)
+            write_sums(tmp / tag)
             final = self.ckpt / tag
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp / tag, final)
+        except (OSError, RuntimeError) as e:
+            err = write_failure(self.ckpt / tag, e)
+            if err is e:
+                raise
+            raise err from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         atomic_write_text(self.ckpt / "latest", tag)
-        old = sorted(p for p in self.ckpt.glob("step_*") if p.name != tag)
-        for p in old[: max(0, len(old) - (keep - 1))]:
-            shutil.rmtree(p, ignore_errors=True)
+        older = [t for t in self.tags() if t < tag]
+        # Newer tags than this one are left from a line of steps that was damaged and resumed before.
+        stale = [t for t in self.tags() if t > tag] + older[max(0, keep - 1):]
+        for t in stale:
+            shutil.rmtree(self.ckpt / t, ignore_errors=True)
         return final
 
     def load(self, engine, ema) -> int:
-        tag = self.latest()
-        path, client = engine.load_checkpoint(str(self.ckpt), tag=tag)
+        tag = self.resume_tag or self.intact_tag()
+        if self.latest() != tag:  # killed before `latest` was updated, or the newest is damaged
+            atomic_write_text(self.ckpt / "latest", tag)
+        try:
+            path, client = engine.load_checkpoint(str(self.ckpt), tag=tag)
+        except Exception as e:  # a damaged checkpoint without checksums (written by an older version)
+            raise RunError(f"{self.ckpt / tag}: checkpoint could not be loaded ({' '.join(str(e).split())[:200]})") from e
         if path is None:
             raise RunError(f"{self.ckpt / tag}: checkpoint could not be loaded")
-        ema.load_state_dict(torch.load(self.ckpt / tag / EMA_FILE, map_location="cpu")["ema"])
+        ema.load_state_dict(_torch_load(self.ckpt / tag / EMA_FILE)["ema"])
         set_rng_state(client["rng"])
         return int(client["step"])
 
 
 def load_weights(path: str | Path) -> dict:
-    """An EMA weights file with its sha256 (the provenance of everything sampled from it)."""
+    """An EMA weights file with its sha256 (the provenance of everything sampled from it); inside a
+    checkpoint its checksums are checked first."""
     path = Path(path)
-    blob = torch.load(path, map_location="cpu")
+    if (path.parent / SUMS).is_file():
+        problem = checkpoint_problem(path.parent, only=path.name)
+        if problem:
+            raise RunError(problem)
+    blob = _torch_load(path)
+    if not isinstance(blob, dict) or "ema" not in blob:
+        raise RunError(f"{path}: not an EMA weights file written by `medsyn train`")
     blob["sha256"] = sha256_file(path)
     return blob
-

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from medsyn_site import provenance
 from medsyn_site.config import DiffusionConfig, ModelConfig
-from medsyn_site.data.cohort import Cohort, ResumableCohortWriter
+from medsyn_site.data.cohort import ResumableCohortWriter
 from medsyn_site.data.prepare import DEFAULT_SITE_KEY, load_site_key, pseudonym
 from medsyn_site.diffusion.masks import mask_jobs
 from medsyn_site.diffusion.model import build_unet, coordinate_grid, scheduler, unit_to_hu
@@ -76,9 +76,10 @@ class Sampler:
                                         scheduler=self.scheduler, conditioning=cond, mode="concat",
                                         verbose=self.model is not self.net)  # streamed = large: step progress
         except torch.OutOfMemoryError as e:  # finished cases are kept; a rerun resumes
-            raise ValueError(f"{len(masks)} whole volume(s) of {padded[::-1]} voxels (x y z) do not fit the "
-                             f"{self.device} memory: sample with --stream-gb (e.g. 14 on a 24 GB GPU)"
-                             + (" and --batch-size 1" if len(masks) > 1 else "")) from e
+            e.add_note(f"{len(masks)} whole volume(s) of {padded[::-1]} voxels (x y z) do not fit the "
+                       f"{self.device} memory: sample with --stream-gb (e.g. 14 on a 24 GB GPU)"
+                       + (" and --batch-size 1" if len(masks) > 1 else "") + "; finished cases are kept")
+            raise
         out = []
         for i, mask in enumerate(masks):
             hu = unit_to_hu(x[i, 0, : shape[0], : shape[1], : shape[2]].float().cpu(), self.diffusion.hu_window)
@@ -97,10 +98,11 @@ def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 
                   force: bool = False, site_key: Path = DEFAULT_SITE_KEY, batch_size: int = 1,
                   stream_gb: float | None = None) -> Path:
     """Sample a synthetic cohort (source=synthetic) and its signed provenance.json."""
+    ResumableCohortWriter.would_replace(Path(out), force)  # before long work
+    key = load_site_key(site_key)  # an existing key only: provenance signed with a new key is useless
     weights = resolve_weights(run)
     jobs = mask_jobs(masks, per_mask)  # fails early on a bad mask source
     gen = Sampler(weights, sampler, steps, device, precision, stream_gb)
-    key = load_site_key(site_key)
     header = {"checkpoint_sha256": gen.sha256, "sampler": sampler, "steps": steps, "seed": seed,
               "mask_source": masks.partition(":")[0] if ":" in masks else "cohort",
               "model": gen.model_cfg.model_dump(mode="json"), "diffusion": gen.diffusion.model_dump(mode="json")}
@@ -127,10 +129,11 @@ def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 
                                 w.add(ids[i], patient=ids[i], split="train", source="synthetic", image=img, mask=masks_[i])
             bar.update(len(chunk))
         bar.close()
-    records = {r.id: r for r in Cohort(out).cases}
-    entries = [{"case": ids[i], "image_sha256": records[ids[i]].sha256["image"],
-                "mask_sha256": records[ids[i]].sha256["mask"], "seed": seeds[i],
-                "mask_source_id": pseudonym(key, j.source_id, "src"), "mask_mode": j.mode}
-               for i, j in enumerate(jobs)]
-    provenance.write(Path(out), header, entries, key)
+        # provenance.json before cohort.json: a run killed in between is still resumable (it just rewrites both)
+        records = {r.id: r for r in w.records}
+        entries = [{"case": ids[i], "image_sha256": records[ids[i]].sha256["image"],
+                    "mask_sha256": records[ids[i]].sha256["mask"], "seed": seeds[i],
+                    "mask_source_id": pseudonym(key, j.source_id, "src"), "mask_mode": j.mode}
+                   for i, j in enumerate(jobs)]
+        provenance.write(Path(out), header, entries, key)
     return Path(out)

@@ -21,6 +21,7 @@ from medsyn_site.diffusion import engine as eng
 from medsyn_site.diffusion.model import EMA, build_unet, network_input, scheduler
 from medsyn_site.diffusion.patches import PatchDataset
 from medsyn_site.diffusion.rundir import RunDir
+from medsyn_site.errors import write_failure
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -73,9 +74,12 @@ class Metrics:
             self.tb = None
 
     def write(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k])
-                             for k in self.FIELDS) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k])
+                                 for k in self.FIELDS) + "\n")
+        except OSError as e:  # a full disk: name the file
+            raise write_failure(self.path, e) from e
         if self.tb:
             for k in self.FIELDS[1:]:
                 self.tb.add_scalar(f"train/{k}", row[k], row["step"])
@@ -144,12 +148,14 @@ def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool
           force: bool = False) -> Path:
     """Train (or resume) a run; returns the latest EMA weights file. Raises Interrupted on a stop signal."""
     cohort = Cohort(cohort_dir)  # fails early: missing or broken cohort
+    run = RunDir(run_dir)
+    run.check_resume(cfg) if resume else run.check_new(force)  # before the volumes are cached
     t = cfg.train
     data = PatchDataset(cohort, "train", t.patch_size, cfg.diffusion.hu_window, t.pos_fraction, t.seed)
     val_split = "val" if cohort.split("val") else "train"
     previews = PatchDataset(cohort, val_split, t.patch_size, cfg.diffusion.hu_window, 1.0, t.seed + 1)
-    run = RunDir(run_dir)
-    run.check_resume(cfg) if resume else run.create(cfg, force)
+    if not resume:
+        run.create(cfg, force)
 
     _configure_torch(cfg)
     eng.select_accelerator(t.device)

@@ -17,14 +17,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from medsyn_site.atomic import atomic_write_text
+from medsyn_site.atomic import atomic_write_text, sha256_file
 from medsyn_site.data.cohort import Cohort, image_path, mask_path
+from medsyn_site.errors import MedsynError
 
 ARMS = {"real": 501, "synthetic": 502, "real+synthetic": 503, "real+targeted": 504}
 TRAINER_DIR = Path(__file__).parent / "trainers"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(MedsynError):
     """The evaluation cannot go ahead; the message names the file or dataset and the problem."""
 
 
@@ -64,16 +65,18 @@ class Inputs:
 
 
 def check_no_test_leak(real: Cohort, other: Cohort) -> None:
-    """Refuse a synthetic set that shares an id or a file (sha256) with the real test set."""
+    """Refuse a synthetic set that shares an id or a file with the real test set. The files
+    themselves are hashed: the sha256 listed in a cohort.json may be stale or edited."""
     test = real.split("test")
     ids = {c.id for c in test}
-    shas = {c.sha256["image"]: c.id for c in test}
+    shas = {sha256_file(image_path(real.root, c.id)): c.id for c in test if image_path(real.root, c.id).is_file()}
     for rec in other.cases:
         if rec.id in ids:
             raise EvaluationError(f"{other.root}: case {rec.id!r} has the id of a real test case")
-        if rec.sha256["image"] in shas:
-            raise EvaluationError(f"{image_path(other.root, rec.id)}: identical to real test case "
-                                  f"{shas[rec.sha256['image']]!r} (same sha256)")
+        path = image_path(other.root, rec.id)
+        digest = sha256_file(path) if path.is_file() else None
+        if digest in shas:
+            raise EvaluationError(f"{path}: identical to real test case {shas[digest]!r} (same sha256)")
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -20,12 +20,17 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from medsyn_site import __version__, provenance
-from medsyn_site.atomic import atomic_write_text, sha256_file, staged_dir
+from medsyn_site.atomic import atomic_write_text, refuse_existing, sha256_file, staged_dir
 from medsyn_site.data.cohort import Cohort, CohortWriter, image_path, mask_path
 from medsyn_site.data.prepare import DEFAULT_SITE_KEY, load_site_key
+from medsyn_site.errors import MedsynError
 from medsyn_site.publish import audit
 
 log = logging.getLogger(__name__)
+
+
+class ReleaseError(MedsynError):
+    """Nothing can be released as asked."""
 
 
 @dataclass
@@ -38,7 +43,7 @@ class Decision:
     adherence: dict = field(default_factory=dict)
 
 
-def check_provenance(synth: Path, key: bytes, allow_verbatim: bool) -> tuple[dict, dict[str, Decision], dict]:
+def check_provenance(synth: Path, key: bytes, allow_verbatim: bool, key_path: Path | str = "the site key") -> tuple[dict, dict[str, Decision], dict]:
     """Per case: does it pass the provenance gate? Also lists stray files. Returns (header, decisions, entries)."""
     header, entries = provenance.read(synth)
     by_case = {}
@@ -47,6 +52,10 @@ def check_provenance(synth: Path, key: bytes, allow_verbatim: bool) -> tuple[dic
     for e in entries:
         if provenance.verify(e, header, key):
             by_case[e.get("case")] = e
+    if entries and not by_case:
+        raise provenance.ProvenanceError(
+            f"{synth / provenance.FILE}: no entry verifies with {key_path}: wrong site key? (publish with the "
+            "--site-key that `medsyn sample` signed with)")
     for rec in cohort.cases:
         d = decisions.setdefault(rec.id, Decision(rec.id))
         e = by_case.get(rec.id)
@@ -180,15 +189,16 @@ def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt
             min_dice: float | None = None, segmenter: Path | None = None) -> dict:
     """Gate, audit and write a release; returns the audit report."""
     synth, overrides = Path(synth), overrides or {}
+    refuse_existing(out, force)  # before the audit's long work
     key = load_site_key(site_key)
-    header, decisions, entries = check_provenance(synth, key, allow_verbatim)
+    header, decisions, entries = check_provenance(synth, key, allow_verbatim, site_key)
     train_cohort = Cohort(training_cohort)
     feats = {r.id: (audit.Features.of(*train_cohort.arrays(r.id), r.spacing), r.split) for r in
              tqdm(train_cohort.cases, desc="audit: training cohort", unit="scan")}
     train = [f for f, s in feats.values() if s == "train"]
     heldout = [f for f, s in feats.values() if s != "train"]
     if not train or not heldout:
-        raise ValueError(f"{training_cohort}: the audit needs train cases and held-out (val/test) cases to calibrate")
+        raise ReleaseError(f"{training_cohort}: the audit needs train cases and held-out (val/test) cases to calibrate")
     thresholds = audit.calibrate(heldout, train)
     cohort = Cohort(synth)
     for rec in tqdm(cohort.cases, desc="audit: synthetic", unit="volume"):
@@ -206,6 +216,10 @@ def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt
     refused = [d for d in decisions.values() if d.reasons]
     for d in refused:
         log.warning("refused %s: %s", d.case, "; ".join(d.reasons))
+    if not released:
+        raise ReleaseError(f"{synth}: all {len(refused)} case(s) refused ("
+                           + "; ".join(f"{d.case}: {', '.join(d.reasons)}" for d in refused[:3])
+                           + (", ..." if len(refused) > 3 else "") + f"); nothing written to {out}")
     report = {"thresholds": {k: thresholds[k] for k in ("whole", "crop")},
               "calibrated": thresholds["calibrated"], "floor": thresholds["floor"],
               "heldout_scores": thresholds["heldout_scores"], "adherence": adherence_summary,
