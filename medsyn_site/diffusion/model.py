@@ -139,21 +139,29 @@ def unit_to_hu(x: torch.Tensor, window) -> torch.Tensor:
 
 
 class EMA:
-    """Exponential moving average of a model's weights, kept in float32.
+    """Exponential moving average of a model's weights, kept in float32 on the weights' device.
 
-    torch's AveragedModel lerps in the model's own dtype; under bf16/fp16 training that loses the
-    small updates an EMA exists to accumulate, hence this float32 copy.
+    ``master(param)`` returns the optimizer's float32 master copy of a parameter, or None (DeepSpeed's
+    ``safe_get_full_fp32_param`` under bf16/fp16 and ZeRO; a collective call, so every rank updates
+    its EMA). Averaging the bf16-cast module weights instead would lose every update smaller than
+    bf16's resolution, which is what an EMA with decay 0.999 is made of.
     """
 
-    def __init__(self, net: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in net.state_dict().items()}
+    def __init__(self, net: nn.Module, decay: float, master=None):
+        self.decay, self.master = decay, master or (lambda p: None)
+        self.shadow = {k: v.detach().float().clone() for k, v in self._weights(net)}
+
+    def _weights(self, net: nn.Module):
+        params = dict(net.named_parameters())
+        for k, v in net.state_dict().items():
+            m = self.master(params[k]) if k in params else None
+            yield k, (m if m is not None else v)
 
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
-        for k, v in net.state_dict().items():
+        for k, v in self._weights(net):
             if v.is_floating_point():
-                self.shadow[k].lerp_(v.detach().float().to(self.shadow[k].device), 1 - self.decay)
+                self.shadow[k].lerp_(v.detach().float(), 1 - self.decay)
             else:
                 self.shadow[k].copy_(v)
 

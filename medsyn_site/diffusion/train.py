@@ -133,8 +133,8 @@ def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool
     eng.select_accelerator(t.device)
     eng.init_distributed()
     net = build_unet(cfg.model)
-    ema = EMA(net, t.ema_decay)
     engine, _ = eng.make_engine(net, t)
+    ema = EMA(engine.module, t.ema_decay, master=eng.fp32_masters(engine))  # fp32 masters, on the device
     dev = eng.device()
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16 if t.precision == "fp16" else torch.float32
     start = run.load(engine, ema) if resume else 0
