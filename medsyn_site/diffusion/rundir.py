@@ -61,8 +61,9 @@ class RunDir:
         atomic_write_text(self.root / "config.yaml", dump_config(cfg))
 
     def check_resume(self, cfg: Config) -> None:
-        """Resuming needs a checkpoint and the same config (train.steps may grow)."""
-        if self.latest() is None:
+        """Resuming needs a run dir (a run stopped before its first checkpoint restarts at step 0)
+        and the same config (train.steps may grow)."""
+        if not (self.root / "config.yaml").is_file():
             raise RunError(f"{self.ckpt}: no checkpoint to resume from")
         saved = yaml.safe_load((self.root / "config.yaml").read_text())
         now = cfg.model_dump(mode="json")
@@ -107,7 +108,10 @@ class RunDir:
         return final
 
     def load(self, engine, ema) -> int:
+        """Restore the latest checkpoint; returns its step (0: none yet, the run starts over)."""
         tag = self.latest()
+        if tag is None:
+            return 0
         path, client = engine.load_checkpoint(str(self.ckpt), tag=tag)
         if path is None:
             raise RunError(f"{self.ckpt / tag}: checkpoint could not be loaded")
