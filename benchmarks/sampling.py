@@ -59,12 +59,11 @@ def ddim_check(model: str, zyx, steps: int, device: str) -> float:
     """Wall time of a real DDIM run through MONAI's inferer, as `medsyn sample` does it."""
     from monai.inferers import DiffusionInferer
 
-    from medsyn_site.diffusion.model import scheduler
+    from medsyn_site.diffusion.model import sampling_scheduler
 
     cfg = load_config(f"configs/{model}.yaml")
     net = build_unet(cfg.model).to(device).eval()
-    sched = scheduler(cfg.diffusion, "ddim")
-    sched.set_timesteps(steps)
+    sched = sampling_scheduler(cfg.diffusion, "ddim", steps)
     cond = torch.zeros(1, 4, *zyx, device=device)
     t0 = time.perf_counter()
     with torch.no_grad():

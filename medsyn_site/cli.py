@@ -189,12 +189,15 @@ def train_cmd(cohort, out, resume, steps, device, precision, config_path, force)
 
     SIGTERM or SIGUSR1 (Slurm preemption) writes a checkpoint and exits with status 3;
     --resume then continues with the same step, schedule, RNG and data order."""
-    from medsyn_site.diffusion.train import Interrupted, train
+    from medsyn_site.diffusion.stop import Interrupted, StopSignals
 
-    cfg = load_config(config_path, {"train.steps": steps, "train.device": device,
-                                    "train.precision": precision})
     try:
-        weights = train(cfg, cohort, out, resume=resume, force=force)
+        with StopSignals():  # a stop while torch and DeepSpeed load: nothing written yet
+            from medsyn_site.diffusion.train import train
+
+            cfg = load_config(config_path, {"train.steps": steps, "train.device": device,
+                                            "train.precision": precision})
+            weights = train(cfg, cohort, out, resume=resume, force=force)
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(3)
@@ -282,6 +285,8 @@ trainer_options = [
     click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True, help="Epochs (nnUNetTrainer_medsyn)."),
     click.option("--iterations", type=click.IntRange(min=1), default=5, show_default=True, help="Iterations per epoch (nnUNetTrainer_medsyn)."),
     click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+    click.option("--mirroring/--no-mirroring", default=True, show_default=True,
+                 help="nnU-Net's test-time mirroring when predicting the test cases."),
 ]
 
 
@@ -318,11 +323,11 @@ def evaluate_prepare(ws, real, synthetic, targeted, configuration, seeds):
               help="Continue from nnU-Net's latest checkpoint (after a kill, or to train to more --epochs).")
 @force_option
 @friendly
-def evaluate_train(ws, arm, seed, trainer, epochs, iterations, device, resume, force):
+def evaluate_train(ws, arm, seed, trainer, epochs, iterations, device, mirroring, resume, force):
     """One nnU-Net training of one arm and seed, then its test predictions and Dice (one Slurm array task)."""
     from medsyn_site.evaluate.runs import train_one
 
-    click.echo(f"wrote {train_one(ws, arm, seed, trainer, epochs, iterations, device, force, resume)}")
+    click.echo(f"wrote {train_one(ws, arm, seed, trainer, epochs, iterations, device, force, resume, mirroring)}")
 
 
 @evaluate.command("select-targeted")
@@ -361,11 +366,11 @@ def evaluate_report(ws):
 @_trainer_opts
 @site_key_option
 @friendly
-def evaluate_run(ws, real, synthetic, run_dir, seeds, steps, trainer, epochs, iterations, device, site_key):
+def evaluate_run(ws, real, synthetic, run_dir, seeds, steps, trainer, epochs, iterations, device, mirroring, site_key):
     """Everything: prepare, K trainings per arm, targeted selection and sampling, report."""
     from medsyn_site.evaluate.pipeline import run_all
 
-    run_all(real, synthetic, ws, seeds, trainer, epochs, iterations, device, run=run_dir, steps=steps,
+    run_all(real, synthetic, ws, seeds, trainer, epochs, iterations, device, run=run_dir, steps=steps, mirroring=mirroring,
             site_key=_site_key(site_key) if site_key else None)
     click.echo((Path(ws) / "report" / "report.md").read_text())
 

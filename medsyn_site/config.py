@@ -143,6 +143,9 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1)
     preview_every: int = Field(100, ge=1)
     threads: int = Field(0, ge=0)  # torch CPU threads (0: torch's default)
+    # Host memory for training volumes kept in memory (GiB, per process); the rest are read per
+    # patch from memory-mapped uncompressed copies in the run dir's cache/ (page cache, shared).
+    cache_gb: float = Field(8.0, ge=0)
     deterministic: bool = False
     # start a new run from these weights (an EMA weights file, a run dir, or builtin:NAME for a
     # checkpoint shipped in medsyn_site/pretrained/); the model config must match
@@ -172,6 +175,7 @@ class EvaluateConfig(Strict):
     epochs: int = Field(2, ge=1)
     iterations: int = Field(5, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
+    mirroring: bool = True  # nnU-Net's test-time mirroring when predicting (its default)
 
 
 class Config(Strict):

@@ -100,7 +100,7 @@ def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
             f"{ev.seeds} trainings each, in {ws}")
     run_all(cohort, release / "nifti", ws, seeds=ev.seeds, trainer=ev.trainer, epochs=ev.epochs,
             iterations=ev.iterations, device=ev.device, configuration=ev.configuration, run=run,
-            sampler=sc.sampler, steps=sc.steps, per_mask=sc.per_mask, site_key=key)
+            sampler=sc.sampler, steps=sc.steps, per_mask=sc.per_mask, site_key=key, mirroring=ev.mirroring)
     _say(5, f"report: {ws / 'report' / 'report.md'} (figures beside it)")
     click.echo(f"demo finished: {out}")
     return out

@@ -50,7 +50,7 @@ def synth(run, phantom_cohort, key, tmp_path_factory) -> Path:
     from medsyn_site.diffusion.sample import sample_cohort
 
     out = tmp_path_factory.mktemp("synth") / "syn"
-    sample_cohort(run, f"relocate:{phantom_cohort}", out, sampler="ddim", steps=3, seed=1, site_key=key)
+    sample_cohort(run, f"relocate:{phantom_cohort}", out, sampler="ddim", steps=4, seed=1, site_key=key)
     return out
 
 

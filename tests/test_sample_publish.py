@@ -32,7 +32,7 @@ def test_sample_geometry_provenance_and_relocation(synth, phantom_cohort, key):
     cohort, real = Cohort(synth), Cohort(phantom_cohort)
     assert {c.source for c in cohort.cases} == {"synthetic"} and len(cohort.cases) == len(real.split("train"))
     header, entries = provenance.read(synth)
-    assert header["sampler"] == "ddim" and header["steps"] == 3
+    assert header["sampler"] == "ddim" and header["steps"] == 4
     k = load_site_key(key)
     by_case = {e["case"]: e for e in entries}
     sources = {r.id: real.read(r.id) for r in real.split("train")}
@@ -100,8 +100,8 @@ def test_ddpm_and_ddim_deterministic_and_resumable(run, phantom_cohort, key, tmp
 
 def test_batched_sampling_matches_one_by_one(run, phantom_cohort, key, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    sample_cohort(run, f"cohort:{phantom_cohort}", one, sampler="ddim", steps=3, seed=3, site_key=key)
-    sample_cohort(run, f"cohort:{phantom_cohort}", two, sampler="ddim", steps=3, seed=3, site_key=key, batch_size=2)
+    sample_cohort(run, f"cohort:{phantom_cohort}", one, sampler="ddim", steps=4, seed=3, site_key=key)
+    sample_cohort(run, f"cohort:{phantom_cohort}", two, sampler="ddim", steps=4, seed=3, site_key=key, batch_size=2)
     for rec in Cohort(one).cases:  # DDIM (eta 0) has no step noise: batching changes nothing but rounding
         a, b = Cohort(one).arrays(rec.id)[0], Cohort(two).arrays(rec.id)[0]
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1

@@ -112,7 +112,8 @@ def test_crash_during_checkpoint_write_keeps_previous(phantom_cohort, tmp_path, 
     assert RunDir(run).latest() == "step_00000020"
 
 
-def test_sigterm_writes_checkpoint_then_resume(phantom_cohort, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_stop_signal_in_the_loop_writes_checkpoint(phantom_cohort, tmp_path, sig):
     run = tmp_path / "run"
     p = subprocess.Popen([MEDSYN, "train", "--config", str(CONFIG), "--cohort", str(phantom_cohort),
                           "--out", str(run), "--steps", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -120,11 +121,45 @@ def test_sigterm_writes_checkpoint_then_resume(phantom_cohort, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 2):
         time.sleep(0.05)
-    p.send_signal(signal.SIGUSR1)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=300)
-    assert p.returncode == 3 and "stopped by SIGUSR1" in err, err[-2000:]
+    assert p.returncode == 3 and f"stopped by {sig.name} at step" in err, err[-2000:]
     tag = RunDir(run).latest()
     assert tag is not None and "step_00000010" <= tag < "step_00000500"  # not a multiple-of-10 boundary only
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_during_setup_then_resume(phantom_cohort, tmp_path, sig):
+    """A signal while the run reads its cohort and builds the engine (the run dir's config is
+    written first): status 3 at once, no checkpoint yet; --resume starts it from step 0."""
+    run = tmp_path / "run"
+    p = subprocess.Popen([MEDSYN, "train", "--config", str(CONFIG), "--cohort", str(phantom_cohort),
+                          "--out", str(run), "--steps", "10"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "config.yaml").exists():
+        time.sleep(0.005)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 3 and f"stopped by {sig.name} before the first training step" in err, err[-2000:]
+    assert RunDir(run).latest() is None and not (run / "metrics.csv").exists()
+    proc = _run(["--cohort", str(phantom_cohort), "--out", str(run), "--steps", "10", "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert RunDir(run).latest() == "step_00000010"
+
+
+def test_stop_signal_while_loading_libraries(phantom_cohort, tmp_path):
+    """While torch loads (before any run dir): status 3, nothing written."""
+    run = tmp_path / "run"
+    p = subprocess.Popen([MEDSYN, "train", "--config", str(CONFIG), "--cohort", str(phantom_cohort),
+                          "--out", str(run), "--steps", "10"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{p.pid}/maps")  # the moment torch's library is mapped: it is being imported
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and "libtorch" not in maps.read_text():
+        time.sleep(0.005)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 3 and "stopped by SIGTERM" in err, err[-2000:]
+    assert RunDir(run).latest() is None
 
 
 @pytest.mark.parametrize("change, error, expect", [

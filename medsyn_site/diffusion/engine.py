@@ -76,6 +76,19 @@ def device() -> torch.device:
     return torch.device(acc.device_name(acc.current_device()) if acc.device_name() != "cpu" else "cpu")
 
 
+def fp32_masters(engine):
+    """``master(param)``: the optimizer's full float32 master copy of a module parameter (on its
+    device), or None where the module weights are the master (fp32 without ZeRO). bf16/fp16 without
+    ZeRO: DeepSpeed's unfused FP16 optimizer pairs each low-precision parameter with an fp32 one;
+    ZeRO 1-3: ``safe_get_full_fp32_param`` (collective: every rank must call it)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    opt = getattr(engine, "optimizer", None)
+    pairs = {id(lp): hp for lps, hps in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
+             if isinstance(hps, list) for lp, hp in zip(lps, hps)}
+    return lambda p: pairs[id(p)] if id(p) in pairs else safe_get_full_fp32_param(p)
+
+
 def make_engine(net: torch.nn.Module, cfg: TrainConfig):
     """deepspeed.initialize with AdamW (a torch optimizer: no fused-Adam JIT build) and a linear
     warm-up; activation checkpointing of every ResNet block, offloaded to CPU on accelerators."""

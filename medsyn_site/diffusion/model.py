@@ -10,7 +10,7 @@ from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock, g
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from medsyn_site.config import DiffusionConfig, ModelConfig
+from medsyn_site.config import ConfigError, DiffusionConfig, ModelConfig
 
 
 COORDS = slice(2, 5)  # the coordinate channels of the network input (see network_input)
@@ -87,11 +87,73 @@ def build_unet(cfg: ModelConfig) -> MedsynUNet:
     return net
 
 
-def scheduler(cfg: DiffusionConfig, sampler: str = "ddpm"):
-    """MONAI's DDPM (training, ancestral sampling) or DDIM scheduler for this noise process."""
-    cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[sampler]
-    return cls(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
-               prediction_type=cfg.prediction_type)
+def scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    """MONAI's DDPM scheduler for this noise process (training: add_noise, get_velocity)."""
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
+                         prediction_type=cfg.prediction_type)
+
+
+class _TrailingSteps:
+    """Evenly spaced timesteps T-1, T-1-k, ..., k-1 (k = T // steps, steps dividing T): "trailing"
+    spacing (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"), so
+    the first step sees pure noise as training's last timestep does, and the constant stride k is
+    the one the step takes (MONAI 1.6's ``set_timesteps`` spaces by linspace(T-1, 0) while DDIM's
+    ``step`` goes back T // steps: the two disagree unless steps - 1 divides T - 1)."""
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        T = self.num_train_timesteps
+        if not 1 <= num_inference_steps <= T or T % num_inference_steps:
+            near = sorted((d for d in range(1, T + 1) if T % d == 0), key=lambda d: abs(d - num_inference_steps))
+            raise ConfigError(f"--steps {num_inference_steps}: sampling needs a step count that divides the "
+                              f"model's {T} training timesteps (e.g. {', '.join(map(str, sorted(near[:3])))})")
+        self.num_inference_steps = num_inference_steps
+        self.stride = T // num_inference_steps
+        self.timesteps = torch.arange(T - 1, -1, -self.stride, device=device)
+
+
+class TrailingDDIMScheduler(_TrailingSteps, DDIMScheduler):
+    """MONAI's deterministic DDIM step (eta 0) on trailing timesteps; the last step's alpha_prev is 1."""
+
+
+class StridedDDPMScheduler(_TrailingSteps, DDPMScheduler):
+    """Ancestral DDPM sampling on trailing timesteps with stride k = T // steps.
+
+    MONAI's ``DDPMScheduler.step`` always steps from t to t - 1 (``alphas_cumprod[t - 1]``, ``betas[t]``)
+    whatever ``set_timesteps`` chose, so with fewer steps than training it samples the wrong
+    distribution. This step is the DDPM posterior q(x_{t-k} | x_t, x0) of the respaced chain
+    (Nichol & Dhariwal 2021, sec. 4): beta' = 1 - abar_t / abar_{t-k}, "fixed small" variance;
+    with all training steps it is MONAI's step.
+    """
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        t = int(timestep)
+        prev = t - getattr(self, "stride", 1)
+        abar_t = self.alphas_cumprod[t]
+        abar_prev = self.alphas_cumprod[prev] if prev >= 0 else self.one
+        beta = 1 - abar_t / abar_prev
+        if self.prediction_type == "epsilon":
+            x0 = (sample - (1 - abar_t).sqrt() * model_output) / abar_t.sqrt()
+        else:  # v_prediction
+            x0 = abar_t.sqrt() * sample - (1 - abar_t).sqrt() * model_output
+        if self.clip_sample:
+            x0 = x0.clamp(*self.clip_sample_values)
+        mean = (abar_prev.sqrt() * beta / (1 - abar_t)) * x0 + ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)) * sample
+        if prev < 0:
+            return mean, x0
+        noise = torch.randn(model_output.shape, dtype=model_output.dtype, generator=generator).to(model_output.device)
+        return mean + (beta * (1 - abar_prev) / (1 - abar_t)).clamp(min=1e-20).sqrt() * noise, x0
+
+
+def sampling_scheduler(cfg: DiffusionConfig, sampler: str, steps: int) -> DDPMScheduler | DDIMScheduler:
+    """The scheduler ``medsyn sample`` steps through: ancestral DDPM or deterministic DDIM on
+    ``steps`` trailing timesteps (``steps`` must divide the training timesteps)."""
+    if sampler not in ("ddpm", "ddim"):
+        raise ConfigError(f"sampler {sampler!r}: use ddpm or ddim")
+    cls = StridedDDPMScheduler if sampler == "ddpm" else TrailingDDIMScheduler
+    sched = cls(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule, prediction_type=cfg.prediction_type)
+    sched.set_timesteps(steps)
+    return sched
 
 
 def coordinate_grid(shape_zyx, start_zyx=(0, 0, 0), full_zyx=None) -> torch.Tensor:
@@ -139,21 +201,29 @@ def unit_to_hu(x: torch.Tensor, window) -> torch.Tensor:
 
 
 class EMA:
-    """Exponential moving average of a model's weights, kept in float32.
+    """Exponential moving average of a model's weights, kept in float32 on the weights' device.
 
-    torch's AveragedModel lerps in the model's own dtype; under bf16/fp16 training that loses the
-    small updates an EMA exists to accumulate, hence this float32 copy.
+    ``master(param)`` returns the optimizer's float32 master copy of a parameter, or None (DeepSpeed's
+    ``safe_get_full_fp32_param`` under bf16/fp16 and ZeRO; a collective call, so every rank updates
+    its EMA). Averaging the bf16-cast module weights instead would lose every update smaller than
+    bf16's resolution, which is what an EMA with decay 0.999 is made of.
     """
 
-    def __init__(self, net: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in net.state_dict().items()}
+    def __init__(self, net: nn.Module, decay: float, master=None):
+        self.decay, self.master = decay, master or (lambda p: None)
+        self.shadow = {k: v.detach().float().clone() for k, v in self._weights(net)}
+
+    def _weights(self, net: nn.Module):
+        params = dict(net.named_parameters())
+        for k, v in net.state_dict().items():
+            m = self.master(params[k]) if k in params else None
+            yield k, (m if m is not None else v)
 
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
-        for k, v in net.state_dict().items():
+        for k, v in self._weights(net):
             if v.is_floating_point():
-                self.shadow[k].lerp_(v.detach().float().to(self.shadow[k].device), 1 - self.decay)
+                self.shadow[k].lerp_(v.detach().float(), 1 - self.decay)
             else:
                 self.shadow[k].copy_(v)
 

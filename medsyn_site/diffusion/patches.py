@@ -3,16 +3,24 @@ coordinate grid, biased towards nodules.
 
 Sample ``i`` is a pure function of (seed, i): which case, which crop centre (MONAI's
 pos/neg crop-centre generator), so a resumed run sees exactly the data an uninterrupted one would,
-and DataLoader workers need no shared random state. Volumes are cached in memory once.
+and DataLoader workers need no shared random state.
+
+Memory per case is O(nodule voxels): the sorted flat indices of its nodule voxels; a background
+centre is a uniformly drawn voxel (redrawn when it falls on a nodule), not an index of every
+background voxel. Volumes are kept in memory up to ``cache_bytes``; the rest are read per patch from
+uncompressed, memory-mapped copies in ``spill_dir`` (the OS page cache decides what stays in RAM,
+shared by all processes), or from the cohort's files when there is no spill dir.
 """
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms.utils import generate_pos_neg_label_crop_centers, map_binary_to_indices
+from monai.transforms.utils import generate_pos_neg_label_crop_centers
 from torch.utils.data import Dataset
 
 from medsyn_site.data.cohort import Cohort
@@ -27,12 +35,16 @@ class PatchError(MedsynError):
 
 
 class PatchDataset(Dataset):
-    """``dataset[i]`` -> dict(image (1,z,y,x) in [-1,1], mask (1,z,y,x), coords (3,z,y,x), case)."""
+    """``dataset[i]`` -> dict(image (1,z,y,x) in [-1,1], mask (1,z,y,x), coords (3,z,y,x), case).
+
+    Construction only validates (cohort.json shapes); ``load()`` reads every case once (nodule
+    indices, the memory cache, the spill files). Without it, cases are read on first use."""
 
     def __init__(self, cohort: Cohort, split: str, patch_xyz, window, pos_fraction: float,
                  seed: int, length: int = 2 ** 62):
         self.patch = tuple(int(p) for p in patch_xyz[::-1])  # z, y, x
         self.window, self.pos_fraction, self.seed, self.length = window, pos_fraction, seed, length
+        self.cohort = cohort
         self.cases = [c for c in cohort.cases if c.split == split]
         if not self.cases:
             raise PatchError(f"{cohort.root}: no cases in the {split!r} split to train on")
@@ -40,16 +52,38 @@ class PatchDataset(Dataset):
         if small:
             raise PatchError(f"{cohort.root}: patch {tuple(patch_xyz)} (x, y, z) is larger than the "
                              f"volume of case(s) {', '.join(small[:5])} (shape {self.cases[0].shape})")
-        self.images, self.masks, self.fg, self.bg = [], [], [], []
-        for rec in self.cases:
-            image, mask = cohort.arrays(rec.id)
-            fg, bg = map_binary_to_indices(mask > 0)
-            self.images.append(image)
-            self.masks.append(mask)
-            self.fg.append(np.asarray(fg))
-            self.bg.append(np.asarray(bg))
-        log.info("cached %d %s volumes (%.1f MB)", len(self.cases), split,
-                 sum(a.nbytes + m.nbytes for a, m in zip(self.images, self.masks)) / 1e6)
+        self.fg: dict[int, np.ndarray] = {}  # case -> sorted flat indices of its nodule voxels
+        self.volumes: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # in memory or memory-mapped
+
+    def load(self, cache_bytes: float = float("inf"), spill_dir: str | Path | None = None) -> "PatchDataset":
+        """Read every case once: nodule indices; the volumes into memory while they fit in
+        ``cache_bytes``, the rest into ``spill_dir`` (uncompressed .npy, reused when present)."""
+        from tqdm import tqdm
+
+        kept = spilled = 0
+        for k, rec in enumerate(tqdm(self.cases, desc="read cases", unit="case", leave=False)):
+            image, mask = self.cohort.arrays(rec.id)
+            self.fg[k] = np.flatnonzero(mask)
+            if kept + image.nbytes + mask.nbytes <= cache_bytes:
+                self.volumes[k] = (image, mask)
+                kept += image.nbytes + mask.nbytes
+            elif spill_dir is not None:
+                self.volumes[k] = tuple(_spill(Path(spill_dir), rec.sha256[part], arr)
+                                        for part, arr in (("image", image), ("mask", mask)))
+                spilled += 1
+        log.info("%s: %d cases, %.1f MB in memory, %d memory-mapped from %s, %d read per patch; "
+                 "nodule indices %.1f MB", self.cases[0].split, len(self.cases), kept / 1e6, spilled, spill_dir,
+                 len(self.cases) - len(self.volumes), sum(f.nbytes for f in self.fg.values()) / 1e6)
+        return self
+
+    def _case(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if k in self.volumes:
+            image, mask = self.volumes[k]
+        else:  # not loaded, or over the budget without a spill dir: read from the cohort
+            image, mask = self.cohort.arrays(self.cases[k].id)
+        if k not in self.fg:
+            self.fg[k] = np.flatnonzero(mask)
+        return image, mask, self.fg[k]
 
     def __len__(self) -> int:
         return self.length
@@ -57,19 +91,46 @@ class PatchDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, int(index)])
         k = int(rng.integers(len(self.cases)))
-        shape = self.images[k].shape
-        pos = self.pos_fraction if self.fg[k].size else 0.0
+        image, mask, fg = self._case(k)
+        shape = image.shape
+        pos = self.pos_fraction if fg.size else 0.0
+        # One uniformly drawn background voxel stands for the index of all of them (MONAI then
+        # picks fg or bg by pos_ratio and moves the centre inside the volume).
+        bg = [_background_voxel(rng, fg, int(np.prod(shape)))]
         with warnings.catch_warnings():  # a scan without nodules: background centres only, as asked
             warnings.simplefilter("ignore")
             centre = generate_pos_neg_label_crop_centers(
                 self.patch, num_samples=1, pos_ratio=pos, label_spatial_shape=shape,
-                fg_indices=self.fg[k], bg_indices=self.bg[k],
-                rand_state=np.random.RandomState(int(rng.integers(2 ** 31))))[0]
+                fg_indices=fg, bg_indices=bg, rand_state=np.random.RandomState(int(rng.integers(2 ** 31))))[0]
         start = [int(c) - p // 2 for c, p in zip(centre, self.patch)]
         box = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
         return {
-            "image": hu_to_unit(torch.from_numpy(self.images[k][box].copy())[None], self.window),
-            "mask": torch.from_numpy(self.masks[k][box].astype(np.float32))[None],
+            "image": hu_to_unit(torch.from_numpy(np.array(image[box]))[None], self.window),
+            "mask": torch.from_numpy(mask[box].astype(np.float32))[None],
             "coords": coordinate_grid(self.patch, start, shape),
             "case": self.cases[k].id,
         }
+
+
+def _background_voxel(rng: np.random.Generator, fg: np.ndarray, size: int) -> int:
+    """A uniformly random flat index not in the sorted ``fg`` (rejection: nodules are a tiny share)."""
+    if fg.size >= size:
+        return 0  # all nodule: MONAI is told pos_ratio 1 in effect (fg.size > 0); the value is unused
+    while True:
+        i = int(rng.integers(size))
+        j = np.searchsorted(fg, i)
+        if j == fg.size or fg[j] != i:
+            return i
+
+
+def _spill(folder: Path, sha256: str, arr: np.ndarray) -> np.ndarray:
+    """An uncompressed copy of ``arr`` named by its source file's sha256 (reused across runs and
+    processes; written aside and renamed), opened memory-mapped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{sha256[:32]}.npy"
+    if not path.exists():
+        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")

@@ -110,10 +110,12 @@ class RunDir:
         atomic_write_text(self.root / "config.yaml", dump_config(cfg))
 
     def check_resume(self, cfg: Config) -> None:
-        """Resuming needs a checkpoint and the same config (train.steps may grow)."""
-        if not self.tags():
+        """Resuming needs a run dir (a run stopped before its first checkpoint restarts at step 0)
+        and the same config (train.steps may grow)."""
+        if not (self.root / "config.yaml").is_file():
             raise RunError(f"{self.ckpt}: no checkpoint to resume from")
-        self.resume_tag = self.intact_tag()  # fails (naming the file) before anything is written
+        # fails (naming the file) before anything is written
+        self.resume_tag = self.intact_tag() if self.tags() else None
         saved = yaml.safe_load((self.root / "config.yaml").read_text())
         now = cfg.model_dump(mode="json")
         saved["train"]["steps"] = now["train"]["steps"]
@@ -194,7 +196,10 @@ class RunDir:
         return final
 
     def load(self, engine, ema) -> int:
-        tag = self.resume_tag or self.intact_tag()
+        """Restore the newest intact checkpoint; returns its step (0: none yet, the run starts over)."""
+        tag = self.resume_tag or (self.intact_tag() if self.tags() else None)
+        if tag is None:
+            return 0
         if self.latest() != tag:  # killed before `latest` was updated, or the newest is damaged
             atomic_write_text(self.ckpt / "latest", tag)
         try:

@@ -18,7 +18,7 @@ from medsyn_site.config import DiffusionConfig, ModelConfig
 from medsyn_site.data.cohort import ResumableCohortWriter
 from medsyn_site.data.prepare import DEFAULT_SITE_KEY, load_site_key, pseudonym
 from medsyn_site.diffusion.masks import mask_jobs
-from medsyn_site.diffusion.model import build_unet, coordinate_grid, scheduler, unit_to_hu
+from medsyn_site.diffusion.model import build_unet, coordinate_grid, sampling_scheduler, unit_to_hu
 from medsyn_site.diffusion.rundir import RunDir, load_weights
 from medsyn_site.diffusion.streamed import StreamedUNet
 
@@ -44,8 +44,7 @@ class Sampler:
         self.net = build_unet(self.model_cfg)
         self.net.load_state_dict(blob["ema"])
         self.net.to(self.device).eval()
-        self.scheduler = scheduler(self.diffusion, sampler)
-        self.scheduler.set_timesteps(steps)
+        self.scheduler = sampling_scheduler(self.diffusion, sampler, steps)  # refuses a bad step count
         self.inferer = DiffusionInferer(self.scheduler)
         self.sampler, self.steps, self.precision = sampler, steps, precision
         # Streamed evaluation (same function, z-slabs; feature maps beyond stream_gb go to host memory)

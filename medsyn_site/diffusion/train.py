@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import logging
 import resource
-import signal
 import time
 from pathlib import Path
 
@@ -21,14 +20,10 @@ from medsyn_site.diffusion import engine as eng
 from medsyn_site.diffusion.model import EMA, build_unet, network_input, scheduler
 from medsyn_site.diffusion.patches import PatchDataset
 from medsyn_site.diffusion.rundir import RunDir
+from medsyn_site.diffusion.stop import Interrupted, StopSignals  # noqa: F401 (Interrupted: the API)
 from medsyn_site.errors import write_failure
 
 log = logging.getLogger(__name__)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class Interrupted(Exception):
-    """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint; --resume continues."""
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -146,7 +141,14 @@ def _configure_torch(cfg: Config) -> None:
 
 def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool = False,
           force: bool = False) -> Path:
-    """Train (or resume) a run; returns the latest EMA weights file. Raises Interrupted on a stop signal."""
+    """Train (or resume) a run; returns the latest EMA weights file. Raises Interrupted on a stop
+    signal at any point: before the first step at once (a run dir resumes from step 0), in the loop
+    after writing a checkpoint."""
+    with StopSignals() as stop:
+        return _train(cfg, cohort_dir, run_dir, resume, force, stop)
+
+
+def _train(cfg: Config, cohort_dir, run_dir, resume: bool, force: bool, stop: StopSignals) -> Path:
     cohort = Cohort(cohort_dir)  # fails early: missing or broken cohort
     run = RunDir(run_dir)
     run.check_resume(cfg) if resume else run.check_new(force)  # before the volumes are cached
@@ -156,6 +158,10 @@ def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool
     previews = PatchDataset(cohort, val_split, t.patch_size, cfg.diffusion.hu_window, 1.0, t.seed + 1)
     if not resume:
         run.create(cfg, force)
+    stop.message = "before the first training step; continue with --resume"
+    data.load(cache_bytes=t.cache_gb * 2 ** 30, spill_dir=run.root / "cache")
+    preview_samples = [previews[i] for i in range(3)]  # read from disk: only these cases, once
+    del previews
 
     _configure_torch(cfg)
     eng.select_accelerator(t.device)
@@ -163,8 +169,8 @@ def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool
     net = build_unet(cfg.model)
     if t.init_weights and not resume:  # before the engine exists: its fp32 master copy starts from them
         net.load_state_dict(initial_weights(t.init_weights, cfg))
-    ema = EMA(net, t.ema_decay)
     engine, _ = eng.make_engine(net, t)
+    ema = EMA(engine.module, t.ema_decay, master=eng.fp32_masters(engine))  # fp32 masters, on the device
     dev = eng.device()
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16 if t.precision == "fp16" else torch.float32
     start = run.load(engine, ema) if resume else 0
@@ -176,13 +182,11 @@ def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool
     loader = DataLoader(data, batch_size=t.batch_size, sampler=range(start * t.batch_size, t.steps * t.batch_size),
                         num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
     metrics = Metrics(run.root, start)
-    stop = {}
-    old_handlers = {s: signal.signal(s, lambda signum, _: stop.setdefault("signal", signum)) for s in STOP_SIGNALS}
-    preview_samples = [previews[i] for i in range(3)]
     from tqdm import tqdm
 
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step")
     tick, step = time.perf_counter(), start
+    stop.defer()  # from here a stop signal ends the current step and writes a checkpoint
     try:
         for step, batch in enumerate(loader, start=start + 1):
             loss = diffusion_loss(engine, sched, batch, cfg, step, dev, dtype)
@@ -199,14 +203,11 @@ def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool
                 bar.set_postfix(loss=f"{row['loss']:.4f}", patches_s=f"{rate:.1f}", mem_mb=f"{row['peak_mem_mb']:.0f}")
             if step % t.preview_every == 0 or step == t.steps:
                 preview(engine.module, cfg, preview_samples, run.root / "previews" / f"step_{step:08d}.png", dev, dtype)
-            if step % t.checkpoint_every == 0 or step == t.steps or stop:
+            if step % t.checkpoint_every == 0 or step == t.steps or stop.signum:
                 run.save(engine, ema, step, cfg, t.keep_checkpoints)
-            if stop:
-                name = signal.Signals(stop["signal"]).name
-                raise Interrupted(f"stopped by {name} at step {step}; checkpoint written; continue with --resume")
+            if stop.signum:
+                raise Interrupted(f"stopped by {stop.name} at step {step}; checkpoint written; continue with --resume")
     finally:
         bar.close()
         metrics.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
     return run.latest_weights()

@@ -31,9 +31,11 @@ def _per_case(summary: dict) -> dict:
 
 
 def train_one(ws: str | Path, arm: str, seed: int, trainer: str = "nnUNetTrainer_medsyn", epochs: int = 2,
-              iterations: int = 5, device: str = "cpu", force: bool = False, resume: bool = False) -> Path:
+              iterations: int = 5, device: str = "cpu", force: bool = False, resume: bool = False,
+              mirroring: bool = True) -> Path:
     """Train, predict and score one (arm, seed); returns its result.json. ``resume``: continue from
-    nnU-Net's latest checkpoint (after a kill or preemption, or to train a finished run to more epochs)."""
+    nnU-Net's latest checkpoint (after a kill or preemption, or to train a finished run to more epochs).
+    ``mirroring``: nnU-Net's test-time mirroring (its default) when predicting the test cases."""
     import os
 
     ws = Path(ws)
@@ -58,7 +60,7 @@ def train_one(ws: str | Path, arm: str, seed: int, trainer: str = "nnUNetTrainer
     t0 = time.time()
     run_training(name, config, 0, trainer_class_name=trainer, device=torch.device(device), continue_training=resume)
     model = out / "nnUNet_results" / name / f"{trainer}__nnUNetPlans__{config}"
-    predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False,
+    predictor = nnUNetPredictor(use_mirroring=mirroring, perform_everything_on_device=False,
                                 device=torch.device(device), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
     raw = ws / "nnUNet_raw" / name
@@ -69,7 +71,7 @@ def train_one(ws: str | Path, arm: str, seed: int, trainer: str = "nnUNetTrainer
     test = json.loads((out / "summary_test.json").read_text())
     val = json.loads((model / "fold_0" / "validation" / "summary.json").read_text())
     result = {"arm": arm, "seed": seed, "trainer": trainer, "epochs": epochs, "iterations": iterations,
-              "configuration": config, "seconds": round(time.time() - t0, 1),
+              "configuration": config, "mirroring": mirroring, "seconds": round(time.time() - t0, 1),
               "test": _per_case(test), "val": _per_case(val),
               "pred_test": str(out / "pred_test"), "pred_val": str(model / "fold_0" / "validation")}
     return atomic_write_text(out / RESULT, json.dumps(result, indent=1))
