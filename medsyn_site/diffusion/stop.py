@@ -12,7 +12,7 @@ import signal
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):  # not Exception: no library's `except Exception` may swallow a stop
     """Training stopped on SIGTERM/SIGUSR1, leaving a resumable run dir (or nothing written)."""
 
 
