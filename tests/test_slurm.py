@@ -147,6 +147,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         return self.states(job_id)
 
     def stop(self) -> None:
+        if getattr(self, "env", None):  # end this cluster's jobs first, so no job process outlives slurmd
+            self.run("scancel", "--partition=debug", "--full")
+            self._wait(lambda: not self.run("squeue", "-h").stdout.strip(), "jobs to end", 60)
         for p in reversed(self.procs):  # only what this class started
             try:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -201,7 +204,7 @@ def test_sample_array_merges_into_a_cohort_that_publishes(cluster, run, phantom_
 
 def test_training_job_sent_usr1_checkpoints_requeues_and_resumes(cluster, phantom_cohort, tmp_path):
     env = _job_env() | {"MEDSYN_CONFIG": str(REPO / "tests" / "configs" / "train_test.yaml"),
-                        "MEDSYN_COHORT": str(phantom_cohort), "MEDSYN_OUT": "run", "MEDSYN_STEPS": "400"}
+                        "MEDSYN_COHORT": str(phantom_cohort), "MEDSYN_OUT": "run", "MEDSYN_STEPS": "60"}
     job = cluster.sbatch("train.sh", "--cpus-per-task=1", cwd=tmp_path, env=env)
     log = tmp_path / f"medsyn-train-{job}.out"
     metrics = tmp_path / "run" / "metrics.csv"
@@ -210,16 +213,17 @@ def test_training_job_sent_usr1_checkpoints_requeues_and_resumes(cluster, phanto
     cluster._wait(lambda: "requeueing" in log.read_text(), "the requeue", 120)
     first = re.search(r"stopped by SIGUSR1 at step (\d+)", log.read_text())
     assert first, log.read_text()[-3000:]
-    # A requeued job waits for its begin time; let it start now.
-    cluster._wait(lambda: cluster.job(job).get("JobState") in ("PENDING", "RUNNING", "COMPLETED"), "requeued", 60)
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    # A requeued job waits for its begin time (about 2 minutes); let it start now.
+    cluster._wait(lambda: cluster.job(job).get("Restarts") == "1" and cluster.job(job).get("JobState") == "PENDING",
+                  "the requeued job", 60)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=True)
     assert cluster.wait_done(job, 900) == {job: "COMPLETED"}, (cluster.job(job), cluster.logs(), log.read_text()[-3000:])
     text = log.read_text()
     assert int(cluster.job(job)["Restarts"]) == 1
     assert re.search(r"medsyn train .* --resume \(restart 1\)", text), text[-3000:]
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip().endswith("400"), text[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip().endswith("60"), text[-3000:]
     steps = [int(line.split(",")[0]) for line in metrics.read_text().splitlines()[1:]]
-    assert steps == sorted(set(steps)) and steps[-1] == 400  # resumed: no step twice, none lost at the end
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # resumed: no step twice, none lost at the end
 
 
 def test_failed_evaluate_task_is_failed_and_the_report_never_runs(cluster, phantom_cohort, tmp_path):
