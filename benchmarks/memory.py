@@ -185,7 +185,7 @@ def predict(fit: dict, n_params: int, gpu_gib: float = 24.0, reserve_gib: float 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="lidc", help="config whose model is measured (configs/NAME.yaml)")
+    ap.add_argument("--model", default="lidc", help="config whose model is measured (a shipped config name or a YAML file)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[16, 24, 32, 48])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--speed-model", default="tiny")
@@ -202,12 +202,12 @@ def main() -> None:
     if args.speed_only:
         result = {"device": str(dev), "model": args.speed_model, "patch": args.speed_patch, "batch": args.speed_batch,
                   "threads": torch.get_num_threads(),
-                  "speed": speed(load_config(f"configs/{args.speed_model}.yaml"), args.speed_patch, args.speed_batch, dev)}
+                  "speed": speed(load_config(args.speed_model), args.speed_patch, args.speed_batch, dev)}
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
         return
-    cfg = load_config(f"configs/{args.model}.yaml")
+    cfg = load_config(args.model)
     rows = memory_table(cfg, args.sizes, args.batch, dev)
     # linear fit bytes = a * voxels + b for each mode, and the 24 GB prediction
     fit = {}
@@ -219,7 +219,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in build_unet(cfg.model).parameters())
     result = {"device": str(dev), "model": args.model, "params": n_params, "rows": rows, "fit": fit,
               "predict_24GB": predict(fit, n_params)}
-    result["speed"] = speed(load_config(f"configs/{args.speed_model}.yaml"), args.speed_patch, args.speed_batch, dev)
+    result["speed"] = speed(load_config(args.speed_model), args.speed_patch, args.speed_batch, dev)
     print(json.dumps({"params": n_params, "fit": fit, "predict_24GB": result["predict_24GB"]}, indent=1))
     if args.out:
         with open(args.out, "w") as f:

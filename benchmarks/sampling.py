@@ -30,7 +30,7 @@ def _one(model: str, zyx, device: str, queue) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    cfg = load_config(f"configs/{model}.yaml")
+    cfg = load_config(model)
     net = build_unet(cfg.model).to(device).eval()
     x = torch.randn(1, 5, *zyx, device=device)
     t = torch.tensor([500], device=device)
@@ -61,7 +61,7 @@ def ddim_check(model: str, zyx, steps: int, device: str) -> float:
 
     from medsyn_site.diffusion.model import sampling_scheduler
 
-    cfg = load_config(f"configs/{model}.yaml")
+    cfg = load_config(model)
     net = build_unet(cfg.model).to(device).eval()
     sched = sampling_scheduler(cfg.diffusion, "ddim", steps)
     cond = torch.zeros(1, 4, *zyx, device=device)

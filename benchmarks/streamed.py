@@ -66,7 +66,7 @@ class LiveBytes(TorchDispatchMode):
 
 def _one(model: str, zyx, budget, slab_rows: int, whole_voxels: int, queue) -> None:
     torch.manual_seed(0)
-    net = build_unet(load_config(f"configs/{model}.yaml").model).eval()
+    net = build_unet(load_config(model).model).eval()
     x, t = torch.randn(1, 5, *zyx), torch.tensor([500])
     fn = net if budget is None else StreamedUNet(net, slab_voxels=zyx[1] * zyx[2] * slab_rows, budget_bytes=budget,
                                                  whole_voxels=whole_voxels)
@@ -114,7 +114,7 @@ def main() -> None:
     args = ap.parse_args()
     x, y, z = (int(v) for v in args.size.split("x"))
     zyx, voxels, (r1, r2) = (z, y, x), x * y * z, args.slab_rows
-    params = sum(p.numel() for p in build_unet(load_config(f"configs/{args.model}.yaml").model).parameters())
+    params = sum(p.numel() for p in build_unet(load_config(args.model).model).parameters())
     whole = measure(args.model, zyx, None, r1, args.whole_voxels)
     alldev = measure(args.model, zyx, float("inf"), r1, args.whole_voxels)
     maps = alldev["maps_peak"]["device"]

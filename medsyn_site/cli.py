@@ -42,8 +42,8 @@ def _triple_option(name: str, kind, help_text: str):
     return click.option(name, type=(kind, kind, kind), default=None, help=help_text)
 
 
-config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                             default=None, help="YAML config (default: configs/tiny.yaml).")
+config_option = click.option("--config", "config_path", type=str,
+                             default=None, help="YAML config file, or a shipped config by name: tiny (default), lidc, gpu24.")
 force_option = click.option("--force", is_flag=True, help="Replace an existing output.")
 
 
@@ -220,18 +220,36 @@ def train_cmd(cohort, out, resume, steps, device, precision, config_path, force)
 @click.option("--stream-gb", type=click.FloatRange(min=0), default=None,
               help="Evaluate the UNet in z-slabs (same result), keeping at most this many GiB of feature maps "
                    "on the device and the rest in host memory: for volumes too large for the GPU.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Only every N-th volume, from the I-th (0-based): one Slurm array task; join with sample-merge.")
 @site_key_option
 @force_option
 @friendly
 def sample_cmd(run_dir, masks, out, per_mask, sampler, steps, seed, device, precision, batch_size, stream_gb,
-               site_key, force):
+               shard, site_key, force):
     """Sample whole synthetic CT volumes from masks (resumable: a rerun skips finished cases)."""
     from medsyn_site.diffusion.sample import sample_cohort
+    from medsyn_site.diffusion.shards import parse_shard
 
     sample_cohort(run_dir, masks, out, per_mask=per_mask, sampler=sampler, steps=steps, seed=seed,
                   device=device, precision=precision, force=force, site_key=_site_key(site_key),
-                  batch_size=batch_size, stream_gb=stream_gb)
+                  batch_size=batch_size, stream_gb=stream_gb, shard=parse_shard(shard) if shard else None)
     click.echo(f"wrote synthetic cohort {out} (provenance.json beside it)")
+
+
+@main.command("sample-merge")
+@click.argument("shards", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic cohort to write.")
+@site_key_option
+@force_option
+@friendly
+def sample_merge_cmd(shards, out, site_key, force):
+    """Join the shards of one sampling run (`medsyn sample --shard I/N`) into one synthetic cohort
+    with one signed provenance.json; checks that every shard is there and every entry is signed."""
+    from medsyn_site.diffusion.shards import merge_shards
+
+    merge_shards(list(shards), out, force=force, site_key=_site_key(site_key))
+    click.echo(f"merged {len(shards)} shard(s) into {out}")
 
 
 @main.command("publish")

@@ -1,4 +1,9 @@
-"""Typed configuration: YAML files under configs/ validated into pydantic models; CLI flags override.
+"""Typed configuration: YAML files validated into pydantic models; CLI flags override.
+
+The shipped configs (tiny, lidc, gpu24 and the DeepSpeed JSON under deepspeed/) live inside the
+package (medsyn_site/configs/), so a wheel or container install finds them; ``--config NAME`` picks
+one by name, ``--config FILE`` reads a file of your own (which may start from a shipped one with
+``base: tiny.yaml``).
 
 Every stage reads its own section (``data``, later ``train``, ``sample``, ...). Unknown keys are
 errors, so a typo in a config fails before any work starts.
@@ -12,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from medsyn_site.errors import MedsynError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: ships in the wheel
 Triple = tuple[float, float, float]
 IntTriple = tuple[int, int, int]
 
@@ -134,7 +139,7 @@ class TrainConfig(Strict):
     num_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    # DeepSpeed JSON (relative to configs/, or a path): ZeRO, clipping, and the activation
+    # DeepSpeed JSON (a path, or relative to the shipped configs: deepspeed/cpu.json): ZeRO, clipping, and the activation
     # checkpointing knobs (cpu_checkpointing = offload, used on accelerators only).
     deepspeed_config: str = "deepspeed/cpu.json"
     activation_checkpointing: bool = True
@@ -219,8 +224,27 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configs that ship inside the package (``--config NAME``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(name: str | Path) -> Path:
+    """A config file: an existing path, else a shipped config by name (``tiny``, ``tiny.yaml`` or
+    ``configs/tiny.yaml``, the repository's old location)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.name if path.suffix else f"{path.name}.yaml"
+    if path.parent in (Path("."), Path("configs")) and (CONFIG_DIR / stem).is_file():
+        return CONFIG_DIR / stem
+    raise ConfigError(f"{name}: config file not found (a path, or a shipped config: "
+                      f"{', '.join(shipped_configs())})")
+
+
 def _read_tree(path: Path, seen: tuple = ()) -> dict:
-    """A YAML file as a dict; ``base: other.yaml`` (relative to the file) is loaded underneath."""
+    """A YAML file as a dict; ``base: other.yaml`` (relative to the file, else a shipped config) is
+    loaded underneath."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     if path.resolve() in seen:
@@ -232,12 +256,15 @@ def _read_tree(path: Path, seen: tuple = ()) -> dict:
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     base = tree.pop("base", None)
-    return _merge(_read_tree(path.parent / base, seen + (path.resolve(),)), tree) if base else tree
+    if not base:
+        return tree
+    beside = path.parent / base
+    return _merge(_read_tree(beside if beside.is_file() else resolve_config(base), seen + (path.resolve(),)), tree)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a YAML config (default: configs/tiny.yaml), apply dotted overrides, validate."""
-    path = Path(path) if path else CONFIG_DIR / "tiny.yaml"
+    """Read a YAML config (a path or a shipped name; default: tiny), apply dotted overrides, validate."""
+    path = resolve_config(path or "tiny")
     tree = _read_tree(path)
     for key, value in (overrides or {}).items():
         if value is not None:

@@ -207,6 +207,12 @@ class ResumableCohortWriter(CohortWriter):
         return False
 
 
+def write_index(root: str | Path, records: list[CaseRecord], description: str = "") -> Path:
+    """cohort.json for files already in place (e.g. joined from sampling shards)."""
+    return atomic_write_text(Path(root) / INDEX, CohortIndex(description=description, cases=records)
+                             .model_dump_json(indent=1))
+
+
 class Cohort:
     """A cohort on disk, read through its cohort.json."""
 

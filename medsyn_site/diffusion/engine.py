@@ -46,7 +46,8 @@ def init_distributed() -> None:
 
 
 def load_deepspeed_config(cfg: TrainConfig) -> dict:
-    """The JSON config (configs/ relative or a path) with batch size and precision from ``cfg``."""
+    """The JSON config (a path, or relative to the shipped configs) with batch size and precision
+    from ``cfg``."""
     path = Path(cfg.deepspeed_config)
     if not path.is_absolute() and not path.exists():
         path = CONFIG_DIR / path

@@ -20,6 +20,7 @@ from medsyn_site.data.prepare import DEFAULT_SITE_KEY, load_site_key, pseudonym
 from medsyn_site.diffusion.masks import mask_jobs
 from medsyn_site.diffusion.model import build_unet, coordinate_grid, sampling_scheduler, unit_to_hu
 from medsyn_site.diffusion.rundir import RunDir, load_weights
+from medsyn_site.diffusion.shards import shard_jobs, shard_label
 from medsyn_site.diffusion.streamed import StreamedUNet
 
 log = logging.getLogger(__name__)
@@ -95,12 +96,13 @@ def case_seed(seed: int, source_id: str, replicate: int) -> int:
 def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 1, sampler: str = "ddim",
                   steps: int = 50, seed: int = 0, device: str = "auto", precision: str = "fp32",
                   force: bool = False, site_key: Path = DEFAULT_SITE_KEY, batch_size: int = 1,
-                  stream_gb: float | None = None) -> Path:
-    """Sample a synthetic cohort (source=synthetic) and its signed provenance.json."""
+                  stream_gb: float | None = None, shard: tuple[int, int] | None = None) -> Path:
+    """Sample a synthetic cohort (source=synthetic) and its signed provenance.json. ``shard=(i, n)``:
+    only every n-th volume from the i-th (a Slurm array task); ``merge_shards`` joins the n parts."""
     ResumableCohortWriter.would_replace(Path(out), force)  # before long work
     key = load_site_key(site_key)  # an existing key only: provenance signed with a new key is useless
     weights = resolve_weights(run)
-    jobs = mask_jobs(masks, per_mask)  # fails early on a bad mask source
+    jobs = shard_jobs(mask_jobs(masks, per_mask), shard)  # fails early on a bad mask source
     gen = Sampler(weights, sampler, steps, device, precision, stream_gb)
     header = {"checkpoint_sha256": gen.sha256, "sampler": sampler, "steps": steps, "seed": seed,
               "mask_source": masks.partition(":")[0] if ":" in masks else "cohort",
@@ -108,10 +110,13 @@ def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 
     settings = {k: header[k] for k in ("checkpoint_sha256", "sampler", "steps", "seed")} | {"masks": masks,
                                                                                        "per_mask": per_mask}
     settings["batch_size"] = batch_size
+    if shard:
+        settings["shard"] = list(shard)
     ids = [f"syn-{hashlib.sha256(f'{gen.sha256}|{j.source_id}|{j.replicate}|{seed}|{masks}'.encode()).hexdigest()[:16]}"
            for j in jobs]
     seeds = [case_seed(seed, j.source_id, j.replicate) for j in jobs]
-    with ResumableCohortWriter(out, settings, force=force, description=f"synthetic, {sampler} {steps} steps") as w:
+    with ResumableCohortWriter(out, settings, force=force, description=f"synthetic, {sampler} {steps} steps"
+                               + shard_label(shard)) as w:
         bar = tqdm(total=len(jobs), desc=f"sample ({sampler} {steps})", unit="volume")
         for start in range(0, len(jobs), batch_size):  # fixed chunks: a resumed run batches alike
             chunk = list(range(start, min(start + batch_size, len(jobs))))
