@@ -120,7 +120,7 @@ def _typed_contrasts(ref: Reference, hu, mask) -> list[tuple[str, float]]:
         comp = labels == lab
         c = quality.nodule_contrasts(hu, comp)
         if c:
-            out.append((ref.types.get(int(comp.sum()), "unknown"), c[0].contrast))
+            out.append((ref.types.get(int(comp.sum()), "unknown"), c[0].contrast, c[0].cnr))
     return out
 
 
@@ -141,8 +141,9 @@ def measure(ref: Reference, volumes: list[tuple[np.ndarray, np.ndarray]], real: 
                      "contrast": typed, "seg_dice": seg})
     by_type: dict[str, list[float]] = {}
     for r in rows:
-        for t, c in r["contrast"]:
+        for t, c, _ in r["contrast"]:
             by_type.setdefault(t, []).append(c)
+    cnrs = [k for r in rows for _, _, k in r["contrast"]]
     segs = [r["seg_dice"] for r in rows if r["seg_dice"] is not None]
     return {"n": len(rows),
             "tissue": {k: float(np.mean([r["tissue"][k] for r in rows])) for k in rows[0]["tissue"]},
@@ -151,6 +152,7 @@ def measure(ref: Reference, volumes: list[tuple[np.ndarray, np.ndarray]], real: 
             "lung_dice": float(np.mean([r["lung_dice"] for r in rows])),
             "contrast": float(np.mean([c for v in by_type.values() for c in v])) if by_type else None,
             "contrast_by_type": {t: float(np.mean(v)) for t, v in sorted(by_type.items())},
+            "cnr": float(np.mean(cnrs)) if cnrs else None,
             "seg_dice": float(np.mean(segs)) if segs else None}
 
 
@@ -224,11 +226,12 @@ def _short(m: dict) -> dict:
     return {"air": round(m["tissue"]["air"], 3), "lung": round(m["tissue"]["lung"], 3),
             "soft": round(m["tissue"]["soft"], 3), "bone": round(m["tissue"]["bone"], 3),
             "w1": round(m["hu_w1"], 1), "body": round(m["body_dice"], 3), "lungD": round(m["lung_dice"], 3),
-            "contrast": m["contrast"] and round(m["contrast"], 1), "seg": m["seg_dice"] and round(m["seg_dice"], 3),
+            "contrast": m["contrast"] and round(m["contrast"], 1), "cnr": m.get("cnr") and round(m["cnr"], 2),
+            "seg": m["seg_dice"] and round(m["seg_dice"], 3),
             "c2st": m.get("c2st") and round(m["c2st"], 3)}
 
 
-def figures(ref: Reference, out: Path, labels: list[str]) -> None:
+def figures(ref: Reference, out: Path, labels: list[str], grid: str = "quality_grid.png") -> None:
     results = json.loads((out / "results.json").read_text())
     labels = [lab for lab in labels if lab in results]
     # the grid: synthetic axial slices (through a nodule) at each training point, real ones last
@@ -249,7 +252,7 @@ def figures(ref: Reference, out: Path, labels: list[str]) -> None:
                 ax.contour(mask[z], levels=[0.5], colors="red", linewidths=0.7)
             ax.set_title(f"{lab} #{k}", fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "quality_grid.png", dpi=100)
+    fig.savefig(out / grid, dpi=100)
     plt.close(fig)
     # the curves over training steps
     steps = [(int(lab.split("_")[1]), results[lab]) for lab in labels if lab.startswith("step_")]
@@ -285,7 +288,8 @@ def figures(ref: Reference, out: Path, labels: list[str]) -> None:
 
 def table(ref: Reference, out: Path) -> str:
     results = json.loads((out / "results.json").read_text())
-    head = "| | air | lung | soft | bone | HU W1 | body Dice | lung Dice | contrast HU (solid/part/GGO) | seg Dice | C2ST | s/vol |"
+    head = ("| | air | lung | soft | bone | HU W1 | body Dice | lung Dice | contrast HU (solid/part/GGO) | CNR | "
+            "seg Dice | C2ST | s/vol |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def row(name, m):
@@ -294,7 +298,7 @@ def table(ref: Reference, out: Path) -> str:
         f = (lambda v, p=3: "-" if v is None else f"{v:.{p}f}")
         lines.append(f"| {name} | {m['tissue']['air']:.3f} | {m['tissue']['lung']:.3f} | {m['tissue']['soft']:.3f} | "
                      f"{m['tissue']['bone']:.3f} | {m['hu_w1']:.0f} | {m['body_dice']:.3f} | {m['lung_dice']:.3f} | "
-                     f"{f(m['contrast'], 0)} ({types}) | {f(m['seg_dice'])} | {f(m.get('c2st'))} | "
+                     f"{f(m['contrast'], 0)} ({types}) | {f(m.get('cnr'), 2)} | {f(m['seg_dice'])} | {f(m.get('c2st'))} | "
                      f"{f(m.get('seconds_per_volume'), 1)} |")
     for lab, m in results.items():
         row(lab, m)
@@ -311,6 +315,7 @@ def main() -> None:
     ap.add_argument("--steps-at", type=int, nargs="*", default=[], help="training steps to evaluate at")
     ap.add_argument("--samples", type=int, default=6, help="synthetic volumes per evaluation")
     ap.add_argument("--samplers", nargs="*", default=[], help="at the last --steps-at point: e.g. ddim:10 ddpm:1000")
+    ap.add_argument("--sampler-samples", type=int, default=2, help="volumes per sampler in --samplers")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--segmenter-steps", type=int, default=400)
     ap.add_argument("--export", default=None, help="copy the last checkpoint's EMA weights here")
@@ -338,8 +343,10 @@ def main() -> None:
     for spec in a.samplers:
         name, _, k = spec.partition(":")
         labels.append(f"final_{name}{k}")
-        evaluate(ref, done[-1], held, out, labels[-1], a.samples, name, int(k))
+        evaluate(ref, done[-1], held, out, labels[-1], a.sampler_samples, name, int(k))
     figures(ref, out, [lab for lab in labels if lab.startswith("step_")])
+    if a.samplers:
+        figures(ref, out, [lab for lab in labels if lab.startswith("final_")], "quality_samplers.png")
     (out / "table.md").write_text(table(ref, out) + "\n")
     print(table(ref, out))
     if a.export:

@@ -29,24 +29,33 @@ def quality_report(real: Path, synth: Path, out: Path) -> dict:
     from medsyn_site import quality
     from medsyn_site.data.cohort import Cohort
 
+    real_c = Cohort(real)
+    real_hu = np.concatenate([real_c.arrays(r.id)[0].ravel() for r in real_c.cases])
+
     def summarize(root: Path) -> dict:
         c = Cohort(root)
-        rows = [quality.summary(*c.arrays(r.id)) for r in c.cases]
-        contrasts = [r["nodule_contrast_hu"] for r in rows if r["nodule_contrast_hu"] is not None]
+        arrays = [c.arrays(r.id) for r in c.cases]
+        rows = [quality.summary(*a) for a in arrays]
+
+        def mean(key):
+            vals = [r[key] for r in rows if r[key] is not None]
+            return float(np.mean(vals)) if vals else None
         return {"cases": len(rows),
                 "tissue": {k: float(np.mean([r["tissue"][k] for r in rows])) for k in rows[0]["tissue"]},
-                "body_fraction": float(np.mean([r["body_fraction"] for r in rows])),
-                "lung_fraction": float(np.mean([r["lung_fraction"] for r in rows])),
-                "nodule_contrast_hu": float(np.mean(contrasts)) if contrasts else None}
+                "body_fraction": mean("body_fraction"), "lung_fraction": mean("lung_fraction"),
+                "hu_w1": float(np.mean([quality.hu_distance(a, real_hu) for a, _ in arrays])),
+                "nodule_contrast_hu": mean("nodule_contrast_hu"), "nodule_cnr": mean("nodule_cnr")}
     res = {"real": summarize(real), "synthetic": summarize(synth)}
     r, s = res["real"], res["synthetic"]
     res["lines"] = [
         "realism (synthetic vs real): " + ", ".join(f"{k} {s['tissue'][k]:.3f} vs {r['tissue'][k]:.3f}"
                                                      for k in ("air", "lung", "soft", "bone"))
         + f"; body {s['body_fraction']:.3f} vs {r['body_fraction']:.3f}; lungs {s['lung_fraction']:.3f} vs "
-          f"{r['lung_fraction']:.3f} (volume fractions)",
+          f"{r['lung_fraction']:.3f} (volume fractions); HU distance to the real scans {s['hu_w1']:.0f} HU "
+          f"(real among themselves {r['hu_w1']:.0f})",
         f"mask adherence: nodule contrast {s['nodule_contrast_hu'] or 0:.0f} HU vs {r['nodule_contrast_hu'] or 0:.0f} HU "
-        "in real scans (mean HU in the mask minus a 2-voxel shell around it)"]
+        f"in real scans (mean HU in the mask minus a 2-voxel shell around it), contrast-to-noise "
+        f"{s['nodule_cnr'] or 0:.2f} vs {r['nodule_cnr'] or 0:.2f}"]
     atomic_write_text(out, json.dumps(res, indent=1))
     return res
 

@@ -8,7 +8,8 @@ benchmarks/quality.py:
 - body and lung shape: the body (largest connected component above -500 HU, holes filled per axial
   slice) and the lungs (lung-range voxels inside it);
 - nodule contrast: mean HU inside each conditioning-mask component minus the mean HU of a shell of
-  ``shell`` voxels around it (what makes a nodule visible where its mask says).
+  ``shell`` voxels around it (what makes a nodule visible where its mask says), and that contrast
+  over the shell's HU spread (contrast-to-noise ratio: a noisy volume has chance contrasts).
 """
 from __future__ import annotations
 
@@ -64,10 +65,16 @@ class NoduleContrast:
     voxels: int
     inside_hu: float
     shell_hu: float
+    shell_std_hu: float
 
     @property
     def contrast(self) -> float:
         return self.inside_hu - self.shell_hu
+
+    @property
+    def cnr(self) -> float:
+        """Contrast-to-noise ratio: contrast over the shell's HU spread (noise alone gives ~0 +- 1/sqrt(n))."""
+        return self.contrast / max(self.shell_std_hu, 1.0)
 
 
 def nodule_contrasts(hu: np.ndarray, mask: np.ndarray, shell: int = 2) -> list[NoduleContrast]:
@@ -80,7 +87,8 @@ def nodule_contrasts(hu: np.ndarray, mask: np.ndarray, shell: int = 2) -> list[N
         inside = labels[pad] == lab
         ring = ndimage.binary_dilation(inside, iterations=shell) & ~(labels[pad] > 0)
         if ring.any():
-            out.append(NoduleContrast(int(inside.sum()), float(hu[pad][inside].mean()), float(hu[pad][ring].mean())))
+            out.append(NoduleContrast(int(inside.sum()), float(hu[pad][inside].mean()), float(hu[pad][ring].mean()),
+                                      float(hu[pad][ring].std())))
     return out
 
 
@@ -91,4 +99,5 @@ def summary(hu: np.ndarray, mask: np.ndarray) -> dict:
     return {"tissue": tissue_fractions(hu), "body_fraction": float(body.mean()),
             "lung_fraction": float(lung_region(hu, body).mean()),
             "nodules": len(nod),
-            "nodule_contrast_hu": float(np.mean([c.contrast for c in nod])) if nod else None}
+            "nodule_contrast_hu": float(np.mean([c.contrast for c in nod])) if nod else None,
+            "nodule_cnr": float(np.mean([c.cnr for c in nod])) if nod else None}

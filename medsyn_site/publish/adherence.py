@@ -80,6 +80,7 @@ def score(hu: np.ndarray, mask: np.ndarray, segmenter: Segmenter | None = None) 
     """A case's adherence: nodule count, per-nodule and minimum contrast (HU), segmenter Dice."""
     nod = nodule_contrasts(hu, mask)
     out = {"nodules": len(nod), "contrast_hu": [round(c.contrast, 1) for c in nod],
+           "cnr": [round(c.cnr, 2) for c in nod],
            "min_contrast_hu": round(min(c.contrast for c in nod), 1) if nod else None, "segmenter_dice": None}
     if segmenter is not None and nod:
         out["segmenter_dice"] = round(neighbourhood_dice(segmenter(hu), mask), 3)
