@@ -128,10 +128,15 @@ def lung_box(image: sitk.Image, margin_mm: float) -> tuple[slice, ...]:
 
 
 def prepare_case(row: dict, cfg: DataConfig) -> tuple[sitk.Image, sitk.Image, str]:
-    """Read, resample and crop one manifest row; returns image, mask, patient hint."""
+    """Read, reorient, resample and crop one manifest row; returns image, mask, patient hint.
+
+    Every scan is reoriented to one voxel order, LPS as DICOM (the first index runs to the
+    patient's left, the second to posterior, the third to superior; the nearest such order for an
+    oblique scan), before resampling, and its mask with it: the model's coordinate channels then mean
+    the same anatomy whatever the file format stored (a RAS NIfTI, a DICOM series, an LPS NRRD)."""
     scan = read_image(row["image"])
     mask = read_mask(row["mask"], scan, cfg.prepare.lidc_min_agreement, cfg.prepare.min_nodule_mm)
-    image = scan.image
+    image, mask = sitk.DICOMOrient(scan.image, "LPS"), sitk.DICOMOrient(mask, "LPS")
     if cfg.prepare.spacing is not None:
         spacing = tuple(float(s) for s in cfg.prepare.spacing)
         image = resample(image, spacing, sitk.sitkLinear, -1024.0)
