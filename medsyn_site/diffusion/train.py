@@ -128,6 +128,9 @@ def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool
     previews = PatchDataset(cohort, val_split, t.patch_size, cfg.diffusion.hu_window, 1.0, t.seed + 1)
     run = RunDir(run_dir)
     run.check_resume(cfg) if resume else run.create(cfg, force)
+    from medsyn_site.provenance import record_training_cohort
+
+    record_training_cohort(run.root, cohort_dir)  # the model is bound to its cohort (publish audits against it)
 
     _configure_torch(cfg)
     eng.select_accelerator(t.device)
