@@ -188,7 +188,7 @@ def test_release_contents_dicom_valid_and_readable(synth, phantom_cohort, key, t
     cases = {r.id for r in Cohort(synth).cases}
     assert all(not c["reasons"] for c in report["cases"])
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    expected_top = {"dataset_card.md", "dataset_card.json", "audit/audit.json", "audit/similarity.png",
+    expected_top = {"dataset_card.md", "dataset_card.json", "audit/audit.json", "audit/scores.png", "audit/privacy.md",
                     "nifti/cohort.json"}
     assert expected_top <= files
     for f in files - expected_top:  # nothing but synthetic files

@@ -106,6 +106,7 @@ def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 
     gen = Sampler(weights, sampler, steps, device, precision, stream_gb)
     header = {"checkpoint_sha256": gen.sha256, "sampler": sampler, "steps": steps, "seed": seed,
               "mask_source": masks.partition(":")[0] if ":" in masks else "cohort",
+              "training_cohort": provenance.training_cohort_of(Path(weights)),
               "model": gen.model_cfg.model_dump(mode="json"), "diffusion": gen.diffusion.model_dump(mode="json")}
     settings = {k: header[k] for k in ("checkpoint_sha256", "sampler", "steps", "seed")} | {"masks": masks,
                                                                                        "per_mask": per_mask}

@@ -158,6 +158,9 @@ def _train(cfg: Config, cohort_dir, run_dir, resume: bool, force: bool, stop: St
     previews = PatchDataset(cohort, val_split, t.patch_size, cfg.diffusion.hu_window, 1.0, t.seed + 1)
     if not resume:
         run.create(cfg, force)
+    from medsyn_site.provenance import record_training_cohort
+
+    record_training_cohort(run.root, cohort_dir)  # the model is bound to its cohort (publish audits against it)
     stop.message = "before the first training step; continue with --resume"
     data.load(cache_bytes=t.cache_gb * 2 ** 30, spill_dir=run.root / "cache")
     preview_samples = [previews[i] for i in range(3)]  # read from disk: only these cases, once

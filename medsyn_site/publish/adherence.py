@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from medsyn_site.errors import MedsynError
 from medsyn_site.quality import dice, nodule_contrasts
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,10 @@ class Segmenter:
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: segmenter weights not found")
+            raise MedsynError(f"{path}: segmenter weights not found")
         blob = torch.load(path, map_location="cpu")
         if blob.get("format") != "medsyn-nodule-segmenter":
-            raise ValueError(f"{path}: not a medsyn nodule segmenter (make one with benchmarks/quality.py)")
+            raise MedsynError(f"{path}: not a medsyn nodule segmenter (make one with benchmarks/quality.py)")
         self.net = _net()
         self.net.load_state_dict(blob["state"])
         self.net.eval()

@@ -1,94 +1,360 @@
-"""Memorization audit: is a synthetic volume closer to a training volume than real unseen scans are?
+"""Memorization audit: is a synthetic volume a (disguised) copy of a training scan?
 
-Similarity is the normalized cross-correlation (NCC) of volumes resampled to a coarse common grid,
-maximised over small shifts, on the whole volume and on nodule-centred crops. The threshold is
-calibrated on held-out real scans (the training cohort's val/test splits): the highest similarity any
-of them has to its nearest training scan. A synthetic volume above it is flagged.
+Features carry what is patient-specific: the lung interior (vessels, airways, nodules) band-passed
+(difference of Gaussians) on an isotropic grid, everything outside the lungs zeroed and the lung wall
+suppressed (non-lung voxels filled with the lung's median HU before filtering), so the body outline
+that every chest shares does not count. Each feature is cropped to its lungs' bounding box.
+
+The search covers the disguises a copy can take:
+- all 8 axis-flip combinations, and every shift over the whole field (FFT cross-correlation);
+- intensity affine changes and noise (normalized correlation of band-passed features);
+- small rotations (about each axis) and scalings (a fixed set of resamplings of the synthetic feature);
+- local, patch-wise nearest-neighbour matching across the lungs: each patch of the synthetic lungs is
+  matched against every position of the candidate scan, so a copied region is found wherever it sits
+  (and a slightly rotated or scaled copy still matches patch by patch).
+
+Two stages keep it O(synthetic x train) with a small constant: a coarse (``coarse_mm``) search over all
+flips and shifts against every training scan picks ``candidates`` nearest scans; the fine search
+(rotations, scalings, patches) runs on those only. Scores: ``global`` (best whole-lung NCC) and
+``local`` (mean of the best quarter of patch NCCs). Thresholds come from a null distribution of
+nearest-neighbour scores of real scans the model never saw (held-out scans, plus each training scan
+against the other training scans): a normal fit on Fisher-z scores, its (1 - false_alarm) quantile,
+plus a margin; the false-alarm estimate is reported with a bootstrap interval.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
-from dataclasses import dataclass
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
+from scipy import fft, ndimage, stats
 
-WHOLE_GRID = (24, 32, 32)  # z, y, x
-CROP_MM = 32.0
-CROP_GRID = (12, 12, 12)
-HU_CLIP = (-1024.0, 1024.0)
-
-
-def _zscore(a: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float32)
-    return (a - a.mean()) / max(float(a.std()), 1e-6)
+log = logging.getLogger(__name__)
+VERSION = 2
+FLIPS = [tuple(a for a, f in zip(range(3), bits) if f) for bits in itertools.product((0, 1), repeat=3)]
+CACHE_DIR = ".medsyn-audit"
 
 
-def _resize(a: np.ndarray, grid) -> np.ndarray:
-    return ndimage.zoom(a.astype(np.float32), [g / n for g, n in zip(grid, a.shape)], order=1, grid_mode=True,
-                        mode="nearest")
+@dataclass(frozen=True)
+class AuditParams:
+    """The audit's settings (all recorded in the report)."""
+
+    fine_mm: float = 2.5  # feature grid of the fine search (vessels and airways resolved)
+    coarse_mm: float = 5.0  # feature grid of the retrieval search over all training scans
+    candidates: int = 3  # training scans per synthetic volume that get the fine search
+    patch_mm: float = 25.0  # side of the local patches
+    rotations_deg: float = 6.0  # +- this angle about each axis
+    scales: tuple[float, ...] = (0.92, 1.08)
+    false_alarm: float = 0.01  # per real unseen scan
+    margin: float = 0.05  # added to the fitted quantile
+    hu_clip: tuple[float, float] = (-1024.0, 400.0)
 
 
-def whole_feature(hu: np.ndarray) -> np.ndarray:
-    return _zscore(_resize(np.clip(hu, *HU_CLIP), WHOLE_GRID))
+# -- features ------------------------------------------------------------------------------------
 
+def lungs_filled(hu: np.ndarray) -> np.ndarray:
+    """Air-density voxels inside the convex hull of each axial slice's dense tissue, vessels and
+    nodules included (holes filled). The hull, unlike hole filling, still encloses lungs that a shifted
+    or cropped copy cuts open at the edge of the field."""
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import convex_hull_image
 
-def crop_features(hu: np.ndarray, mask: np.ndarray, spacing_zyx) -> list[np.ndarray]:
-    """One feature per nodule: a CROP_MM cube around its centroid, resampled to CROP_GRID."""
-    labels, n = ndimage.label(mask > 0, structure=np.ones((3, 3, 3)))
-    half = np.ceil(CROP_MM / 2 / np.asarray(spacing_zyx)).astype(int)
-    padded = np.pad(np.clip(hu, *HU_CLIP), [(h, h) for h in half], mode="edge")
-    out = []
-    for c in ndimage.center_of_mass(mask > 0, labels, range(1, n + 1)):
-        c = np.rint(c).astype(int) + half
-        box = tuple(slice(ci - h, ci + h) for ci, h in zip(c, half))
-        out.append(_zscore(_resize(padded[box], CROP_GRID)))
+    t = threshold_otsu(hu) if hu.min() < hu.max() else float(hu.min())  # air/lung vs tissue, follows a
+    dense = ndimage.binary_opening(hu > t, iterations=1)                  # rescaled copy's intensities
+    air = hu <= t
+    out = np.zeros(hu.shape, bool)
+    for k, sl in enumerate(dense):
+        if sl.sum() > 16:
+            out[k] = ndimage.binary_fill_holes(air[k] & convex_hull_image(sl))
     return out
 
 
-def ncc(a: np.ndarray, b: np.ndarray, shift: int = 1) -> float:
-    """Max over shifts in [-shift, shift]^3 of the correlation of two z-scored arrays."""
-    best = -1.0
-    for d in itertools.product(range(-shift, shift + 1), repeat=3):
-        sl_a = tuple(slice(max(0, k), n + min(0, k)) for k, n in zip(d, a.shape))
-        sl_b = tuple(slice(max(0, -k), n + min(0, -k)) for k, n in zip(d, b.shape))
-        x, y = a[sl_a], b[sl_b]
-        best = max(best, float(((x - x.mean()) * (y - y.mean())).mean() / max(x.std() * y.std(), 1e-6)))
-    return best
-
-
-def nearest(feat: np.ndarray, bank: list[np.ndarray]) -> float:
-    return max((ncc(feat, f) for f in bank), default=float("nan"))
+def feature(hu: np.ndarray, spacing_zyx, mm: float, p: AuditParams = AuditParams()) -> np.ndarray:
+    """Band-passed lung interior on an isotropic ``mm`` grid, cropped to the lungs, zero outside them,
+    zero mean and unit variance inside (float32, z y x)."""
+    hu = np.clip(hu.astype(np.float32), *p.hu_clip)
+    lungs = lungs_filled(hu)
+    factors = [s / mm for s in spacing_zyx]
+    hu = ndimage.zoom(hu, factors, order=1, grid_mode=True, mode="nearest")
+    lungs = ndimage.zoom(lungs.astype(np.float32), factors, order=1, grid_mode=True, mode="nearest") > 0.5
+    if lungs.sum() < 64:  # no lungs found (not a chest CT): the whole field, unmasked
+        lungs = np.ones_like(lungs)
+    idx = np.nonzero(lungs)
+    box = tuple(slice(max(0, int(i.min()) - 2), int(i.max()) + 3) for i in idx)
+    hu, lungs = hu[box], lungs[box]
+    filled = np.where(lungs, hu, np.float32(np.median(hu[lungs])))
+    band = ndimage.gaussian_filter(filled, 0.7) - ndimage.gaussian_filter(filled, 3.0)
+    steps = int(round(2.5 / mm))  # the lung wall's blurred edge (about 2.5 mm) is left out
+    inner = ndimage.binary_erosion(lungs, iterations=steps) if steps else lungs
+    m = inner.astype(np.float32)  # local contrast normalization (10 mm): every part of the lungs counts
+    sigma = 10.0 / mm
+    rms = np.sqrt(ndimage.gaussian_filter(band * band * m, sigma) / np.maximum(ndimage.gaussian_filter(m, sigma), 1e-3))
+    v = band[inner] / np.maximum(rms[inner], 1e-3)
+    med = float(np.median(v)) if v.size else 0.0
+    v = np.clip((v - med) / max(1.4826 * float(np.median(np.abs(v - med))) if v.size else 0.0, 1e-3), -4, 4)
+    out = np.zeros_like(band)  # winsorized: no few voxels (a lung base, an edge) dominate the score
+    out[inner] = (v - v.mean()) / max(float(v.std()), 1e-6)
+    return out
 
 
 @dataclass
 class Features:
-    whole: np.ndarray
-    crops: list[np.ndarray]
+    coarse: np.ndarray
+    fine: np.ndarray
 
     @classmethod
-    def of(cls, hu: np.ndarray, mask: np.ndarray, spacing_xyz) -> "Features":
-        return cls(whole_feature(hu), crop_features(hu, mask, tuple(spacing_xyz)[::-1]))
+    def of(cls, hu: np.ndarray, spacing_xyz, p: AuditParams = AuditParams()) -> "Features":
+        sp = tuple(spacing_xyz)[::-1]
+        return cls(feature(hu, sp, p.coarse_mm, p), feature(hu, sp, p.fine_mm, p))
 
 
-def nn_scores(f: Features, train: list[Features]) -> dict:
-    """Nearest-training-neighbour similarity of one volume: whole and best nodule crop."""
-    crops = [c for t in train for c in t.crops]
-    return {"whole": nearest(f.whole, [t.whole for t in train]),
-            "crop": max((nearest(c, crops) for c in f.crops), default=float("nan"))}
+# -- correlation -----------------------------------------------------------------------------------
+
+def _pad(a: np.ndarray, shape) -> np.ndarray:
+    out = np.zeros(shape, np.float32)
+    out[tuple(slice(0, n) for n in a.shape)] = a
+    return out
 
 
-def calibrate(heldout: list[Features], train: list[Features], floor: float = 0.9) -> dict:
-    """Thresholds: the highest nearest-neighbour similarity of any held-out real scan (its nodule
-    crops, for the crop threshold), but never below ``floor``: with few held-out scans (or few
-    nodules) the maximum is a poor estimate, and chance correlations of noise stay far below it."""
-    scores = [nn_scores(f, train) for f in heldout]
-    whole = [s["whole"] for s in scores]
-    crop = [s["crop"] for s in scores if np.isfinite(s["crop"])]
-    calibrated = {"whole": max(whole), "crop": max(crop) if crop else float("nan")}
-    return {k: max(v, floor) if np.isfinite(v) else floor for k, v in calibrated.items()} | {
-        "calibrated": calibrated, "floor": floor, "heldout_scores": scores}
+def fft_shape(*shapes) -> tuple[int, ...]:
+    """Circular correlation exact for all shifts up to a quarter of the larger feature (they are
+    cropped to the lungs, so a shifted copy's lungs already sit near the same place)."""
+    return tuple(fft.next_fast_len(int(math.ceil(1.25 * max(s)))) for s in zip(*shapes))
 
 
-def flagged(score: dict, thresholds: dict) -> list[str]:
-    return [k for k in ("whole", "crop") if np.isfinite(score[k]) and score[k] > thresholds[k]]
+def spectrum(a: np.ndarray, shape) -> np.ndarray:
+    return fft.rfftn(_pad(a, shape), workers=1)
+
+
+def xcorr(fa: np.ndarray, fb: np.ndarray, shape) -> np.ndarray:
+    """c[s] = sum_x a(x) b(x + s) over every circular shift s."""
+    return fft.irfftn(np.conj(fa) * fb, shape, workers=1)
+
+
+def global_ncc(a: np.ndarray, fb: tuple, shape) -> tuple[float, tuple]:
+    """Best normalized correlation of the whole of ``a`` (a template) with b over all shifts, and the
+    shift. ``fb``: spectra of b, b**2 and b's lung support (``spectra_of``). b is normalized by its
+    energy under a's support, so a copy cut by the field's edge (a part of b) still scores 1; shifts
+    where less than a quarter of a's lungs overlap b's are skipped."""
+    spec_b, spec_b2, spec_mb = fb
+    spec_ma = spectrum((a != 0).astype(np.float32), shape)
+    c = xcorr(spectrum(a, shape), spec_b, shape)
+    energy = xcorr(spec_ma, spec_b2, shape)
+    overlap = xcorr(spec_ma, spec_mb, shape)
+    c = np.where(overlap > 0.25 * np.count_nonzero(a), c / np.sqrt(np.maximum(energy, 1e-6)), -1.0)
+    i = int(np.argmax(c))
+    shift = tuple(int(k) if k <= n // 2 else int(k) - n for k, n in zip(np.unravel_index(i, shape), shape))
+    return float(c.flat[i]) / max(float(np.linalg.norm(a)), 1e-6), shift
+
+
+def spectra_of(b: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return spectrum(b, shape), spectrum(b * b, shape), spectrum((b != 0).astype(np.float32), shape)
+
+
+def transforms(p: AuditParams) -> list[tuple[str, np.ndarray]]:
+    """The small rotations and scalings searched: (name, 3x3 matrix acting on z y x)."""
+    out = [("identity", np.eye(3))]
+    r = math.radians(p.rotations_deg)
+    for axis, sign in itertools.product(range(3), (-1, 1)):
+        i, j = [k for k in range(3) if k != axis]
+        m = np.eye(3)
+        m[i, i] = m[j, j] = math.cos(sign * r)
+        m[i, j], m[j, i] = -math.sin(sign * r), math.sin(sign * r)
+        out.append((f"rotate {sign * p.rotations_deg:+g} deg about {'zyx'[axis]}", m))
+    out += [(f"scale {s:g}", np.eye(3) / s) for s in p.scales]
+    out += [(f"{name}, scale {s:g}", m / s) for name, m in out[1:3] for s in p.scales]  # axial rotation + zoom
+    return out
+
+
+def _warp(a: np.ndarray, m: np.ndarray) -> np.ndarray:
+    if np.allclose(m, np.eye(3)):
+        return a
+    c = (np.array(a.shape) - 1) / 2
+    return ndimage.affine_transform(a, m, offset=c - m @ c, order=1, mode="constant")
+
+
+def patch_scores(a: np.ndarray, fb: tuple, side: int, shape) -> np.ndarray:
+    """For each patch (side^3, half-overlapping, mostly lung) of ``a``: its best normalized correlation
+    with any position of ``b`` (template matching by FFT; positions where b is mostly outside the
+    lungs are skipped, so a near-empty window cannot score by chance)."""
+    side = max(4, min(side, *a.shape))
+    step = max(2, side // 2)
+    window = np.ones((side,) * 3, np.float32)
+    energy = xcorr(spectrum(window, shape), fb[1], shape)
+    support = xcorr(spectrum(window, shape), fb[2], shape)
+    denom = np.sqrt(np.maximum(energy, 1e-6))
+    scores = []
+    for z, y, x in itertools.product(*[range(0, max(1, n - side + 1), step) for n in a.shape]):
+        patch = a[z:z + side, y:y + side, x:x + side]
+        norm = float(np.linalg.norm(patch))
+        n = np.count_nonzero(patch)
+        if n < 0.15 * patch.size or norm == 0:
+            continue
+        c = xcorr(spectrum(patch, shape), fb[0], shape)
+        scores.append(float(np.max(np.where(support > 0.5 * n, c / denom, -1.0))) / norm)
+    return np.array(scores)
+
+
+def local_score(scores: np.ndarray) -> float:
+    """Mean of the best quarter of patch scores: a copied region anywhere in the lungs lifts it."""
+    if scores.size == 0:
+        return 0.0
+    k = max(1, int(math.ceil(scores.size / 4)))
+    return float(np.sort(scores)[-k:].mean())
+
+
+# -- the search ----------------------------------------------------------------------------------
+
+@dataclass
+class Bank:
+    """Training scans' features, with their spectra cached per FFT shape during one audit."""
+
+    ids: list[str]
+    feats: list[Features]
+    p: AuditParams = field(default_factory=AuditParams)
+    _spec: dict = field(default_factory=dict, repr=False)
+
+    def coarse_shape(self, extra) -> tuple[int, ...]:
+        """One FFT shape for the whole bank (so its spectra are computed once), grown if needed."""
+        shape = fft_shape(*[f.coarse.shape for f in self.feats])
+        return shape if all(n >= 1.25 * e for n, e in zip(shape, extra)) else fft_shape(extra, shape)
+
+    def coarse_spectra(self, shape) -> list[np.ndarray]:
+        if shape not in self._spec:
+            self._spec[shape] = [spectra_of(f.coarse, shape) for f in self.feats]
+        return self._spec[shape]
+
+
+def nearest(f: Features, bank: Bank, exclude: str | None = None) -> dict:
+    """The nearest training scan of one volume, over all disguises: scores and the best disguise."""
+    p = bank.p
+    keep = [i for i, cid in enumerate(bank.ids) if cid != exclude]
+    if not keep:
+        return {"global": 0.0, "local": 0.0, "nearest": None, "disguise": None, "coarse": 0.0}
+    shape = bank.coarse_shape(f.coarse.shape)
+    spectra = bank.coarse_spectra(shape)
+    coarse = []  # (score, bank index, flip)
+    flipped = {fl: np.flip(f.coarse, fl) if fl else f.coarse for fl in FLIPS}
+    for i in keep:
+        best = max((global_ncc(flipped[fl], spectra[i], shape)[0], fl) for fl in FLIPS)
+        coarse.append((best[0], i, best[1]))
+    coarse.sort(reverse=True)
+    best = {"global": -1.0}
+    for score_c, i, _ in coarse[: p.candidates]:
+        b = bank.feats[i].fine
+        fshape = fft_shape(f.fine.shape, b.shape)
+        fb = spectra_of(b, fshape)
+        flip_scores = sorted(((global_ncc(np.flip(f.fine, fl) if fl else f.fine, fb, fshape)[0], fl)
+                              for fl in FLIPS), reverse=True)
+        fl = flip_scores[0][1]
+        a = np.flip(f.fine, fl) if fl else f.fine
+        tried = [(global_ncc(w, fb, fshape), name, w) for name, m in transforms(p)
+                 for w in [_warp(a, m)]]
+        (g, shift), name, w = max(tried, key=lambda t: t[0][0])
+        loc = local_score(patch_scores(w, fb, int(round(p.patch_mm / p.fine_mm)), fshape))
+        if max(g, loc) > max(best["global"], best.get("local", -1.0)):
+            flip_name = "+".join("zyx"[k] for k in fl) or "none"
+            best = {"global": g, "local": loc, "nearest": bank.ids[i], "coarse": score_c,
+                    "disguise": {"flip": flip_name, "transform": name, "shift_voxels": list(shift),
+                                 "grid_mm": p.fine_mm}}
+    return best
+
+
+# -- calibration -----------------------------------------------------------------------------------
+
+def _threshold(null: np.ndarray, alpha: float, margin: float) -> tuple[float, float]:
+    """(threshold, fitted false-alarm rate at it): normal fit on Fisher-z scores."""
+    z = np.arctanh(np.clip(null, -0.999, 0.999))
+    mu, sd = float(z.mean()), max(float(z.std(ddof=1)) if z.size > 1 else 0.1, 0.05)
+    t = float(np.tanh(mu + stats.norm.ppf(1 - alpha) * sd)) + margin
+    fa = float(stats.norm.sf((np.arctanh(min(t, 0.999)) - mu) / sd))
+    return t, fa
+
+
+def calibrate(null_scores: list[dict], p: AuditParams, seed: int = 0) -> dict:
+    """Thresholds for ``global`` and ``local`` from nearest-neighbour scores of unseen real scans."""
+    out = {"false_alarm_target": p.false_alarm, "margin": p.margin, "null_n": len(null_scores)}
+    rng = np.random.default_rng(seed)
+    for key in ("global", "local"):
+        null = np.array([s[key] for s in null_scores], float)
+        if null.size < 2:
+            raise ValueError(f"the audit needs at least 2 unseen real scans to calibrate ({null.size} given)")
+        t, fa = _threshold(null, p.false_alarm, p.margin)
+        boot = [_threshold_fa(null[rng.integers(0, null.size, null.size)], t) for _ in range(500)]
+        exceed = int((null > t).sum())
+        ci = stats.binomtest(exceed, null.size).proportion_ci(0.95)
+        out[key] = {"threshold": t, "false_alarm_fit": fa,
+                    "false_alarm_fit_95ci": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+                    "null_exceeding": exceed, "false_alarm_empirical_95ci": [float(ci.low), float(ci.high)],
+                    "null_max": float(null.max()), "null_mean": float(null.mean())}
+    return out
+
+
+def _threshold_fa(null: np.ndarray, t: float) -> float:
+    z = np.arctanh(np.clip(null, -0.999, 0.999))
+    sd = max(float(z.std(ddof=1)), 0.05)
+    return float(stats.norm.sf((np.arctanh(min(t, 0.999)) - z.mean()) / sd))
+
+
+def _jsonable(x):
+    return x.item() if isinstance(x, np.generic) else list(x) if isinstance(x, tuple) else str(x)
+
+
+def flagged(score: dict, calibration: dict) -> list[str]:
+    return [k for k in ("global", "local") if score.get(k) is not None and score[k] > calibration[k]["threshold"]]
+
+
+# -- the training cohort's features, cached beside it -------------------------------------------------
+
+def cohort_key(cohort, p: AuditParams) -> str:
+    """Identity of (cohort content, audit settings): the sha256s of its cases and the parameters."""
+    body = {"version": VERSION, "params": asdict(p),
+            "cases": sorted((c.id, c.split, c.sha256["image"]) for c in cohort.cases)}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def training_bank(cohort, p: AuditParams = AuditParams(), progress=None) -> tuple[Bank, list[dict], Path | None]:
+    """(bank of train-split features, null scores of unseen real scans, cache file or None).
+    Computed once per cohort content and settings, cached in COHORT/.medsyn-audit/."""
+    key = cohort_key(cohort, p)
+    path = Path(cohort.root) / CACHE_DIR / f"features-{key[:24]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                meta = json.loads(str(z["meta"]))
+                if meta["key"] == key:
+                    feats = [Features(z[f"coarse_{i}"], z[f"fine_{i}"]) for i in range(len(meta["ids"]))]
+                    return Bank(meta["ids"], feats, p), meta["null"], path
+        except (OSError, ValueError, KeyError) as e:  # a damaged cache is recomputed
+            log.warning("%s: unreadable audit cache (%s); recomputing", path, e)
+    progress = progress or (lambda it, **kw: it)
+    feats = {r.id: Features.of(cohort.arrays(r.id)[0], r.spacing, p)
+             for r in progress(cohort.cases, desc="audit: training cohort features", unit="scan")}
+    train = [r.id for r in cohort.cases if r.split == "train"]
+    heldout = [r.id for r in cohort.cases if r.split != "train"]
+    if not train or not heldout:
+        raise ValueError(f"{cohort.root}: the audit needs train cases and held-out (val/test) cases to calibrate")
+    bank = Bank(train, [feats[i] for i in train], p)
+    null = []
+    for cid in progress(heldout + train, desc="audit: calibration (unseen real scans)", unit="scan"):
+        s = nearest(feats[cid], bank, exclude=cid)
+        null.append({"case": cid, "kind": "held-out" if cid in heldout else "train, leave-one-out", **s})
+    try:
+        from medsyn_site.atomic import atomic_write
+
+        arrays = {f"{kind}_{i}": getattr(f, kind) for i, f in enumerate(bank.feats) for kind in ("coarse", "fine")}
+        meta = json.dumps({"key": key, "ids": train, "null": null}, default=_jsonable)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, meta=np.array(meta), **arrays)
+        atomic_write(path, write)
+    except OSError as e:  # a read-only cohort: no cache, same result
+        log.warning("%s: cannot cache the audit features (%s)", path, e)
+        path = None
+    return bank, null, path

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +89,63 @@ def _release_geometry(image: sitk.Image) -> sitk.Image:
     return out
 
 
-def similarity_figure(heldout: list[dict], synth: list[dict], thresholds: dict, out: Path) -> Path:
+# -- the memorization audit and its privacy report ---------------------------------------------------
+
+def run_audit(synth: Path, training_cohort: str | Path, decisions: dict[str, Decision],
+              overrides: dict[str, str], params: audit.AuditParams = audit.AuditParams()) -> dict:
+    """Score every case that passed provenance against the training cohort (features cached beside
+    it); flag those above the calibrated thresholds. Returns the calibration."""
+    train_cohort = Cohort(training_cohort)
+    bank, null, cache = audit.training_bank(train_cohort, params, progress=tqdm)
+    log.info("audit features of %s: %s", training_cohort, cache or "not cached")
+    calibration = audit.calibrate(null, params) | {"null_scores": null, "params": asdict(params)}
+    cohort = Cohort(synth)
+    for rec in tqdm(cohort.cases, desc="audit: synthetic", unit="volume"):
+        d = decisions[rec.id]
+        if d.reasons:
+            continue
+        d.scores = audit.nearest(audit.Features.of(cohort.arrays(rec.id)[0], rec.spacing, params), bank)
+        hits = audit.flagged(d.scores, calibration)
+        if hits and rec.id in overrides:
+            d.override = overrides[rec.id]
+        elif hits:
+            d.reasons.append(f"memorization audit: a copy of a training scan ({', '.join(hits)} similarity "
+                             f"{max(d.scores[h] for h in hits):.3f} above threshold; nearest training scan "
+                             f"{d.scores['nearest']}, disguise {d.scores['disguise']})")
+    return calibration
+
+
+def write_privacy_report(folder: Path, report: dict, extra: dict[str, list[dict]] | None = None) -> None:
+    """audit/audit.json, audit/privacy.md (per case: nearest training scan, scores, best disguise;
+    thresholds and false-alarm estimates) and audit/scores.png (score distributions)."""
+    cal = report["calibration"]
+    atomic_write_text(folder / "audit.json", json.dumps(report, indent=1, default=audit._jsonable))
+    lines = ["# Privacy report (memorization audit)", "",
+             f"Thresholds for a {cal['false_alarm_target']:.1%} false-alarm rate per unseen real scan "
+             f"(normal fit on Fisher-z nearest-neighbour scores of {cal['null_n']} unseen real scans, + margin "
+             f"{cal['margin']}):", "",
+             "| score | threshold | false alarm (fit) | 95% CI (bootstrap) | unseen real above | 95% CI (exact) |",
+             "|---|---|---|---|---|---|"]
+    for k in ("global", "local"):
+        c = cal[k]
+        lines.append(f"| {k} | {c['threshold']:.3f} | {c['false_alarm_fit']:.2e} | "
+                     f"{c['false_alarm_fit_95ci'][0]:.1e} - {c['false_alarm_fit_95ci'][1]:.1e} | "
+                     f"{c['null_exceeding']}/{cal['null_n']} | {c['false_alarm_empirical_95ci'][0]:.2f} - "
+                     f"{c['false_alarm_empirical_95ci'][1]:.2f} |")
+    lines += ["", "| case | released | nearest training scan | global | local | best disguise |", "|---|---|---|---|---|---|"]
+    for c in report["cases"]:
+        s = c.get("scores") or {}
+        dis = s.get("disguise") or {}
+        lines.append(f"| {c['case']} | {'yes' if not c['reasons'] else 'NO'} | {s.get('nearest', '-')} | "
+                     f"{s.get('global', float('nan')):.3f} | {s.get('local', float('nan')):.3f} | "
+                     f"{', '.join(f'{k} {v}' for k, v in dis.items()) or '-'} |")
+    atomic_write_text(folder / "privacy.md", "\n".join(lines) + "\n")
+    groups = {"unseen real (calibration)": cal["null_scores"],
+              "synthetic": [c["scores"] for c in report["cases"] if c.get("scores")], **(extra or {})}
+    score_figure(groups, cal, folder / "scores.png")
+
+
+def score_figure(groups: dict[str, list[dict]], cal: dict, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,15 +154,12 @@ def similarity_figure(heldout: list[dict], synth: list[dict], thresholds: dict, 
     from medsyn_site.atomic import atomic_write
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, key, title in zip(axes, ("whole", "crop"), ("whole volume", "nodule-centred crops")):
-        h = [s[key] for s in heldout if np.isfinite(s[key])]
-        y = [s[key] for s in synth if np.isfinite(s[key])]
-        bins = np.linspace(min(h + y + [0.0]), 1.0, 30)
-        ax.hist(h, bins=bins, alpha=0.6, label="held-out real (calibration)")
-        ax.hist(y, bins=bins, alpha=0.6, label="synthetic")
-        ax.axvline(thresholds[key], color="red", linestyle="--", label=f"threshold {thresholds[key]:.3f}")
-        ax.set_xlabel("NCC to nearest training scan")
-        ax.set_title(title, fontsize=9)
+    for ax, key in zip(axes, ("global", "local")):
+        bins = np.linspace(-0.2, 1.0, 40)
+        for name, scores in groups.items():
+            ax.hist([s[key] for s in scores], bins=bins, alpha=0.55, label=name)
+        ax.axvline(cal[key]["threshold"], color="red", linestyle="--", label=f"threshold {cal[key]['threshold']:.3f}")
+        ax.set_xlabel(f"{key} NCC to nearest training scan")
         ax.legend(fontsize=7)
     fig.tight_layout()
     try:
@@ -115,7 +168,7 @@ def similarity_figure(heldout: list[dict], synth: list[dict], thresholds: dict, 
         plt.close(fig)
 
 
-def _card(header: dict, released: list[Decision], refused: list[Decision], thresholds: dict, fmt: str,
+def _card(header: dict, released: list[Decision], refused: list[Decision], calibration: dict, fmt: str,
           allow_verbatim: bool, licence: str, entries: dict, adherence: dict) -> tuple[str, dict]:
     card = {
         "name": "medsyn-site synthetic lung CT + nodule masks",
@@ -126,7 +179,8 @@ def _card(header: dict, released: list[Decision], refused: list[Decision], thres
         "verbatim_real_masks": allow_verbatim and any(entries[d.case]["mask_mode"] == "verbatim" for d in released),
         "counts": {"released": len(released), "refused": len(refused)},
         "format": fmt,
-        "audit": {"thresholds": {k: thresholds[k] for k in ("whole", "crop")},
+        "audit": {"thresholds": {k: calibration[k]["threshold"] for k in ("global", "local")},
+                  "false_alarm_target": calibration["false_alarm_target"],
                   "overridden": [{"case": d.case, "reason": d.override} for d in released if d.override]},
         "mask_adherence": adherence | {"cases": {d.case: d.adherence for d in released}},
         "licence": licence,
@@ -141,8 +195,10 @@ def _card(header: dict, released: list[Decision], refused: list[Decision], thres
         f"- conditioning masks: {card['mask_source']}"
         + (" — INCLUDES VERBATIM REAL MASKS (published with --allow-verbatim-masks)" if card["verbatim_real_masks"] else ""),
         f"- released cases: {len(released)}; refused: {len(refused)}",
-        f"- memorization audit thresholds (NCC, calibrated on held-out real scans): whole {thresholds['whole']:.4f}, "
-        f"nodule crop {thresholds['crop']:.4f}; overrides: {len(card['audit']['overridden'])}",
+        f"- memorization audit thresholds (NCC of lung-interior features over flips, shifts, rotations, scalings; "
+        f"calibrated on unseen real scans for a {calibration['false_alarm_target']:.0%} false-alarm rate): "
+        f"global {calibration['global']['threshold']:.4f}, local {calibration['local']['threshold']:.4f}; "
+        f"overrides: {len(card['audit']['overridden'])} (details: audit/privacy.md)",
         f"- mask adherence (nodule mean HU minus a 2-voxel shell around it): median {adherence['median_contrast_hu']} HU "
         f"over {adherence['nodules']} nodules" + (f", segmenter Dice at the masks {adherence['mean_segmenter_dice']}"
                                                 if adherence["mean_segmenter_dice"] is not None else "")
@@ -160,7 +216,7 @@ def check_adherence(cohort: Cohort, decisions: dict[str, Decision], min_contrast
 
     seg = adherence.Segmenter(segmenter) if segmenter else None
     if min_dice is not None and seg is None:
-        raise ValueError("--min-dice needs --segmenter (a nodule segmenter trained on real scans)")
+        raise ReleaseError("--min-dice needs --segmenter (a nodule segmenter trained on real scans)")
     for rec in tqdm(cohort.cases, desc="mask adherence", unit="volume"):
         d = decisions[rec.id]
         if d.reasons:
@@ -192,25 +248,9 @@ def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt
     refuse_existing(out, force)  # before the audit's long work
     key = load_site_key(site_key)
     header, decisions, entries = check_provenance(synth, key, allow_verbatim, site_key)
-    train_cohort = Cohort(training_cohort)
-    feats = {r.id: (audit.Features.of(*train_cohort.arrays(r.id), r.spacing), r.split) for r in
-             tqdm(train_cohort.cases, desc="audit: training cohort", unit="scan")}
-    train = [f for f, s in feats.values() if s == "train"]
-    heldout = [f for f, s in feats.values() if s != "train"]
-    if not train or not heldout:
-        raise ReleaseError(f"{training_cohort}: the audit needs train cases and held-out (val/test) cases to calibrate")
-    thresholds = audit.calibrate(heldout, train)
+    provenance.check_training_cohort(header, training_cohort, synth)
+    calibration = run_audit(synth, training_cohort, decisions, overrides)
     cohort = Cohort(synth)
-    for rec in tqdm(cohort.cases, desc="audit: synthetic", unit="volume"):
-        d = decisions[rec.id]
-        if d.reasons:
-            continue
-        d.scores = audit.nn_scores(audit.Features.of(*cohort.arrays(rec.id), rec.spacing), train)
-        hits = audit.flagged(d.scores, thresholds)
-        if hits and rec.id in overrides:
-            d.override = overrides[rec.id]
-        elif hits:
-            d.reasons.append(f"memorization audit: similarity to a training scan above threshold ({', '.join(hits)})")
     adherence_summary = check_adherence(cohort, decisions, min_contrast, min_dice, segmenter)
     released = [d for d in decisions.values() if not d.reasons]
     refused = [d for d in decisions.values() if d.reasons]
@@ -220,9 +260,7 @@ def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt
         raise ReleaseError(f"{synth}: all {len(refused)} case(s) refused ("
                            + "; ".join(f"{d.case}: {', '.join(d.reasons)}" for d in refused[:3])
                            + (", ..." if len(refused) > 3 else "") + f"); nothing written to {out}")
-    report = {"thresholds": {k: thresholds[k] for k in ("whole", "crop")},
-              "calibrated": thresholds["calibrated"], "floor": thresholds["floor"],
-              "heldout_scores": thresholds["heldout_scores"], "adherence": adherence_summary,
+    report = {"calibration": calibration, "adherence": adherence_summary,
               "cases": [d.__dict__ for d in decisions.values()]}
     with staged_dir(out, force) as stage:
         if fmt in ("nifti", "both"):
@@ -237,10 +275,8 @@ def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt
             for d in tqdm(released, desc="DICOM", unit="case"):
                 image, mask = cohort.read(d.case)
                 write_case(_release_geometry(image), _release_geometry(mask), stage / "dicom" / d.case, d.case)
-        atomic_write_text(stage / "audit" / "audit.json", json.dumps(report, indent=1, default=float))
-        similarity_figure(thresholds["heldout_scores"], [d.scores for d in decisions.values() if d.scores],
-                          thresholds, stage / "audit" / "similarity.png")
-        md, card = _card(header, released, refused, thresholds, fmt, allow_verbatim, licence, entries,
+        write_privacy_report(stage / "audit", report)
+        md, card = _card(header, released, refused, calibration, fmt, allow_verbatim, licence, entries,
                          adherence_summary)
         atomic_write_text(stage / "dataset_card.md", md)
         atomic_write_text(stage / "dataset_card.json", json.dumps(card, indent=1))

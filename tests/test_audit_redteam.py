@@ -1,0 +1,153 @@
+"""Red team for the publication gate: disguised copies of training scans, planted into a synthetic
+cohort and signed with the site key exactly as a memorizing model's output would be, must all be
+refused; novel phantom scans (never trained on, planted the same way) must pass (<= 5 % refused)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from medsyn_site import provenance
+from medsyn_site.config import PhantomConfig, SplitConfig
+from medsyn_site.data.cohort import Cohort, CohortWriter
+from medsyn_site.data.phantom import make_case, write_phantom_cohort
+from medsyn_site.data.prepare import load_site_key
+from medsyn_site.diffusion.masks import relocate_nodules
+from medsyn_site.publish.release import publish
+
+SHAPE = (64, 64, 40)
+
+
+def _fit(a, shape, cval=-1024.0):
+    out = np.full(shape, cval, np.float32)
+    src = tuple(slice(max(0, (n - s) // 2), max(0, (n - s) // 2) + min(n, s)) for n, s in zip(a.shape, shape))
+    dst = tuple(slice(max(0, (s - n) // 2), max(0, (s - n) // 2) + min(n, s)) for n, s in zip(a.shape, shape))
+    out[dst] = a[src]
+    return out
+
+
+def _shift(a, d):
+    return ndimage.shift(a, d, order=0, cval=-1024)
+
+
+def _rotate(a, deg, axes=(1, 2)):
+    return ndimage.rotate(a, deg, axes=axes, reshape=False, order=1, cval=-1024)
+
+
+def _zoom(a, f):
+    return _fit(ndimage.zoom(a, f, order=1), a.shape)
+
+
+def disguises(hu: np.ndarray, rng) -> dict[str, np.ndarray]:
+    """14 kinds of disguised copies of one scan (z, y, x HU)."""
+    hu = hu.astype(np.float32)
+    noise = lambda a, s: a + rng.normal(0, s, a.shape).astype(np.float32)  # noqa: E731
+    return {
+        "flip-x": np.flip(hu, 2), "flip-y+z": np.flip(hu, (0, 1)), "flip-all": np.flip(hu, (0, 1, 2)),
+        "roll-z (wrapped)": np.roll(hu, 13, 0),
+        "shift 1/4 of the field": _shift(hu, (3, 14, -16)), "shift, cut": _shift(hu, (4, -9, 12)),
+        "rotate 7 deg axial": _rotate(hu, 7), "rotate 5 deg coronal": _rotate(hu, -5, (0, 1)),
+        "zoom 1.1": _zoom(hu, 1.1), "zoom 0.9": _zoom(hu, 0.9),
+        "noise 40 HU": noise(hu, 40), "intensity 0.85x+70": hu * 0.85 + 70,
+        "flip+shift+noise": noise(_shift(np.flip(hu, 2), (2, 7, -6)), 30),
+        "rotate+zoom+intensity": _zoom(_rotate(hu, -6), 1.07) * 1.1 - 40,
+        "flip+rotate+noise": noise(_rotate(np.flip(hu, 1), 5), 25),
+    }
+
+
+def plant(root, cases: dict[str, np.ndarray], masks: dict[str, np.ndarray], key: bytes, ref: sitk.Image,
+          training_cohort):
+    """A synthetic cohort holding CASES, with a provenance.json signed with the site key."""
+    with CohortWriter(root, description="red team: a memorizing model's output") as w:
+        for cid, hu in cases.items():
+            img = sitk.GetImageFromArray(np.clip(np.rint(hu), -1024, 3071).astype(np.int16))
+            msk = sitk.GetImageFromArray(masks[cid].astype(np.uint8))
+            for im in (img, msk):
+                im.CopyInformation(ref)
+            w.add(cid, patient=cid, split="train", source="synthetic", image=img, mask=msk)
+    header = {"checkpoint_sha256": "0" * 64, "sampler": "ddim", "steps": 50, "seed": 0, "mask_source": "relocate",
+              "training_cohort": provenance.cohort_identity(training_cohort) if training_cohort else None}
+    entries = [{"case": r.id, "image_sha256": r.sha256["image"], "mask_sha256": r.sha256["mask"], "seed": 0,
+                "mask_source_id": "src-x", "mask_mode": "relocated"} for r in Cohort(root).cases]
+    provenance.write(root, header, entries, key)
+
+
+@pytest.mark.slow
+def test_disguised_copies_refused_novel_scans_released(tmp_path):
+    train_dir = tmp_path / "site"
+    write_phantom_cohort(PhantomConfig(cases=10, seed=7, shape=SHAPE), SplitConfig(), train_dir)
+    site = Cohort(train_dir)
+    key_file = tmp_path / "site.key"
+    key = load_site_key(key_file)
+    rng = np.random.default_rng(0)
+    train = site.split("train")
+    ref = site.read(train[0].id)[0]
+    cases, masks, kinds = {}, {}, {}
+    for i, rec in enumerate(train[:2]):  # every disguise of two training scans
+        hu = site.arrays(rec.id)[0]
+        other = site.arrays(train[(i + 1) % len(train)].id)[1]  # an unrelated mask, relocated into the copy
+        for j, (kind, arr) in enumerate(disguises(hu, rng).items()):
+            cid = f"syn-copy-{i}-{j:02d}"
+            cases[cid], kinds[cid] = arr, f"{kind} of {rec.id}"
+            masks[cid] = relocate_nodules(other, np.clip(arr, -1024, 3071), rng)
+    novel = [make_case(PhantomConfig(shape=SHAPE), 90_000 + k) for k in range(20)]  # never trained on
+    for k, c in enumerate(novel):
+        cid = f"syn-novel-{k:02d}"
+        cases[cid], masks[cid] = c.image.astype(np.float32), relocate_nodules(c.mask, c.image, rng)
+    plant(tmp_path / "syn", cases, masks, key, ref, train_dir)
+
+    report = publish(tmp_path / "syn", train_dir, tmp_path / "release", fmt="nifti", site_key=key_file)
+    refused = {c["case"]: c["reasons"] for c in report["cases"] if c["reasons"]}
+    copies = [c for c in cases if "copy" in c]
+    novel_ids = [c for c in cases if "novel" in c]
+    copies_refused = [c for c in copies if c in refused]
+    novel_refused = [c for c in novel_ids if c in refused]
+    by_case = {c["case"]: c for c in report["cases"]}
+    for c in copies:
+        s = by_case[c]["scores"]
+        print(f"{kinds[c]:42s} global {s['global']:.3f} local {s['local']:.3f} nearest {s['nearest']} "
+              f"{'REFUSED' if c in refused else 'RELEASED'}")
+    print(f"red team: {len(copies_refused)}/{len(copies)} disguised copies refused "
+          f"({100 * len(copies_refused) / len(copies):.0f} %); {len(novel_refused)}/{len(novel_ids)} novel scans "
+          f"refused ({100 * len(novel_refused) / len(novel_ids):.0f} %); thresholds "
+          f"global {report['calibration']['global']['threshold']:.3f} local {report['calibration']['local']['threshold']:.3f}")
+    assert len(set(kinds[c].split(" of ")[0] for c in copies)) >= 10
+    assert all(all("memorization audit" in r for r in refused[c]) for c in copies_refused)
+    # every copy found, and attributed to the scan it copies
+    assert copies_refused == copies, [kinds[c] for c in copies if c not in refused]
+    assert all(by_case[c]["scores"]["nearest"] == kinds[c].split(" of ")[1] for c in copies)
+    assert len(novel_refused) <= 0.05 * len(novel_ids), {c: refused[c] for c in novel_refused}
+    # the privacy report names each case's nearest training scan, best disguise and the thresholds
+    md = (tmp_path / "release" / "audit" / "privacy.md").read_text()
+    assert "false-alarm" in md and all(c in md for c in cases)
+    assert (tmp_path / "release" / "audit" / "scores.png").stat().st_size > 1000
+    cal = json.loads((tmp_path / "release" / "audit" / "audit.json").read_text())["calibration"]
+    assert cal["null_n"] == len(site.cases) and 0 < cal["global"]["false_alarm_fit"] < 0.05
+    # the training features were cached beside the cohort and are reused
+    assert len(list((train_dir / ".medsyn-audit").glob("features-*.npz"))) == 1
+
+
+def test_publish_refuses_another_training_cohort(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root, seed in ((a, 1), (b, 2)):
+        write_phantom_cohort(PhantomConfig(cases=4, seed=seed, shape=(32, 32, 24)), SplitConfig(), root)
+    key_file = tmp_path / "site.key"
+    key = load_site_key(key_file)
+    ref, hu = Cohort(a).read(Cohort(a).cases[0].id)[0], Cohort(a).arrays(Cohort(a).cases[0].id)
+    plant(tmp_path / "syn", {"syn-1": hu[0]}, {"syn-1": hu[1]}, key, ref, a)
+    with pytest.raises(provenance.ProvenanceError, match="not the cohort the model was trained on"):
+        publish(tmp_path / "syn", b, tmp_path / "r1", fmt="nifti", site_key=key_file)
+    assert not (tmp_path / "r1").exists()
+    plant(tmp_path / "syn2", {"syn-1": hu[0]}, {"syn-1": hu[1]}, key, ref, None)
+    with pytest.raises(provenance.ProvenanceError, match="records no training cohort"):
+        publish(tmp_path / "syn2", a, tmp_path / "r2", fmt="nifti", site_key=key_file)
+    # the identity follows the files: a changed image changes it
+    before = provenance.cohort_identity(a)
+    path = a / "images" / f"{Cohort(a).cases[0].id}.nii.gz"
+    path.write_bytes(path.read_bytes() + b"")
+    assert provenance.cohort_identity(a) == before
+    sitk.WriteImage(sitk.GetImageFromArray(hu[0] + 1), str(path))
+    assert provenance.cohort_identity(a) != before
