@@ -19,7 +19,7 @@ from medsyn_site.data.prepare import load_site_key, lung_mask
 from medsyn_site.data.readers import read_dicom_series, read_seg
 from medsyn_site.diffusion import sample as sample_mod
 from medsyn_site.diffusion.sample import sample_cohort
-from medsyn_site.publish.release import publish
+from medsyn_site.publish.release import ReleaseError, publish
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -218,8 +218,9 @@ def test_release_contents_dicom_valid_and_readable(synth, phantom_cohort, key, t
 def test_verbatim_masks_need_the_flag(run, phantom_cohort, key, tmp_path):
     syn = tmp_path / "verbatim"
     sample_cohort(run, f"cohort:{phantom_cohort}", syn, sampler="ddim", steps=2, seed=2, site_key=key)
-    report = publish(syn, phantom_cohort, tmp_path / "r1", fmt="nifti", site_key=key)
-    assert all(any("verbatim real mask" in r for r in c["reasons"]) for c in report["cases"])
+    with pytest.raises(ReleaseError, match=r"all \d+ case\(s\) refused.*verbatim real mask"):
+        publish(syn, phantom_cohort, tmp_path / "r1", fmt="nifti", site_key=key)  # nothing to release
+    assert not (tmp_path / "r1").exists()
     publish(syn, phantom_cohort, tmp_path / "r2", fmt="nifti", site_key=key, allow_verbatim=True)
     card = json.loads((tmp_path / "r2" / "dataset_card.json").read_text())
     assert card["verbatim_real_masks"] is True and "VERBATIM REAL MASKS" in (tmp_path / "r2" / "dataset_card.md").read_text()
