@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from medsyn_site.atomic import atomic_write_text
+from medsyn_site.atomic import atomic_write, atomic_write_text
 from medsyn_site.config import Config
 from medsyn_site.data.cohort import Cohort
 from medsyn_site.diffusion import engine as eng
@@ -109,6 +109,33 @@ def preview(net, cfg: Config, samples: list[dict], out: Path, dev, dtype) -> Pat
     return denoise_figure(rows, out, cfg.diffusion.hu_window)
 
 
+def set_weights(engine, state: dict) -> None:
+    """Load a full fp32 state_dict into a DeepSpeed engine: the module's (possibly bf16/fp16) weights
+    and DeepSpeed's fp32 master copy (ZeRO or bf16 optimizer), so the next step starts from it."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    engine.module.load_state_dict(state)
+    for name, p in engine.module.named_parameters():
+        safe_set_full_fp32_param(p, state[name].to(p.device, torch.float32))
+
+
+def get_weights(engine) -> dict:
+    """The engine's full fp32 state_dict on the CPU (parameters from the fp32 master copy if any)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    for name, p in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(p)
+        if master is not None:
+            out[name] = master.detach().float().cpu().clone()
+    return out
+
+
+def _proximal(engine, anchor: dict, mu: float) -> torch.Tensor:
+    """FedProx's mu/2 * ||w - w_global||^2."""
+    return mu / 2 * sum((p.float() - anchor[n]).pow(2).sum() for n, p in engine.module.named_parameters())
+
+
 def _configure_torch(cfg: Config) -> None:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -119,8 +146,12 @@ def _configure_torch(cfg: Config) -> None:
 
 
 def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool = False,
-          force: bool = False) -> Path:
-    """Train (or resume) a run; returns the latest EMA weights file. Raises Interrupted on a stop signal."""
+          force: bool = False, init_weights: dict | None = None, prox_mu: float = 0.0,
+          weights_out: Path | None = None) -> Path:
+    """Train (or resume) a run; returns the latest EMA weights file. Raises Interrupted on a stop signal.
+
+    A federated local round passes ``init_weights`` (the global model: it replaces the resumed weights
+    and the EMA), optionally ``prox_mu`` (FedProx) and ``weights_out`` (the final fp32 weights)."""
     cohort = Cohort(cohort_dir)  # fails early: missing or broken cohort
     t = cfg.train
     data = PatchDataset(cohort, "train", t.patch_size, cfg.diffusion.hu_window, t.pos_fraction, t.seed)
@@ -138,6 +169,10 @@ def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool
     dev = eng.device()
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16 if t.precision == "fp16" else torch.float32
     start = run.load(engine, ema) if resume else 0
+    if init_weights is not None:
+        set_weights(engine, init_weights)
+        ema.load_state_dict(init_weights)
+        anchor = {k: v.to(dev) for k, v in init_weights.items()}
     if start >= t.steps:
         log.info("run already at step %d of %d", start, t.steps)
         return run.latest_weights()
@@ -156,7 +191,7 @@ def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool
     try:
         for step, batch in enumerate(loader, start=start + 1):
             loss = diffusion_loss(engine, sched, batch, cfg, step, dev, dtype)
-            engine.backward(loss)
+            engine.backward(loss + _proximal(engine, anchor, prox_mu) if prox_mu else loss)
             engine.step()
             ema.update(engine.module)
             bar.update(1)
@@ -179,4 +214,7 @@ def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool
         metrics.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
+    if weights_out is not None:
+        final = get_weights(engine)
+        atomic_write(weights_out, lambda tmp: torch.save(final, tmp))
     return run.latest_weights()
