@@ -182,7 +182,7 @@ class Recorder(Strategy):
 
     def __init__(self, inner, run: GlobalRun, offset: int):
         self.inner, self.run, self.offset = inner, run, offset
-        self.t0, self.down = 0.0, {}
+        self.t0, self.down, self.sent = 0.0, {}, []
 
     def summary(self) -> None:
         self.inner.summary()
@@ -194,6 +194,7 @@ class Recorder(Strategy):
         for m in messages:
             m.content["arrays"] = wire
         self.down = {m.metadata.dst_node_id: nbytes(wire) for m in messages}
+        self.sent = messages  # the Grid sets their message ids when it pushes them
         log.info("round %d: sent the global model to %d site(s) (%d bytes each)",
                  self.offset + server_round, len(messages), nbytes(wire))
         return messages
@@ -203,9 +204,12 @@ class Recorder(Strategy):
 
         rnd = self.offset + server_round
         replies = list(replies)
-        rows, good = [], []
+        rows, good, answered = [], [], set()
+        to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
         for m in replies:
-            node = m.metadata.src_node_id
+            # an error reply (e.g. Node Unavailable) comes from the SuperLink: name the site it was for
+            node = to_node.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+            answered.add(node)
             row = {"node_id": node, "bytes_down": self.down.get(node, 0), "bytes_up": 0, "loss": "", "steps": "",
                    "seconds": "", "num_examples": ""}
             if m.has_error():
@@ -218,7 +222,7 @@ class Recorder(Strategy):
             m.content["arrays"] = ArrayRecord(decode(arrays))  # fp32 for the aggregation
             rows.append(row)
             good.append(m)
-        for node in set(self.down) - {m.metadata.src_node_id for m in replies}:
+        for node in sorted(set(self.down) - answered):
             rows.append({"node_id": node, "status": "no reply within round-timeout", "bytes_down": self.down[node],
                          "bytes_up": 0, "loss": "", "steps": "", "seconds": "", "num_examples": ""})
             log.warning("round %d: site %s sent no reply within %.0f s (dropped this round)", rnd, node,
