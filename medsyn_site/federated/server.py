@@ -274,7 +274,7 @@ def run_federation(grid, run_config: dict, run_id) -> Path:
             return run.root
         strategy = Recorder(build_strategy(s), run, offset=run.round)
         train_config = ConfigRecord({"medsyn-config": dump_config(cfg), "local-steps": s.local_steps,
-                                     "transfer": s.transfer})
+                                     "transfer": s.transfer, "federation": run.name})
         strategy.start(grid=grid, initial_arrays=ArrayRecord(run.weights), num_rounds=todo,
                        timeout=s.round_timeout, train_config=train_config)
         log.info("federation %s finished round %d; global EMA weights: %s", run.root, run.round,
