@@ -87,7 +87,6 @@ class GlobalRun:
             self.weights = torch.load(self.run.ckpt / tag / GLOBAL_FILE, map_location="cpu")
             self.ema = EMA(build_unet(cfg.model), s.global_ema)
             self.ema.load_state_dict(blob["ema"])
-            log.info("resuming federation %s at round %d of %d", self.root, self.round, s.rounds)
         else:
             self.run.create(cfg, force=(self.root / "federation.json").is_file())  # refuses foreign folders
             torch.manual_seed(cfg.train.seed)
@@ -104,6 +103,8 @@ class GlobalRun:
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("medsyn_site").addHandler(self._handler)
         logging.getLogger("medsyn_site").setLevel(logging.INFO)
+        if self.round:
+            log.info("resuming federation %s at round %d of %d", self.root, self.round, s.rounds)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(self.root / "tensorboard"), purge_step=self.round + 1)
