@@ -393,6 +393,142 @@ def evaluate_run(ws, real, synthetic, run_dir, seeds, steps, trainer, epochs, it
     click.echo((Path(ws) / "report" / "report.md").read_text())
 
 
+@main.group()
+def fl() -> None:
+    """Federated training with Flower across sites (TLS and SuperNode authentication by default).
+
+    \b
+    Federation operator: fl init, fl superlink, fl connect, fl register, fl run.
+    Site operator:       fl site-key (send the .pub to the operator), fl supernode."""
+
+
+insecure_option = click.option("--insecure", is_flag=True,
+                               help="NO TLS and NO SuperNode authentication (closed test networks only).")
+
+
+def _insecure(insecure: bool) -> None:
+    if insecure:
+        from medsyn_site.federated.deploy import INSECURE_WARNING
+
+        click.secho(INSECURE_WARNING, fg="red", bold=True, err=True)
+
+
+def _exec(cmd: list[str]) -> None:
+    """Replace this process with the Flower one (signals and exit status go straight to it)."""
+    import os
+
+    click.echo(" ".join(cmd), err=True)
+    sys.stdout.flush()
+    os.execvp(cmd[0], cmd)
+
+
+@fl.command("init")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the CA and SuperLink certificate.")
+@click.option("--host", "hosts", multiple=True, help="SuperLink host name or IP the sites connect to (repeatable).")
+@force_option
+@friendly
+def fl_init(out, hosts, force):
+    """Make the federation's CA (ca.pem, ca.key) and the SuperLink's TLS certificate."""
+    from medsyn_site.federated.deploy import make_pki
+
+    make_pki(out, tuple(hosts), force)
+    click.echo(f"wrote {out}/ca.pem (give it to every site), ca.key, superlink.pem, superlink.key (keep them here)")
+
+
+@fl.command("site-key")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Private key file (OUT.pub beside it).")
+@force_option
+@friendly
+def fl_site_key(out, force):
+    """Make this site's SuperNode key pair (ECDSA P-384); send only OUT.pub to the federation operator."""
+    from medsyn_site.federated.deploy import make_node_key
+
+    key, pub = make_node_key(out, force)
+    click.echo(f"wrote {key} (private, stays here) and {pub} (send to the federation operator)")
+
+
+@fl.command("superlink")
+@click.option("--pki", type=click.Path(file_okay=False), default=None, help="Folder from `medsyn fl init`.")
+@click.option("--port", type=click.IntRange(1, 65535), default=9100, show_default=True)
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--database", type=click.Path(dir_okay=False), default=None,
+              help="SuperLink state file (registered sites survive a restart); default: in memory.")
+@insecure_option
+@friendly
+def fl_superlink(pki, port, host, database, insecure):
+    """Start the SuperLink (runs until stopped): TLS, only registered site keys may join."""
+    from medsyn_site.federated.deploy import superlink_command
+
+    _insecure(insecure)
+    _exec(superlink_command(pki, port, host, database, insecure))
+
+
+@fl.command("connect")
+@click.option("--superlink", required=True, help="HOST:PORT of the SuperLink.")
+@click.option("--ca", type=click.Path(dir_okay=False), default=None, help="The federation's ca.pem.")
+@insecure_option
+@friendly
+def fl_connect(superlink, ca, insecure):
+    """Point the flwr CLI (connection 'medsyn' in $FLWR_HOME/config.toml) at the SuperLink."""
+    from medsyn_site.federated.deploy import write_connection
+
+    _insecure(insecure)
+    click.echo(f"wrote connection 'medsyn' to {write_connection(superlink, ca, insecure)}")
+
+
+@fl.command("register")
+@click.argument("public_key", type=click.Path(dir_okay=False))
+@click.option("--name", default=None, help="A name for the site.")
+@friendly
+def fl_register(public_key, name):
+    """Register a site's public key (only registered sites may join)."""
+    from medsyn_site.federated.deploy import register
+
+    click.echo(register(public_key, name))
+
+
+@fl.command("supernode")
+@click.option("--superlink", required=True, help="HOST:PORT of the federation's SuperLink.")
+@click.option("--ca", type=click.Path(dir_okay=False), default=None, help="The federation's ca.pem.")
+@click.option("--key", type=click.Path(dir_okay=False), default=None, help="This site's private key (fl site-key).")
+@click.option("--cohort", required=True, type=click.Path(), help="This site's cohort (its train split is used).")
+@click.option("--work-dir", required=True, type=click.Path(file_okay=False),
+              help="This site's local run dir and round files (stays here).")
+@click.option("--port", type=click.IntRange(1, 65535), default=9200, show_default=True,
+              help="Local port of the SuperNode's own API (127.0.0.1).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None)
+@click.option("--threads", type=click.IntRange(min=0), default=None, help="CPU threads of the trainer.")
+@insecure_option
+@friendly
+def fl_supernode(superlink, ca, key, cohort, work_dir, port, device, precision, threads, insecure):
+    """Start this site's SuperNode (runs until stopped; run it under a supervisor or Slurm with requeue)."""
+    from medsyn_site.federated.deploy import supernode_command
+
+    _insecure(insecure)
+    hardware = {k: v for k, v in {"device": device, "precision": precision, "threads": threads}.items() if v is not None}
+    _exec(supernode_command(superlink, cohort, work_dir, ca, key, port, hardware, insecure))
+
+
+@fl.command("run")
+@click.option("--run-config", default=None,
+              help="Overrides of the app's config, e.g. 'run-dir=\"/data/fed\" rounds=10 local-steps=200'.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the run and report its status.")
+@friendly
+def fl_run(run_config, wait):
+    """Start the federated training on the SuperLink of connection 'medsyn'; a restarted run with the
+    same run-dir continues from its last global round."""
+    from medsyn_site.federated.deploy import submit, wait as wait_run
+
+    run_id = submit(run_config)
+    click.echo(f"started Flower run {run_id} (`flwr log {run_id} medsyn` streams its log)")
+    if wait:
+        status = wait_run(run_id)
+        click.echo(f"run {run_id}: {status}")
+        if status != "finished:completed":
+            sys.exit(1)
+
+
 @main.command()
 @click.option("--out", default="medsyn-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for everything the demo writes.")

@@ -40,6 +40,7 @@ class Sampler:
         blob = load_weights(weights)
         self.sha256, self.model_cfg = blob["sha256"], ModelConfig(**blob["model"])
         self.diffusion = DiffusionConfig(**blob["diffusion"])
+        self.federation = blob.get("federation")  # the federation run and round, for weights trained by `medsyn fl`
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else "cpu" if device == "auto" else device)
         self.net = build_unet(self.model_cfg)
@@ -108,6 +109,8 @@ def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 
               "mask_source": masks.partition(":")[0] if ":" in masks else "cohort",
               "training_cohort": provenance.training_cohort_of(Path(weights)),
               "model": gen.model_cfg.model_dump(mode="json"), "diffusion": gen.diffusion.model_dump(mode="json")}
+    if gen.federation:
+        header["federation"] = gen.federation
     settings = {k: header[k] for k in ("checkpoint_sha256", "sampler", "steps", "seed")} | {"masks": masks,
                                                                                        "per_mask": per_mask}
     settings["batch_size"] = batch_size

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from medsyn_site.atomic import atomic_write_text
+from medsyn_site.atomic import atomic_write, atomic_write_text
 from medsyn_site.config import Config
 from medsyn_site.data.cohort import Cohort
 from medsyn_site.diffusion import engine as eng
@@ -130,6 +130,33 @@ def initial_weights(source: str, cfg: Config) -> dict:
     return blob["ema"]
 
 
+def set_weights(engine, state: dict) -> None:
+    """Load a full fp32 state_dict into a DeepSpeed engine: the module's (possibly bf16/fp16) weights
+    and DeepSpeed's fp32 master copy (ZeRO or bf16 optimizer), so the next step starts from it."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    engine.module.load_state_dict(state)
+    for name, p in engine.module.named_parameters():
+        safe_set_full_fp32_param(p, state[name].to(p.device, torch.float32))
+
+
+def get_weights(engine) -> dict:
+    """The engine's full fp32 state_dict on the CPU (parameters from the fp32 master copy if any)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    for name, p in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(p)
+        if master is not None:
+            out[name] = master.detach().float().cpu().clone()
+    return out
+
+
+def _proximal(engine, anchor: dict, mu: float) -> torch.Tensor:
+    """FedProx's mu/2 * ||w - w_global||^2."""
+    return mu / 2 * sum((p.float() - anchor[n]).pow(2).sum() for n, p in engine.module.named_parameters())
+
+
 def _configure_torch(cfg: Config) -> None:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -140,15 +167,20 @@ def _configure_torch(cfg: Config) -> None:
 
 
 def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool = False,
-          force: bool = False) -> Path:
+          force: bool = False, init_weights: dict | None = None, prox_mu: float = 0.0,
+          weights_out: Path | None = None) -> Path:
     """Train (or resume) a run; returns the latest EMA weights file. Raises Interrupted on a stop
     signal at any point: before the first step at once (a run dir resumes from step 0), in the loop
-    after writing a checkpoint."""
+    after writing a checkpoint.
+
+    A federated local round passes ``init_weights`` (the global model: it replaces the resumed weights
+    and the EMA), optionally ``prox_mu`` (FedProx) and ``weights_out`` (the final fp32 weights)."""
     with StopSignals() as stop:
-        return _train(cfg, cohort_dir, run_dir, resume, force, stop)
+        return _train(cfg, cohort_dir, run_dir, resume, force, stop, init_weights, prox_mu, weights_out)
 
 
-def _train(cfg: Config, cohort_dir, run_dir, resume: bool, force: bool, stop: StopSignals) -> Path:
+def _train(cfg: Config, cohort_dir, run_dir, resume: bool, force: bool, stop: StopSignals,
+           init_weights: dict | None = None, prox_mu: float = 0.0, weights_out: Path | None = None) -> Path:
     cohort = Cohort(cohort_dir)  # fails early: missing or broken cohort
     run = RunDir(run_dir)
     run.check_resume(cfg) if resume else run.check_new(force)  # before the volumes are cached
@@ -177,6 +209,10 @@ def _train(cfg: Config, cohort_dir, run_dir, resume: bool, force: bool, stop: St
     dev = eng.device()
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16 if t.precision == "fp16" else torch.float32
     start = run.load(engine, ema) if resume else 0
+    if init_weights is not None:
+        set_weights(engine, init_weights)
+        ema.load_state_dict(init_weights)
+        anchor = {k: v.to(dev) for k, v in init_weights.items()}
     if start >= t.steps:
         log.info("run already at step %d of %d", start, t.steps)
         return run.latest_weights()
@@ -193,7 +229,7 @@ def _train(cfg: Config, cohort_dir, run_dir, resume: bool, force: bool, stop: St
     try:
         for step, batch in enumerate(loader, start=start + 1):
             loss = diffusion_loss(engine, sched, batch, cfg, step, dev, dtype)
-            engine.backward(loss)
+            engine.backward(loss + _proximal(engine, anchor, prox_mu) if prox_mu else loss)
             engine.step()
             ema.update(engine.module)
             bar.update(1)
@@ -213,4 +249,7 @@ def _train(cfg: Config, cohort_dir, run_dir, resume: bool, force: bool, stop: St
     finally:
         bar.close()
         metrics.close()
+    if weights_out is not None:
+        final = get_weights(engine)
+        atomic_write(weights_out, lambda tmp: torch.save(final, tmp))
     return run.latest_weights()

@@ -1,0 +1,292 @@
+"""Federated training with Flower: the weights on the wire, the trainer's init-weights hook (DeepSpeed's
+fp32 master copy), the global run dir, the certificates; and a real federation on 127.0.0.1 (SuperLink
+with TLS and SuperNode authentication, two SuperNodes on two phantom cohorts, an unregistered node
+refused, a node killed mid-round, a restarted ServerApp continuing from its last round)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from medsyn_site.config import PhantomConfig, SplitConfig, load_config
+from medsyn_site.data.phantom import write_phantom_cohort
+from medsyn_site.diffusion.model import build_unet
+from medsyn_site.federated import deploy
+from medsyn_site.federated.server import GlobalRun, Settings
+from medsyn_site.federated.task import decode, encode, nbytes
+
+CONFIG = Path(__file__).parent / "configs" / "federated_test.yaml"
+MEDSYN = str(Path(sys.executable).with_name("medsyn"))
+FLWR = str(Path(sys.executable).with_name("flwr"))
+
+
+# -- fast ---------------------------------------------------------------------------------------
+def test_wire_fp32_exact_bf16_half_the_bytes():
+    torch.manual_seed(0)
+    state = {"w": torch.randn(64, 32), "b": torch.randn(32), "steps": torch.tensor([7])}
+    fp32, bf16 = encode(state, "fp32"), encode(state, "bf16")
+    assert all(torch.equal(decode(fp32)[k], state[k]) for k in state)
+    back = decode(bf16)
+    assert torch.equal(back["w"], state["w"].to(torch.bfloat16).float())  # exactly torch's bf16 rounding
+    assert back["steps"].dtype == torch.int64 and back["steps"].item() == 7
+    big = {"w": torch.randn(256, 256)}
+    assert 0.49 < nbytes(encode(big, "bf16")) / nbytes(encode(big, "fp32")) < 0.51  # (.npy headers aside)
+    with pytest.raises(ValueError, match="fp16"):
+        encode(state, "fp16")
+
+
+@pytest.mark.parametrize("precision, ds", [("fp32", "deepspeed/cpu.json"), ("bf16", "deepspeed/gpu.json")])
+def test_init_weights_reach_deepspeeds_fp32_master_copy(precision, ds):
+    """bf16 + ZeRO keeps fp32 master weights in the optimizer: the global model must land there,
+    not only in the (bf16) module, or the next step would start from the old weights."""
+    from medsyn_site.diffusion import engine as eng
+    from medsyn_site.diffusion.train import get_weights, set_weights
+
+    cfg = load_config(CONFIG, {"train.precision": precision, "train.deepspeed_config": ds})
+    eng.init_distributed()
+    engine, _ = eng.make_engine(build_unet(cfg.model), cfg.train)
+    torch.manual_seed(1)
+    target = {k: torch.randn_like(v.float()) if v.is_floating_point() else v
+              for k, v in build_unet(cfg.model).state_dict().items()}
+    set_weights(engine, target)
+    got = get_weights(engine)
+    for k, v in target.items():
+        assert torch.equal(got[k], v.float()), k
+    if precision == "bf16":
+        p = next(engine.module.parameters())
+        assert p.dtype == torch.bfloat16
+
+
+def test_global_run_saves_each_round_resumes_and_samples(tmp_path):
+    from medsyn_site.diffusion.sample import Sampler
+
+    s = Settings.from_run_config({"run-dir": str(tmp_path / "fed"), "config": str(CONFIG), "rounds": 3,
+                                  "local-steps": 4, "global-ema": 0.5})
+    cfg = s.medsyn_config()
+    run = GlobalRun(s, cfg, run_id=11)
+    w1 = {k: v + 1 if v.is_floating_point() else v for k, v in run.weights.items()}
+    w2 = {k: v + 3 if v.is_floating_point() else v for k, v in run.weights.items()}
+    row = {"node_id": 5, "status": "ok", "loss": 0.5, "steps": 4, "seconds": 1.0, "num_examples": 2,
+           "bytes_down": 10, "bytes_up": 10, "round_seconds": 2.0}
+    run.save_round(1, w1, [row])
+    run.save_round(2, w2, [row])
+    run.close()
+    key = next(k for k, v in w1.items() if v.is_floating_point())
+    again = GlobalRun(s, cfg, run_id=12)  # a restarted ServerApp
+    assert again.round == 2 and torch.equal(again.weights[key], w2[key])
+    assert torch.allclose(again.ema.shadow[key], 0.5 * w1[key] + 0.5 * w2[key])  # EMA over rounds
+    again.close()
+    gen = Sampler(tmp_path / "fed" / "checkpoints" / "round_00002" / "ema.pt", steps=1)
+    assert gen.federation["round"] == 2 and gen.federation["flower_run_id"] == "11"
+    assert json.loads((tmp_path / "fed" / "federation.json").read_text())["flower_runs"] == ["11", "12"]
+    other = Settings.from_run_config({"run-dir": str(tmp_path / "fed"), "config": str(CONFIG), "local-steps": 4})
+    with pytest.raises(ValueError, match="different config"):
+        GlobalRun(other, load_config(CONFIG, {"model.channels": (16, 16, 16)}), run_id=13)
+    with pytest.raises(ValueError, match="transfer"):
+        Settings.from_run_config({"run-dir": "x", "transfer": "int8"})
+
+
+def test_certificates_and_node_keys(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    deploy.make_pki(tmp_path / "pki", hosts=("link.example.org",))
+    ca = x509.load_pem_x509_certificate((tmp_path / "pki" / "ca.pem").read_bytes())
+    cert = x509.load_pem_x509_certificate((tmp_path / "pki" / "superlink.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "link.example.org"} <= set(sans.get_values_for_type(x509.DNSName))
+    assert "127.0.0.1" in {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    assert (tmp_path / "pki" / "ca.key").stat().st_mode & 0o077 == 0
+    with pytest.raises(deploy.DeployError, match="already exists"):
+        deploy.make_pki(tmp_path / "pki")
+    key, pub = deploy.make_node_key(tmp_path / "site")
+    private = load_ssh_private_key(key.read_bytes(), None)
+    assert private.curve.name == "secp384r1" and key.stat().st_mode & 0o077 == 0
+    assert load_ssh_public_key(pub.read_bytes()).public_numbers() == private.public_key().public_numbers()
+    secure = deploy.superlink_command(tmp_path / "pki")
+    assert "--enable-supernode-auth" in secure and "--insecure" not in secure
+    assert "--disable-runtime-dependency-installation" in secure
+    with pytest.raises(deploy.DeployError, match="--insecure"):
+        deploy.superlink_command(None)
+    with pytest.raises(deploy.DeployError, match="not found"):
+        deploy.superlink_command(tmp_path / "nothing")
+
+
+def test_insecure_needs_the_flag_and_warns(tmp_path):
+    out = subprocess.run([MEDSYN, "fl", "connect", "--superlink", "127.0.0.1:1"], capture_output=True, text=True,
+                         env={**os.environ, "FLWR_HOME": str(tmp_path)}, timeout=120)
+    assert out.returncode == 1 and "--ca" in out.stderr
+    out = subprocess.run([MEDSYN, "fl", "connect", "--superlink", "127.0.0.1:1", "--insecure"], capture_output=True,
+                         text=True, env={**os.environ, "FLWR_HOME": str(tmp_path)}, timeout=120)
+    assert out.returncode == 0 and "INSECURE" in out.stderr
+    assert "insecure = true" in (tmp_path / "config.toml").read_text()
+
+
+# -- a real federation on 127.0.0.1 ------------------------------------------------------------------
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _until(cond, timeout: float, what: str, poll: float = 2.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _ours(marks: list[str]) -> list[psutil.Process]:
+    """Live processes whose command line names one of this test's folders or ports."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            line = " ".join(p.info["cmdline"] or [])
+            if p.info["status"] != psutil.STATUS_ZOMBIE and any(m in line for m in marks) and p.pid != os.getpid():
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+class Federation:
+    """Processes started by the test, each in its own session; stop() ends them all."""
+
+    def __init__(self, tmp: Path, env: dict):
+        self.tmp, self.env, self.procs = tmp, env, {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "w")
+        p = subprocess.Popen([MEDSYN, *args], stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                             start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def cli(self, *args: str, exe: str = MEDSYN, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([exe, *args], capture_output=True, text=True, env=self.env, timeout=timeout)
+
+    def online(self) -> set[str]:
+        out = self.cli("supernode", "list", deploy.CONNECTION, "--format", "json", exe=FLWR)
+        try:
+            return {n["node-id"] for n in json.loads(out.stdout)["nodes"] if n["status"] == "online"}
+        except (ValueError, KeyError):
+            return set()
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(15)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "rounds.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_federation_tls_auth_two_sites_drop_and_resume(tmp_path):
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "OMP_NUM_THREADS": "1"}
+    fed = Federation(tmp_path, env)
+    link_port, ports = _port(), {"a": _port(), "b": _port(), "rogue": _port()}
+    marks = [str(tmp_path), *(f"127.0.0.1:{p}" for p in (link_port, *ports.values()))]
+    link = f"127.0.0.1:{link_port}"
+    run_dir = tmp_path / "global"
+    base = f'run-dir="{run_dir}" config="{CONFIG}" local-steps=2 transfer="bf16"'
+    try:
+        # the federation operator: CA + SuperLink certificate; each site: its node key pair
+        assert fed.cli("fl", "init", "--out", str(tmp_path / "pki")).returncode == 0
+        for site in ("a", "b", "rogue"):
+            assert fed.cli("fl", "site-key", "--out", str(tmp_path / "keys" / site)).returncode == 0
+        # two sites with different data: different seeds and nodule mixes
+        write_phantom_cohort(PhantomConfig(cases=3, seed=21, shape=(48, 48, 32), max_nodules=4),
+                             SplitConfig(train=0.67, val=0.33), tmp_path / "cohort_a")
+        write_phantom_cohort(PhantomConfig(cases=3, seed=22, shape=(48, 48, 32), max_nodules=1),
+                             SplitConfig(train=0.67, val=0.33), tmp_path / "cohort_b")
+
+        fed.start("superlink", ["fl", "superlink", "--pki", str(tmp_path / "pki"), "--host", "127.0.0.1",
+                                "--port", str(link_port)])
+        assert fed.cli("fl", "connect", "--superlink", link, "--ca", str(tmp_path / "pki" / "ca.pem")).returncode == 0
+        node_ids = {}
+        for site in ("a", "b"):
+            out = _until(lambda: (r := fed.cli("fl", "register", str(tmp_path / "keys" / f"{site}.pub"),
+                                               "--name", f"site-{site}")).returncode == 0 and r, 120,
+                         f"registering site {site}")
+            node_ids[site] = re.search(r"SuperNode (\d+)", out.stdout).group(1)
+
+        def supernode(site: str, cohort: str):
+            return fed.start(f"supernode_{site}", [
+                "fl", "supernode", "--superlink", link, "--ca", str(tmp_path / "pki" / "ca.pem"),
+                "--key", str(tmp_path / "keys" / site), "--cohort", str(tmp_path / cohort),
+                "--work-dir", str(tmp_path / f"work_{site}"), "--port", str(ports[site]), "--threads", "1"])
+
+        rogue = supernode("rogue", "cohort_a")  # a valid key pair, never registered
+        supernode("a", "cohort_a")
+        supernode("b", "cohort_b")
+        _until(lambda: fed.online() == set(node_ids.values()), 180, "both registered sites online")
+        assert rogue.wait(180) != 0, "an unregistered SuperNode must be refused"
+        assert "Failed to activate SuperNode" in fed.log("supernode_rogue")
+
+        # two rounds of the tiny model, both sites
+        done = fed.cli("fl", "run", "--run-config", f"{base} rounds=2 min-sites=2 round-timeout=900.0", timeout=1200)
+        assert done.returncode == 0, done.stdout + done.stderr + fed.log("superlink")[-3000:]
+        first_run = re.search(r"Flower run (\d+)", done.stdout).group(1)
+        rows = _rows(run_dir)
+        assert [(r["round"], r["status"]) for r in rows] == [("1", "ok")] * 2 + [("2", "ok")] * 2
+        assert {r["node_id"] for r in rows} == set(node_ids.values())
+        assert all(int(r["bytes_up"]) == int(r["bytes_down"]) > 0 for r in rows)
+        for rnd in (1, 2):
+            blob = torch.load(run_dir / "checkpoints" / f"round_{rnd:05d}" / "ema.pt", map_location="cpu")
+            assert blob["federation"]["round"] == rnd and blob["federation"]["flower_run_id"] == first_run
+            assert sorted(map(str, blob["federation"]["sites"])) == sorted(node_ids.values())
+
+        # `medsyn sample` loads the global checkpoint; provenance names the federation run
+        syn = fed.cli("sample", "--run", str(run_dir), "--masks", f"cohort:{tmp_path / 'cohort_a'}", "--out",
+                      str(tmp_path / "syn"), "--steps", "2", "--site-key", str(tmp_path / "site.key"))
+        assert syn.returncode == 0, syn.stderr
+        header = json.loads((tmp_path / "syn" / "provenance.json").read_text())
+        assert header["federation"]["flower_run_id"] == first_run and header["federation"]["round"] == 2
+
+        # restart the ServerApp for a third round; site b's SuperNode is killed mid-round
+        third = fed.start("run3", ["fl", "run", "--run-config", f"{base} rounds=3 min-sites=1 round-timeout=600.0"])
+        _until(lambda: any("work_b" in " ".join(p.cmdline()) and "federated.task" in " ".join(p.cmdline())
+                           for p in _ours([str(tmp_path / "work_b")])), 600, "site b training in round 3")
+        os.kill(fed.procs["supernode_b"].pid, signal.SIGKILL)
+        assert third.wait(900) == 0, fed.log("run3")
+        rows = _rows(run_dir)
+        assert [r["round"] for r in rows] == ["1", "1", "2", "2", "3", "3"]  # rounds 1-2 not redone
+        r3 = {r["node_id"]: r["status"] for r in rows if r["round"] == "3"}
+        assert r3[node_ids["a"]] == "ok" and r3[node_ids["b"]] != "ok"
+        blob = torch.load(run_dir / "checkpoints" / "round_00003" / "ema.pt", map_location="cpu")
+        assert [str(s) for s in blob["federation"]["sites"]] == [node_ids["a"]]
+        assert "resuming federation" in (run_dir / "federation.log").read_text()
+        # the killed site left nothing running (its trainer dies with its Flower process)
+        _until(lambda: not _ours([str(tmp_path / "work_b"), f"127.0.0.1:{ports['b']}"]), 120,
+               "site b's processes to end")
+    finally:
+        fed.stop()
+    _until(lambda: not _ours(marks), 60, "every process of the federation to end")
