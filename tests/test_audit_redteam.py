@@ -81,7 +81,7 @@ def test_disguised_copies_refused_novel_scans_released(tmp_path):
     write_phantom_cohort(PhantomConfig(cases=10, seed=7, shape=SHAPE), SplitConfig(), train_dir)
     site = Cohort(train_dir)
     key_file = tmp_path / "site.key"
-    key = load_site_key(key_file)
+    key = load_site_key(key_file, create=True)
     rng = np.random.default_rng(0)
     train = site.split("train")
     ref = site.read(train[0].id)[0]
@@ -135,7 +135,7 @@ def test_publish_refuses_another_training_cohort(tmp_path):
     for root, seed in ((a, 1), (b, 2)):
         write_phantom_cohort(PhantomConfig(cases=4, seed=seed, shape=(32, 32, 24)), SplitConfig(), root)
     key_file = tmp_path / "site.key"
-    key = load_site_key(key_file)
+    key = load_site_key(key_file, create=True)
     ref, hu = Cohort(a).read(Cohort(a).cases[0].id)[0], Cohort(a).arrays(Cohort(a).cases[0].id)
     plant(tmp_path / "syn", {"syn-1": hu[0]}, {"syn-1": hu[1]}, key, ref, a)
     with pytest.raises(provenance.ProvenanceError, match="not the cohort the model was trained on"):
