@@ -239,6 +239,12 @@ def check_adherence(cohort: Cohort, decisions: dict[str, Decision], min_contrast
             "mean_segmenter_dice": round(float(np.mean(dices)), 3) if dices else None}
 
 
+def _nothing_released(synth: Path, out, refused: list[Decision]) -> ReleaseError:
+    return ReleaseError(f"{synth}: all {len(refused)} case(s) refused ("
+                        + "; ".join(f"{d.case}: {', '.join(d.reasons)}" for d in refused[:3])
+                        + (", ..." if len(refused) > 3 else "") + f"); nothing written to {out}")
+
+
 def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt: str = "both",
             overrides: dict[str, str] | None = None, allow_verbatim: bool = False, licence: str = "CC-BY-4.0",
             force: bool = False, site_key: Path = DEFAULT_SITE_KEY, min_contrast: float | None = None,
@@ -249,6 +255,8 @@ def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt
     key = load_site_key(site_key)
     header, decisions, entries = check_provenance(synth, key, allow_verbatim, site_key)
     provenance.check_training_cohort(header, training_cohort, synth)
+    if all(d.reasons for d in decisions.values()):  # before the audit, which caches features by the cohort
+        raise _nothing_released(synth, out, list(decisions.values()))
     calibration = run_audit(synth, training_cohort, decisions, overrides)
     cohort = Cohort(synth)
     adherence_summary = check_adherence(cohort, decisions, min_contrast, min_dice, segmenter)
@@ -257,9 +265,7 @@ def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt
     for d in refused:
         log.warning("refused %s: %s", d.case, "; ".join(d.reasons))
     if not released:
-        raise ReleaseError(f"{synth}: all {len(refused)} case(s) refused ("
-                           + "; ".join(f"{d.case}: {', '.join(d.reasons)}" for d in refused[:3])
-                           + (", ..." if len(refused) > 3 else "") + f"); nothing written to {out}")
+        raise _nothing_released(synth, out, refused)
     report = {"calibration": calibration, "adherence": adherence_summary,
               "cases": [d.__dict__ for d in decisions.values()]}
     with staged_dir(out, force) as stage:
