@@ -118,7 +118,7 @@ def test_disguised_copies_refused_novel_scans_released(tmp_path):
     assert all(all("memorization audit" in r for r in refused[c]) for c in copies_refused)
     # every copy found, and attributed to the scan it copies
     assert copies_refused == copies, [kinds[c] for c in copies if c not in refused]
-    assert all(by_case[c]["scores"]["nearest"] == kinds[c].split(" of ")[1] for c in copies)
+    assert all(by_case[c]["scores"]["nearest"] == kinds[c].split(" of ")[-1] for c in copies)
     assert len(novel_refused) <= 0.05 * len(novel_ids), {c: refused[c] for c in novel_refused}
     # the privacy report names each case's nearest training scan, best disguise and the thresholds
     md = (tmp_path / "release" / "audit" / "privacy.md").read_text()
