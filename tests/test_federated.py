@@ -91,9 +91,11 @@ def test_global_run_saves_each_round_resumes_and_samples(tmp_path):
     assert gen.federation["round"] == 2 and gen.federation["flower_run_id"] == "11"
     assert json.loads((tmp_path / "fed" / "federation.json").read_text())["flower_runs"] == ["11", "12"]
     other = Settings.from_run_config({"run-dir": str(tmp_path / "fed"), "config": str(CONFIG), "local-steps": 4})
-    with pytest.raises(ValueError, match="different config"):
+    from medsyn_site.errors import MedsynError
+
+    with pytest.raises(MedsynError, match="different config"):
         GlobalRun(other, load_config(CONFIG, {"model.channels": (16, 16, 16)}), run_id=13)
-    with pytest.raises(ValueError, match="transfer"):
+    with pytest.raises(MedsynError, match="transfer"):
         Settings.from_run_config({"run-dir": "x", "transfer": "int8"})
 
 

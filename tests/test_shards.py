@@ -60,5 +60,5 @@ def test_merge_refuses_missing_foreign_or_forged_shards(shards, run, phantom_coh
     with pytest.raises(CohortError, match="killed/cohort.json: missing"):
         merge_shards([shards[0], tmp_path / "killed"], tmp_path / "d", site_key=key)
     assert not any((tmp_path / x).exists() for x in "abcd")  # nothing half-written
-    with pytest.raises(ValueError, match="--shard '2/2': use I/N"):
+    with pytest.raises(CohortError, match="--shard '2/2': use I/N"):
         parse_shard("2/2")

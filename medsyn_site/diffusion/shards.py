@@ -26,7 +26,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     """``"I/N"`` (0 <= I < N) as (I, N)."""
     m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
     if not m or not 0 <= int(m[1]) < int(m[2]):
-        raise ValueError(f"--shard {text!r}: use I/N with 0 <= I < N (e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+        raise CohortError(f"--shard {text!r}: use I/N with 0 <= I < N (e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
     return int(m[1]), int(m[2])
 
 
