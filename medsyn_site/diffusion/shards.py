@@ -48,7 +48,7 @@ def merge_shards(shards: list[str | Path], out: str | Path, force: bool = False,
                  site_key: Path = DEFAULT_SITE_KEY) -> Path:
     """Join the shard cohorts into one synthetic cohort with one signed provenance.json."""
     if not shards:
-        raise ValueError("sample-merge: no shard folders given")
+        raise CohortError("sample-merge: no shard folders given")
     key = load_site_key(site_key)
     header0, entries, records, seen, descriptions = None, [], [], {}, {}
     for shard in map(Path, shards):

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from scipy import fft, ndimage, stats
 
+from medsyn_site.errors import MedsynError
+
 log = logging.getLogger(__name__)
 VERSION = 2
 FLIPS = [tuple(a for a, f in zip(range(3), bits) if f) for bits in itertools.product((0, 1), repeat=3)]
@@ -283,7 +285,7 @@ def calibrate(null_scores: list[dict], p: AuditParams, seed: int = 0) -> dict:
     for key in ("global", "local"):
         null = np.array([s[key] for s in null_scores], float)
         if null.size < 2:
-            raise ValueError(f"the audit needs at least 2 unseen real scans to calibrate ({null.size} given)")
+            raise MedsynError(f"the audit needs at least 2 unseen real scans to calibrate ({null.size} given)")
         t, fa = _threshold(null, p.false_alarm, p.margin)
         boot = [_threshold_fa(null[rng.integers(0, null.size, null.size)], t) for _ in range(500)]
         exceed = int((null > t).sum())
@@ -338,7 +340,7 @@ def training_bank(cohort, p: AuditParams = AuditParams(), progress=None) -> tupl
     train = [r.id for r in cohort.cases if r.split == "train"]
     heldout = [r.id for r in cohort.cases if r.split != "train"]
     if not train or not heldout:
-        raise ValueError(f"{cohort.root}: the audit needs train cases and held-out (val/test) cases to calibrate")
+        raise MedsynError(f"{cohort.root}: the audit needs train cases and held-out (val/test) cases to calibrate")
     bank = Bank(train, [feats[i] for i in train], p)
     null = []
     for cid in progress(heldout + train, desc="audit: calibration (unseen real scans)", unit="scan"):
