@@ -29,23 +29,12 @@ def quality_report(real: Path, synth: Path, out: Path) -> dict:
     from medsyn_site import quality
     from medsyn_site.data.cohort import Cohort
 
-    real_c = Cohort(real)
-    real_hu = np.concatenate([real_c.arrays(r.id)[0].ravel() for r in real_c.cases])
-
-    def summarize(root: Path) -> dict:
+    def volumes(root: Path) -> list:
         c = Cohort(root)
-        arrays = [c.arrays(r.id) for r in c.cases]
-        rows = [quality.summary(*a) for a in arrays]
-
-        def mean(key):
-            vals = [r[key] for r in rows if r[key] is not None]
-            return float(np.mean(vals)) if vals else None
-        return {"cases": len(rows),
-                "tissue": {k: float(np.mean([r["tissue"][k] for r in rows])) for k in rows[0]["tissue"]},
-                "body_fraction": mean("body_fraction"), "lung_fraction": mean("lung_fraction"),
-                "hu_w1": float(np.mean([quality.hu_distance(a, real_hu) for a, _ in arrays])),
-                "nodule_contrast_hu": mean("nodule_contrast_hu"), "nodule_cnr": mean("nodule_cnr")}
-    res = {"real": summarize(real), "synthetic": summarize(synth)}
+        return [c.arrays(r.id) for r in c.cases]
+    real_vols = volumes(real)
+    real_hu = np.concatenate([hu.ravel() for hu, _ in real_vols])
+    res = {"real": quality.mean_summary(real_vols, real_hu), "synthetic": quality.mean_summary(volumes(synth), real_hu)}
     r, s = res["real"], res["synthetic"]
     res["lines"] = [
         "realism (synthetic vs real): " + ", ".join(f"{k} {s['tissue'][k]:.3f} vs {r['tissue'][k]:.3f}"

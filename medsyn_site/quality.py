@@ -101,3 +101,18 @@ def summary(hu: np.ndarray, mask: np.ndarray) -> dict:
             "nodules": len(nod),
             "nodule_contrast_hu": float(np.mean([c.contrast for c in nod])) if nod else None,
             "nodule_cnr": float(np.mean([c.cnr for c in nod])) if nod else None}
+
+
+def mean_summary(volumes: list[tuple[np.ndarray, np.ndarray]], reference_hu: np.ndarray) -> dict:
+    """``summary`` averaged over (HU, mask) volumes, plus each volume's HU distance to the pooled
+    ``reference_hu`` voxels (the real scans), averaged."""
+    rows = [summary(hu, mask) for hu, mask in volumes]
+
+    def mean(key):
+        vals = [r[key] for r in rows if r[key] is not None]
+        return float(np.mean(vals)) if vals else None
+    return {"cases": len(rows),
+            "tissue": {k: float(np.mean([r["tissue"][k] for r in rows])) for k in rows[0]["tissue"]},
+            "body_fraction": mean("body_fraction"), "lung_fraction": mean("lung_fraction"),
+            "hu_w1": float(np.mean([hu_distance(hu, reference_hu) for hu, _ in volumes])),
+            "nodule_contrast_hu": mean("nodule_contrast_hu"), "nodule_cnr": mean("nodule_cnr")}

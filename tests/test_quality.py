@@ -86,16 +86,8 @@ def realistic(s: dict, real: dict) -> list[str]:
 
 def _mean_summary(pairs, real_hu=None) -> dict:
     pairs = list(pairs)
-    rows = [quality.summary(h, m) for h, m in pairs]
     real_hu = np.concatenate([h.ravel() for h, _ in pairs]) if real_hu is None else real_hu
-
-    def mean(key):
-        vals = [r[key] for r in rows if r[key] is not None]
-        return float(np.mean(vals)) if vals else None
-    return {"tissue": {k: float(np.mean([r["tissue"][k] for r in rows])) for k in rows[0]["tissue"]},
-            "body_fraction": mean("body_fraction"), "nodule_contrast_hu": mean("nodule_contrast_hu"),
-            "nodule_cnr": mean("nodule_cnr"), "hu_w1": float(np.mean([quality.hu_distance(h, real_hu) for h, _ in pairs])),
-            "real_hu": real_hu}
+    return quality.mean_summary(pairs, real_hu) | {"real_hu": real_hu}
 
 
 @pytest.fixture(scope="module")
