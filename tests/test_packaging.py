@@ -20,12 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_shipped_configs_resolve_by_name_and_old_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nowhere near the repository
-    assert shipped_configs() == ["gpu24", "lidc", "tiny"]
+    assert shipped_configs() == ["demo", "gpu24", "lidc", "tiny"]
     for name in ("tiny", "tiny.yaml", "configs/tiny.yaml"):
         assert resolve_config(name) == CONFIG_DIR / "tiny.yaml"
     assert load_config().name == "tiny"
     assert load_config("gpu24").train.deepspeed_config == "deepspeed/gpu24.json"  # base: lidc.yaml, shipped
-    with pytest.raises(ConfigError, match=r"nope: config file not found .*gpu24, lidc, tiny"):
+    with pytest.raises(ConfigError, match=r"nope: config file not found .*demo, gpu24, lidc, tiny"):
         resolve_config("nope")
 
 
