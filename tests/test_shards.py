@@ -22,9 +22,9 @@ pytestmark = pytest.mark.slow  # samples 4 small volumes (~1-2 min on 2 cores)
 
 @pytest.fixture(scope="module")
 def shards(run, phantom_cohort, key, tmp_path_factory):
-    """The conftest `synth` run (relocated masks, DDIM 3, seed 1), sampled as 2 shards."""
+    """The conftest `synth` run (relocated masks, DDIM 4, seed 1), sampled as 2 shards."""
     root = tmp_path_factory.mktemp("shards")
-    return [sample_cohort(run, f"relocate:{phantom_cohort}", root / f"s{i}", sampler="ddim", steps=3, seed=1,
+    return [sample_cohort(run, f"relocate:{phantom_cohort}", root / f"s{i}", sampler="ddim", steps=4, seed=1,
                           site_key=key, shard=(i, 2)) for i in range(2)]
 
 
