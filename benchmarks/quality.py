@@ -20,6 +20,7 @@ stopped and re-run (more --steps-at points continue the same run with `medsyn tr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -110,6 +111,7 @@ class Reference:
                 if lab:
                     self.types[int((labels == lab).sum())] = n.type
         self.segmenter = segmenter
+        self.segmenter_id = hashlib.sha256(segmenter.path.read_bytes()).hexdigest()[:16]
         self.metrics = measure(self, [(a.astype(np.float32), m) for a, m in self.arrays], real=True)
 
 
@@ -134,17 +136,15 @@ def measure(ref: Reference, volumes: list[tuple[np.ndarray, np.ndarray]], real: 
         others = [i for i in range(len(ref.arrays)) if not (real and ref.arrays[i][0].shape == hu.shape
                                                            and np.array_equal(ref.arrays[i][0], hu))]
         typed = _typed_contrasts(ref, hu, mask)
-        seg = adherence.neighbourhood_dice(ref.segmenter(hu), mask) if mask.any() else None
         rows.append({"tissue": quality.tissue_fractions(hu), "hu_w1": quality.hu_distance(hu, pooled_real),
                      "body_dice": max(quality.dice(body, ref.bodies[i]) for i in others),
                      "lung_dice": max(quality.dice(lung, ref.lungs[i]) for i in others),
-                     "contrast": typed, "seg_dice": seg})
+                     "contrast": typed})
     by_type: dict[str, list[float]] = {}
     for r in rows:
         for t, c, _ in r["contrast"]:
             by_type.setdefault(t, []).append(c)
     cnrs = [k for r in rows for _, _, k in r["contrast"]]
-    segs = [r["seg_dice"] for r in rows if r["seg_dice"] is not None]
     return {"n": len(rows),
             "tissue": {k: float(np.mean([r["tissue"][k] for r in rows])) for k in rows[0]["tissue"]},
             "hu_w1": float(np.mean([r["hu_w1"] for r in rows])),
@@ -153,7 +153,13 @@ def measure(ref: Reference, volumes: list[tuple[np.ndarray, np.ndarray]], real: 
             "contrast": float(np.mean([c for v in by_type.values() for c in v])) if by_type else None,
             "contrast_by_type": {t: float(np.mean(v)) for t, v in sorted(by_type.items())},
             "cnr": float(np.mean(cnrs)) if cnrs else None,
-            "seg_dice": float(np.mean(segs)) if segs else None}
+            "seg_dice": seg_dice(ref, volumes), "segmenter": ref.segmenter_id}
+
+
+def seg_dice(ref: Reference, volumes) -> float | None:
+    """Mean neighbourhood Dice of the segmenter's nodules with the conditioning masks."""
+    segs = [adherence.neighbourhood_dice(ref.segmenter(hu), mask) for hu, mask in volumes if mask.any()]
+    return float(np.mean(segs)) if segs else None
 
 
 def c2st(real: list[np.ndarray], synth: list[np.ndarray], patch: int = 24, steps: int = 300, seed: int = 0) -> float:
@@ -208,7 +214,12 @@ def evaluate(ref: Reference, weights: Path, held: Path, out: Path, label: str, n
     res_file = out / "results.json"
     results = json.loads(res_file.read_text()) if res_file.exists() else {}
     if label in results:
-        return results[label]
+        m = results[label]
+        if m.get("segmenter") != ref.segmenter_id:  # a new segmenter: its Dice on the kept samples
+            kept = np.load(out / "samples" / f"{label}.npz")
+            m["seg_dice"], m["segmenter"] = seg_dice(ref, zip(kept["hu"].astype(np.float32), kept["mask"])), ref.segmenter_id
+            res_file.write_text(json.dumps(results | {label: m}, indent=1))
+        return m
     vols, sec = sample(weights, held, n, sampler, steps)
     np.savez_compressed(out / "samples" / f"{label}.npz", hu=np.stack([v for v, _ in vols]),
                         mask=np.stack([m for _, m in vols]))

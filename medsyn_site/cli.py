@@ -532,14 +532,15 @@ def fl_run(run_config, wait):
 @main.command()
 @click.option("--out", default="medsyn-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for everything the demo writes.")
-@config_option
+@click.option("--config", "config_path", type=str, default=None,
+              help="YAML config file, or a shipped config by name (default: demo, which fine-tunes the shipped "
+                   "phantom model).")
 @force_option
 @friendly
 def demo(out, config_path, force):
     """Run every stage on the built-in phantom cohort at CPU size."""
-    from medsyn_site.demo import run_demo
-
     from medsyn_site.config import CONFIG_DIR
+    from medsyn_site.demo import run_demo
 
     run_demo(Path(out), load_config(config_path or CONFIG_DIR / "demo.yaml"), force=force)
 
