@@ -166,7 +166,7 @@ class TrainConfig(Strict):
 class SampleConfig(Strict):
     """Whole-volume sampling as the demo runs it (``medsyn sample`` takes the same as flags)."""
 
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
     steps: int = Field(50, ge=1)
     per_mask: int = Field(1, ge=1)
 
