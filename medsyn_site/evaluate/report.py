@@ -10,9 +10,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from medsyn_site import request as request_contract
 from medsyn_site.atomic import atomic_write, atomic_write_text
 from medsyn_site.data.cohort import Cohort
-from medsyn_site import request as request_contract
 from medsyn_site.evaluate import stats
 from medsyn_site.evaluate.datasets import ARMS, EvaluationError, load_workspace
 from medsyn_site.evaluate.runs import RESULT, run_dir
