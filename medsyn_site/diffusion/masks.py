@@ -10,7 +10,6 @@ A plain DIR means cohort:DIR. Publishing samples made from verbatim real masks n
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
