@@ -1,8 +1,15 @@
-"""Memorization-audit cost per synthetic volume at 256x256x128 voxels (1.4 x 1.4 x 2.5 mm) against a
-training bank, measured on small banks and extrapolated linearly in the bank size (the coarse search
-is per training scan; the fine search runs on a fixed number of candidates).
+"""Memorization-audit cost per synthetic volume at 256x256x128 voxels (1.4 x 1.4 x 2.5 mm) against 500
+training scans, measured at smaller fields of view and extrapolated (labelled as such).
 
-    python benchmarks/audit_speed.py [--out benchmarks/audit_speed_cpu.json]
+The phantom is generated at a fraction ``--scales`` of the full field (same voxel size, so the
+audit's feature grids keep their mm), and three costs are timed per size: the feature of one volume,
+the coarse search per training scan (all flips and shifts), and the fine search (a fixed number of
+candidates: rotations, scalings, patch-wise matching). Each is fitted as a power of the number of
+voxels over the sizes measured and extrapolated to the full field; the bank size enters linearly
+through the coarse search only. Training features are cached (computed once per cohort), so they are
+not part of the per-volume cost.
+
+    python benchmarks/audit_speed.py --scales 0.3 0.45 0.6 [--out benchmarks/audit_speed_cpu.json]
 
 CPU seconds (time.process_time, one thread)."""
 from __future__ import annotations
@@ -12,40 +19,65 @@ import json
 import time
 
 import numpy as np
-from scipy import ndimage
 
 from medsyn_site.config import PhantomConfig
 from medsyn_site.data.phantom import make_case
 from medsyn_site.publish import audit
 
+FULL = (256, 256, 128)
+SPACING = (1.4, 1.4, 2.5)
+
+
+def measure(scale: float, bank_n: int, p: audit.AuditParams) -> dict:
+    shape = tuple(max(16, int(round(n * scale))) for n in FULL)
+    cfg = PhantomConfig(shape=shape, spacing=SPACING)
+    cases = [make_case(cfg, 500 + i) for i in range(bank_n + 1)]
+    t = time.process_time()
+    feats = [audit.Features.of(c.image, SPACING, p) for c in cases]
+    feature_s = (time.process_time() - t) / len(cases)
+    bank = audit.Bank([f"t{i}" for i in range(bank_n)], feats[1:], p)
+    bank.coarse_spectra(bank.coarse_shape(feats[0].coarse.shape))  # once per audit, not per volume
+    t = time.process_time()
+    coarse_p = audit.AuditParams(**{**p.__dict__, "candidates": 0})  # the coarse search alone
+    audit.nearest(feats[0], audit.Bank(bank.ids, bank.feats, coarse_p, bank._spec))
+    coarse_s = (time.process_time() - t) / bank_n
+    t = time.process_time()
+    audit.nearest(feats[0], bank)
+    total_s = time.process_time() - t
+    fine_s = max(total_s - coarse_s * bank_n, 0.0)
+    return {"scale": scale, "shape_xyz": list(shape), "voxels": int(np.prod(shape)), "bank": bank_n,
+            "fine_feature_shape": list(feats[0].fine.shape), "feature_s": feature_s,
+            "coarse_s_per_training_scan": coarse_s, "fine_s": fine_s}
+
+
+def extrapolate(rows: list[dict], key: str, voxels: float) -> tuple[float, float]:
+    """(value at ``voxels``, exponent) of a power law through the two largest sizes measured (small
+    sizes carry fixed overheads that would flatten the exponent)."""
+    rows = rows[-2:]
+    x = np.log([r["voxels"] for r in rows])
+    y = np.log([max(r[key], 1e-6) for r in rows])
+    k = float(np.polyfit(x, y, 1)[0]) if len(rows) > 1 else 1.0
+    return float(np.exp(y[-1] + k * (np.log(voxels) - x[-1]))), k
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/audit_speed_cpu.json")
-    ap.add_argument("--banks", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.3, 0.45, 0.6])
+    ap.add_argument("--bank", type=int, default=3, help="training scans in the measured bank (>= candidates)")
+    ap.add_argument("--train", type=int, default=500, help="training scans to extrapolate to")
     args = ap.parse_args()
-    # the physical field of a 256x256x128 CT at 1.4x1.4x2.5 mm, generated at half resolution
-    cfg = PhantomConfig(shape=(128, 128, 64), spacing=(2.8, 2.8, 5.0))
-    spacing = (1.4, 1.4, 2.5)
     p = audit.AuditParams()
-    cases = [make_case(cfg, 500 + i) for i in range(max(args.banks) + 1)]
-    full = [ndimage.zoom(c.image.astype(np.float32), 2, order=1) for c in cases]  # 128 x 256 x 256
-    t = time.process_time()
-    feats = [audit.Features.of(hu, spacing, p) for hu in full]
-    feature_s = (time.process_time() - t) / len(full)
     rows = []
-    for n in args.banks:
-        bank = audit.Bank([f"t{i}" for i in range(n)], feats[1:n + 1], p)
-        bank.coarse_spectra(bank.coarse_shape(feats[0].coarse.shape))  # once per audit, not per volume
-        t = time.process_time()
-        audit.nearest(feats[0], bank)
-        rows.append({"bank": n, "search_s": time.process_time() - t})
-    slope = (rows[-1]["search_s"] - rows[0]["search_s"]) / (rows[-1]["bank"] - rows[0]["bank"])
-    fixed = rows[0]["search_s"] - slope * rows[0]["bank"]
-    result = {"volume_voxels_xyz": [256, 256, 128], "spacing_mm": spacing, "params": p.__dict__,
-              "coarse_feature_shape": list(feats[0].coarse.shape), "fine_feature_shape": list(feats[0].fine.shape),
-              "feature_s": feature_s, "measured": rows, "per_training_scan_s": slope, "fixed_s": fixed,
-              "predicted_s_per_volume_500_train": feature_s + fixed + 500 * slope}
+    for s in sorted(args.scales):
+        rows.append(measure(s, args.bank, p))
+        print(json.dumps(rows[-1]), flush=True)
+    full = float(np.prod(FULL))
+    pred = {k: extrapolate(rows, k, full) for k in ("feature_s", "coarse_s_per_training_scan", "fine_s")}
+    per_volume = pred["feature_s"][0] + pred["fine_s"][0] + args.train * pred["coarse_s_per_training_scan"][0]
+    result = {"volume_voxels_xyz": list(FULL), "spacing_mm": SPACING, "params": p.__dict__, "measured": rows,
+              "extrapolated_to_full": {k: {"seconds": v, "power_of_voxels": e} for k, (v, e) in pred.items()},
+              f"EXTRAPOLATED_s_per_volume_{args.train}_train": per_volume}
     print(json.dumps(result, indent=1, default=str))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1, default=str)

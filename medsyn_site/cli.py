@@ -209,8 +209,11 @@ def train_cmd(cohort, out, resume, steps, device, precision, config_path, force)
               help="Run dir (its latest EMA weights) or an ema.pt file.")
 @click.option("--masks", required=True,
               help="cohort:DIR (train masks, verbatim), request:FILE (targeted), relocate:DIR (privacy-preserving).")
+@click.option("--request-cohort", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The cohort holding the cases of --masks request:FILE (default: the one the request names).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic cohort to write.")
-@click.option("--per-mask", type=click.IntRange(min=1), default=1, show_default=True, help="Volumes per mask.")
+@click.option("--per-mask", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Volumes per mask (a request says its own number).")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True,
               help="ddpm (stochastic, strided: closest to the data at 50 steps) or ddim (deterministic).")
 @click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Denoising steps.")
@@ -226,7 +229,7 @@ def train_cmd(cohort, out, resume, steps, device, precision, config_path, force)
 @site_key_option
 @force_option
 @friendly
-def sample_cmd(run_dir, masks, out, per_mask, sampler, steps, seed, device, precision, batch_size, stream_gb,
+def sample_cmd(run_dir, masks, request_cohort, out, per_mask, sampler, steps, seed, device, precision, batch_size, stream_gb,
                shard, site_key, force):
     """Sample whole synthetic CT volumes from masks (resumable: a rerun skips finished cases)."""
     from medsyn_site.diffusion.sample import sample_cohort
@@ -234,7 +237,8 @@ def sample_cmd(run_dir, masks, out, per_mask, sampler, steps, seed, device, prec
 
     sample_cohort(run_dir, masks, out, per_mask=per_mask, sampler=sampler, steps=steps, seed=seed,
                   device=device, precision=precision, force=force, site_key=_site_key(site_key),
-                  batch_size=batch_size, stream_gb=stream_gb, shard=parse_shard(shard) if shard else None)
+                  batch_size=batch_size, stream_gb=stream_gb, shard=parse_shard(shard) if shard else None,
+                  request_cohort=request_cohort)
     click.echo(f"wrote synthetic cohort {out} (provenance.json beside it)")
 
 
@@ -349,16 +353,26 @@ def evaluate_train(ws, arm, seed, trainer, epochs, iterations, device, mirroring
     click.echo(f"wrote {train_one(ws, arm, seed, trainer, epochs, iterations, device, force, resume, mirroring)}")
 
 
+per_mask_option = click.option("--per-mask", type=click.IntRange(min=1), default=1, show_default=True,
+                               help="Targeted volumes asked per mask.")
+verbatim_option = click.option("--verbatim-masks", is_flag=True,
+                               help="Ask for the real masks verbatim (default: relocated; the site must then "
+                                    "publish with --allow-verbatim-masks).")
+
+
 @evaluate.command("select-targeted")
 @ws_option
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Request file (default WS/targeted_request.json).")
+@per_mask_option
+@verbatim_option
 @friendly
-def evaluate_select(ws, out):
-    """Validation cases the real-only model segments worst (below its mean): a `medsyn sample` request."""
+def evaluate_select(ws, out, per_mask, verbatim_masks):
+    """Validation cases the real-only model segments worst (below its mean): a request to the site."""
     from medsyn_site.evaluate.report import select_targeted
 
-    path, cases = select_targeted(ws, out)
-    click.echo(f"{len(cases)} targeted case(s) -> {path}; next: medsyn sample --masks request:{path}")
+    path, cases = select_targeted(ws, out, per_mask, verbatim_masks)
+    click.echo(f"{len(cases)} targeted case(s) -> {path}; the site runs `medsyn sample --masks request:{path}` "
+               "and `medsyn publish`; then `medsyn evaluate prepare --targeted RELEASE/nifti`")
 
 
 @evaluate.command("report")
@@ -379,18 +393,30 @@ def evaluate_report(ws):
 @click.option("--real", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--synthetic", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option("--run", "run_dir", type=click.Path(exists=True), default=None,
-              help="Diffusion run to sample targeted data from (adds the real+targeted arm).")
+              help="Play the site too: sample the targeted request with this diffusion run and publish it "
+                   "(adds the real+targeted arm; site outputs in WS/site).")
+@click.option("--training-cohort", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The run's training cohort, for the site's `publish` (default: the one the run recorded).")
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="DDIM steps for targeted samples.")
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="DDPM steps for targeted samples.")
+@per_mask_option
+@verbatim_option
 @_trainer_opts
 @site_key_option
 @friendly
-def evaluate_run(ws, real, synthetic, run_dir, seeds, steps, trainer, epochs, iterations, device, mirroring, site_key):
-    """Everything: prepare, K trainings per arm, targeted selection and sampling, report."""
-    from medsyn_site.evaluate.pipeline import run_all
+def evaluate_run(ws, real, synthetic, run_dir, training_cohort, seeds, steps, per_mask, verbatim_masks, trainer, epochs,
+                 iterations, device, mirroring, site_key):
+    """Everything: prepare, K trainings per arm, the targeted request (sampled and published as a site
+    would, with --run), report."""
+    import functools
 
-    run_all(real, synthetic, ws, seeds, trainer, epochs, iterations, device, run=run_dir, steps=steps, mirroring=mirroring,
-            site_key=_site_key(site_key) if site_key else None)
+    from medsyn_site.evaluate.pipeline import run_all
+    from medsyn_site.targeted import answer_request
+
+    site = functools.partial(answer_request, run=run_dir, out=Path(ws) / "site", training_cohort=training_cohort,
+                             steps=steps, site_key=_site_key(site_key), allow_verbatim=verbatim_masks) if run_dir else None
+    run_all(real, synthetic, ws, seeds, trainer, epochs, iterations, device, site=site, per_mask=per_mask,
+            verbatim_masks=verbatim_masks, mirroring=mirroring)
     click.echo((Path(ws) / "report" / "report.md").read_text())
 
 

@@ -1,6 +1,7 @@
 """``medsyn demo``: every stage that exists, on the built-in phantom cohort, at CPU size."""
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
     from medsyn_site.diffusion.train import train
     from medsyn_site.evaluate.pipeline import run_all
     from medsyn_site.publish.release import publish
+    from medsyn_site.targeted import answer_request
 
     refuse_existing(out, force)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,9 +98,11 @@ def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
         shutil.rmtree(ws)
     _say(5, f"nnU-Net ({ev.configuration}, {ev.trainer}) on real / synthetic / real+synthetic / real+targeted, "
             f"{ev.seeds} trainings each, in {ws}")
+    site = functools.partial(answer_request, run=run, out=out / "targeted", training_cohort=cohort,
+                             sampler=sc.sampler, steps=sc.steps, site_key=key)  # the site answers the request
     run_all(cohort, release / "nifti", ws, seeds=ev.seeds, trainer=ev.trainer, epochs=ev.epochs,
-            iterations=ev.iterations, device=ev.device, configuration=ev.configuration, run=run,
-            sampler=sc.sampler, steps=sc.steps, per_mask=sc.per_mask, site_key=key, mirroring=ev.mirroring)
+            iterations=ev.iterations, device=ev.device, configuration=ev.configuration, site=site,
+            per_mask=sc.per_mask, mirroring=ev.mirroring)
     _say(5, f"report: {ws / 'report' / 'report.md'} (figures beside it)")
     click.echo(f"demo finished: {out}")
     return out

@@ -96,5 +96,8 @@ def test_demo_end_to_end(tmp_path):
     assert (out / "release" / "dataset_card.md").is_file() and list((out / "release" / "dicom").iterdir())
     report = (out / "evaluation" / "report" / "report.md").read_text()
     assert all(f"| {arm} | 2 |" in report for arm in ("real", "synthetic", "real+synthetic", "real+targeted"))
+    # the targeted request was sampled and published by the site, through `publish`, case by case
+    assert "[site] request" in proc.stdout and "targeted case(s) through `medsyn publish`" in proc.stdout
+    assert "[site] publish syn-" in proc.stdout and (out / "targeted" / "release" / "audit" / "privacy.md").is_file()
     again = subprocess.run([str(exe), "demo", "--out", str(out), "--config", str(config)], capture_output=True, text=True)
     assert again.returncode == 1 and "--force" in again.stderr

@@ -2,13 +2,19 @@
 trainer, targeted selection and sampling, the report; and its refusals."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
 
+from medsyn_site import provenance, request
 from medsyn_site.config import PhantomConfig, SplitConfig
 from medsyn_site.data.cohort import Cohort, image_path, mask_path
 from medsyn_site.data.phantom import write_phantom_cohort
@@ -16,6 +22,8 @@ from medsyn_site.evaluate.datasets import EvaluationError, dataset_name, prepare
 from medsyn_site.evaluate.pipeline import run_all
 from medsyn_site.evaluate.report import write_report
 from medsyn_site.evaluate.runs import run_dir
+from medsyn_site.publish.release import ReleaseError
+from medsyn_site.targeted import answer_request
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +34,15 @@ def real(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def evaluated(real, synth, run, key, tmp_path_factory) -> Path:
+def evaluated(real, synth, run, phantom_cohort, key, tmp_path_factory) -> Path:
+    """All four arms; the targeted one through the site's sample + publish (its log in WS/log.txt)."""
     ws = tmp_path_factory.mktemp("eval") / "ws"
-    run_all(real, synth, ws, seeds=2, epochs=1, iterations=3, configuration="2d", run=run, steps=2, site_key=key)
+    site = functools.partial(answer_request, run=run, out=ws.parent / "site", training_cohort=phantom_cohort,
+                             steps=2, site_key=key)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        run_all(real, synth, ws, seeds=2, epochs=1, iterations=3, configuration="2d", site=site)
+    (ws / "log.txt").write_text(log.getvalue())
     return ws
 
 
@@ -48,11 +62,26 @@ def test_end_to_end_all_arms(evaluated, real):
     assert "| arm | trainings | test Dice" in md and "empty ground truth" in md
     for fig in ("dice_per_training.png", "dice_change.png", "examples.png"):
         assert (ws / "report" / fig).stat().st_size > 5000
-    # the targeted request: validation cases only, below the real-only mean
-    req = json.loads((ws / "targeted_request.json").read_text())
+    # the targeted request: validation cases only, below the real-only mean, relocated masks
+    req = request.read(ws / "targeted_request.json")
     cohort = Cohort(real)
     val, test = {c.id for c in cohort.split("val")}, {c.id for c in cohort.split("test")}
-    assert req["cases"] and set(req["cases"]) <= val
+    assert req.cases and set(req.cases) <= val and req.mask_mode == "relocated"
+    # the site sampled it (relocated masks, signed provenance) and published it; the central side
+    # trained on the release: the real+targeted arm's synthetic cases are exactly the released ones
+    site = ws.parent / "site"
+    _, entries = provenance.read(site / "synthetic")
+    assert len(entries) == len(req.cases) and {e["mask_mode"] for e in entries} == {"relocated"}
+    released = {c.id for c in Cohort(site / "release" / "nifti").cases}
+    assert released and (site / "release" / "audit" / "privacy.md").is_file()
+    split = json.loads((ws / "nnUNet_preprocessed" / dataset_name("real+targeted") / "splits_final.json").read_text())
+    assert {c for c in split[0]["train"] if c.startswith("syn-")} == released
+    log = (ws / "log.txt").read_text()
+    assert f"[site] published {len(released)}/{len(entries)} targeted case(s) through `medsyn publish`" in log
+    assert all(f"[site] publish {c}: released" in log for c in released)
+    # the gain is reported on the test split; the targeted cases' own Dice is not counted
+    assert "Gain of real+targeted over real on the test split" in md
+    assert "not counted" in md
     # one split: the same real val cases everywhere; synthetic only in training; test never trained on
     for arm in arms:
         split = json.loads((ws / "nnUNet_preprocessed" / dataset_name(arm) / "splits_final.json").read_text())
@@ -128,3 +157,32 @@ def test_resume_trains_on_from_the_checkpoint(evaluated, tmp_path):
     assert "Epoch 1" in text and "Epoch 0" not in text
     result = json.loads((run_dir(ws, "real", 0) / "result.json").read_text())
     assert result["epochs"] == 2 and result["test"]
+
+
+def test_site_answers_a_request_through_the_gate(run, phantom_cohort, key, tmp_path):
+    """Verbatim masks only when the request asks and the site allows it; a request is its own contract."""
+    val = Cohort(phantom_cohort).split("val")[0].id
+    path = request.write(tmp_path / "req.json", request.Request(cases=[val], mask_mode="verbatim"))
+    with pytest.raises(ReleaseError, match="verbatim real mask"):
+        answer_request(path, run, tmp_path / "a", training_cohort=phantom_cohort, steps=2, site_key=key)
+    assert not (tmp_path / "a" / "release").exists()
+    nifti = answer_request(path, run, tmp_path / "b", training_cohort=phantom_cohort, steps=2, site_key=key,
+                           allow_verbatim=True)
+    (case,) = Cohort(nifti).cases
+    card = json.loads((nifti.parent / "dataset_card.json").read_text())
+    assert card["verbatim_real_masks"] is True and card["mask_source"] == "request"
+    # bad requests: one line naming the file and the problem
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": request.FORMAT, "cases": [val], "per_mask": 0}))
+    with pytest.raises(request.RequestError, match=r"bad.json: per_mask: .*greater than or equal to 1"):
+        request.read(bad)
+    bad.write_text(json.dumps({"format": request.FORMAT, "cases": ["nobody"], "cohort": str(phantom_cohort)}))
+    with pytest.raises(Exception, match="no case 'nobody'"):
+        answer_request(bad, run, tmp_path / "c", training_cohort=phantom_cohort, steps=2, site_key=key)
+
+
+def test_evaluator_does_not_import_the_generator():
+    code = ("import sys, medsyn_site.evaluate.pipeline, medsyn_site.evaluate.report, medsyn_site.evaluate.runs; "
+            "print([m for m in sys.modules if m.startswith('medsyn_site.diffusion')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -1,7 +1,8 @@
 """Where the conditioning masks for sampling come from.
 
   cohort:DIR    the masks of a cohort's train split, verbatim (the paper's general utility test)
-  request:FILE  the cases listed in a request file (the targeted test; ``medsyn evaluate`` writes it)
+  request:FILE  the cases a request file lists (medsyn_site/request.py; the targeted test), as many
+                per mask and in the mask mode it asks (relocated unless it asks verbatim)
   relocate:DIR  privacy-preserving: each train mask's nodules, flipped and moved to random places
                 inside that scan's lungs, so no real mask is reused verbatim
 
@@ -9,7 +10,6 @@ A plain DIR means cohort:DIR. Publishing samples made from verbatim real masks n
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +17,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from medsyn_site import request as request_contract
 from medsyn_site.data.cohort import Cohort, CohortError
 from medsyn_site.data.prepare import lung_mask
-
-REQUEST_FORMAT = "medsyn-sample-request"
 
 
 @dataclass
@@ -69,19 +68,19 @@ def relocate_nodules(mask: np.ndarray, hu: np.ndarray, rng: np.random.Generator)
     return out
 
 
-def mask_jobs(source: str, per_mask: int) -> list[MaskJob]:
-    """The conditioning jobs for ``source`` (see the module doc), ``per_mask`` replicates each."""
+def mask_jobs(source: str, per_mask: int, request_cohort: str | Path | None = None) -> list[MaskJob]:
+    """The conditioning jobs for ``source`` (see the module doc), ``per_mask`` replicates each (a
+    request says its own number). A request's cases are found in ``request_cohort``, else in the
+    cohort the request names."""
     kind, _, where = source.partition(":") if ":" in source else ("cohort", "", source)
     if kind == "request":
-        path = Path(where)
-        if not path.is_file():
-            raise CohortError(f"{path}: request file not found")
-        req = json.loads(path.read_text())
-        if req.get("format") != REQUEST_FORMAT:
-            raise CohortError(f"{path}: not a {REQUEST_FORMAT} file")
-        cohort = Cohort(req["cohort"])
-        ids = [cohort.case(c).id for c in req["cases"]]
-        mode = "verbatim"
+        req = request_contract.read(where)
+        if request_cohort is None and req.cohort is None:
+            raise CohortError(f"{where}: the request names no cohort; give the cohort that holds its cases "
+                              "(--request-cohort DIR)")
+        cohort = Cohort(request_cohort or req.cohort)
+        ids = [cohort.case(c).id for c in req.cases]
+        mode, per_mask = req.mask_mode, req.per_mask
     elif kind in ("cohort", "relocate"):
         cohort = Cohort(where)
         ids = [c.id for c in cohort.split("train")]
@@ -91,11 +90,3 @@ def mask_jobs(source: str, per_mask: int) -> list[MaskJob]:
     if not ids:
         raise CohortError(f"{source}: no masks to condition on")
     return [MaskJob(i, mode, k, cohort) for i in ids for k in range(per_mask)]
-
-
-def write_request(path: Path, cohort: str | Path, cases: list[str], reason: str) -> Path:
-    """A request for targeted samples (what ``medsyn sample --masks request:FILE`` reads)."""
-    from medsyn_site.atomic import atomic_write_text
-
-    return atomic_write_text(path, json.dumps({"format": REQUEST_FORMAT, "cohort": str(Path(cohort).resolve()),
-                                               "cases": cases, "reason": reason}, indent=1))

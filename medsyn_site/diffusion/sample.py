@@ -35,7 +35,7 @@ def resolve_weights(run_or_file: str | Path) -> Path:
 class Sampler:
     """EMA network + scheduler; ``volumes(masks, seeds)`` generates one CT per mask."""
 
-    def __init__(self, weights: str | Path, sampler: str = "ddim", steps: int = 50, device: str = "auto",
+    def __init__(self, weights: str | Path, sampler: str = "ddpm", steps: int = 50, device: str = "auto",
                  precision: str = "fp32", stream_gb: float | None = None):
         blob = load_weights(weights)
         self.sha256, self.model_cfg = blob["sha256"], ModelConfig(**blob["model"])
@@ -94,16 +94,18 @@ def case_seed(seed: int, source_id: str, replicate: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}|{source_id}|{replicate}".encode()).digest()[:4], "little")
 
 
-def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 1, sampler: str = "ddim",
+def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 1, sampler: str = "ddpm",
                   steps: int = 50, seed: int = 0, device: str = "auto", precision: str = "fp32",
                   force: bool = False, site_key: Path = DEFAULT_SITE_KEY, batch_size: int = 1,
-                  stream_gb: float | None = None, shard: tuple[int, int] | None = None) -> Path:
+                  stream_gb: float | None = None, shard: tuple[int, int] | None = None,
+                  request_cohort: str | Path | None = None) -> Path:
     """Sample a synthetic cohort (source=synthetic) and its signed provenance.json. ``shard=(i, n)``:
-    only every n-th volume from the i-th (a Slurm array task); ``merge_shards`` joins the n parts."""
+    only every n-th volume from the i-th (a Slurm array task); ``merge_shards`` joins the n parts.
+    ``request_cohort``: the cohort holding a request's cases (``masks="request:FILE"``)."""
     ResumableCohortWriter.would_replace(Path(out), force)  # before long work
     key = load_site_key(site_key)  # an existing key only: provenance signed with a new key is useless
     weights = resolve_weights(run)
-    jobs = shard_jobs(mask_jobs(masks, per_mask), shard)  # fails early on a bad mask source
+    jobs = shard_jobs(mask_jobs(masks, per_mask, request_cohort), shard)  # fails early on a bad mask source
     gen = Sampler(weights, sampler, steps, device, precision, stream_gb)
     header = {"checkpoint_sha256": gen.sha256, "sampler": sampler, "steps": steps, "seed": seed,
               "mask_source": masks.partition(":")[0] if ":" in masks else "cohort",

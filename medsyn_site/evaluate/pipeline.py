@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -35,23 +36,24 @@ def train_arms(ws: Path, arms: list[str], seeds: int, trainer: str, epochs: int,
 
 
 def run_all(real, synthetic, ws, seeds: int = 5, trainer: str = "nnUNetTrainer_medsyn", epochs: int = 2,
-            iterations: int = 5, device: str = "cpu", configuration: str = "3d_fullres", run=None,
-            sampler: str = "ddim", steps: int = 50, per_mask: int = 1, site_key=None, mirroring: bool = True) -> dict:
-    """Prepare, train every arm K times, select and sample targeted cases (with ``run``), report."""
+            iterations: int = 5, device: str = "cpu", configuration: str = "3d_fullres",
+            site: Callable[[Path], Path] | None = None, per_mask: int = 1, verbatim_masks: bool = False,
+            mirroring: bool = True) -> dict:
+    """Prepare, train every arm K times, and report. With ``site`` (the site's answer to a request:
+    request file -> released NIfTI cohort, e.g. medsyn_site.targeted.answer_request), also the
+    targeted arm: select the worst validation cases, write the request, let the site sample and
+    publish it, and train real + the release."""
     ws = Path(ws)
     arms = prepare_workspace(ws, real, synthetic, configuration=configuration)
     set_seeds(ws, seeds)
     train_arms(ws, arms, seeds, trainer, epochs, iterations, device, mirroring)
-    if run is not None:
-        from medsyn_site.diffusion.sample import sample_cohort
-
-        request, cases = select_targeted(ws)
-        click.echo(f"[evaluate] targeted cases (below the real-only mean validation Dice): {', '.join(cases)}")
-        targeted = ws / "targeted_synthetic"
-        kwargs = {"site_key": site_key} if site_key else {}
-        sample_cohort(run, f"request:{request}", targeted, per_mask=per_mask, sampler=sampler, steps=steps,
-                      force=True, **kwargs)
-        prepare_workspace(ws, real, targeted=targeted, configuration=configuration, arms=["real+targeted"])
+    if site is not None:
+        request, cases = select_targeted(ws, per_mask=per_mask, verbatim=verbatim_masks)
+        click.echo(f"[evaluate] targeted cases (below the real-only mean validation Dice): {', '.join(cases)}; "
+                   f"request {request} -> site")
+        release = Path(site(request))
+        click.echo(f"[evaluate] training real+targeted on the site's release {release}")
+        prepare_workspace(ws, real, targeted=release, configuration=configuration, arms=["real+targeted"])
         set_seeds(ws, seeds)
         train_arms(ws, ["real+targeted"], seeds, trainer, epochs, iterations, device, mirroring)
     return write_report(ws)

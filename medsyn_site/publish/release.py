@@ -239,10 +239,12 @@ def check_adherence(cohort: Cohort, decisions: dict[str, Decision], min_contrast
             "mean_segmenter_dice": round(float(np.mean(dices)), 3) if dices else None}
 
 
-def _nothing_released(synth: Path, out, refused: list[Decision]) -> ReleaseError:
-    return ReleaseError(f"{synth}: all {len(refused)} case(s) refused ("
-                        + "; ".join(f"{d.case}: {', '.join(d.reasons)}" for d in refused[:3])
-                        + (", ..." if len(refused) > 3 else "") + f"); nothing written to {out}")
+def _nothing_released(synth: Path, out, refused: list[Decision], report: dict | None = None) -> ReleaseError:
+    e = ReleaseError(f"{synth}: all {len(refused)} case(s) refused ("
+                     + "; ".join(f"{d.case}: {', '.join(d.reasons)}" for d in refused[:3])
+                     + (", ..." if len(refused) > 3 else "") + f"); nothing written to {out}")
+    e.report = report  # the audit's findings (None when refused before the audit)
+    return e
 
 
 def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt: str = "both",
@@ -264,10 +266,10 @@ def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt
     refused = [d for d in decisions.values() if d.reasons]
     for d in refused:
         log.warning("refused %s: %s", d.case, "; ".join(d.reasons))
-    if not released:
-        raise _nothing_released(synth, out, refused)
     report = {"calibration": calibration, "adherence": adherence_summary,
               "cases": [d.__dict__ for d in decisions.values()]}
+    if not released:
+        raise _nothing_released(synth, out, refused, report)
     with staged_dir(out, force) as stage:
         if fmt in ("nifti", "both"):
             with CohortWriter(stage / "nifti", description="synthetic release") as w:
