@@ -69,7 +69,7 @@ def test_init_weights_reach_deepspeeds_fp32_master_copy(precision, ds):
 
 
 def test_global_run_saves_each_round_resumes_and_samples(tmp_path):
-    from medsyn_site.diffusion.sample import Sampler
+    from medsyn_site.diffusion.sample import Sampler, resolve_weights
 
     s = Settings.from_run_config({"run-dir": str(tmp_path / "fed"), "config": str(CONFIG), "rounds": 3,
                                   "local-steps": 4, "global-ema": 0.5})
@@ -87,9 +87,14 @@ def test_global_run_saves_each_round_resumes_and_samples(tmp_path):
     assert again.round == 2 and torch.equal(again.weights[key], w2[key])
     assert torch.allclose(again.ema.shadow[key], 0.5 * w1[key] + 0.5 * w2[key])  # EMA over rounds
     again.close()
-    gen = Sampler(tmp_path / "fed" / "checkpoints" / "round_00002" / "ema.pt", steps=1)
+    gen = Sampler(resolve_weights(tmp_path / "fed"), steps=1)  # as `medsyn sample --run` reads a run dir
     assert gen.federation["round"] == 2 and gen.federation["flower_run_id"] == "11"
-    assert json.loads((tmp_path / "fed" / "federation.json").read_text())["flower_runs"] == ["11", "12"]
+    with open(tmp_path / "fed" / "checkpoints" / "round_00002" / "global.pt", "r+b") as f:
+        f.truncate(100)  # a damaged last round: a restart falls back to the newest intact one
+    again = GlobalRun(s, cfg, run_id=12)
+    assert again.round == 1 and torch.equal(again.weights[key], w1[key])
+    again.close()
+    assert json.loads((tmp_path / "fed" / "federation.json").read_text())["flower_runs"] == ["11", "12", "12"]
     other = Settings.from_run_config({"run-dir": str(tmp_path / "fed"), "config": str(CONFIG), "local-steps": 4})
     from medsyn_site.errors import MedsynError
 

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,11 +119,25 @@ def _need(path: Path, what: str) -> str:
 
 
 # -- processes --------------------------------------------------------------------------------
+BIN = Path(sys.executable).parent  # this environment's scripts (flower-superlink, flwr, ...)
+
+
+def flower_env() -> dict[str, str]:
+    """The environment for Flower's processes: this environment's scripts first on PATH, because
+    Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name, and a
+    virtual environment need not be activated (e.g. `.venv/bin/medsyn fl superlink`)."""
+    return {**os.environ, "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
+
+
+def _exe(name: str) -> str:
+    return str(BIN / name) if (BIN / name).is_file() else shutil.which(name) or name
+
+
 def superlink_command(pki: str | Path | None, port: int = 9100, host: str = "0.0.0.0",
                       database: str | None = None, insecure: bool = False) -> list[str]:
     """flower-superlink with TLS (the federation's certificate) and SuperNode authentication
     (only registered site keys may join); one port serves the sites, the ServerApp and the CLI."""
-    cmd = [shutil.which("flower-superlink") or "flower-superlink", "--host", host, "--port", str(port),
+    cmd = [_exe("flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
     if database:
         cmd += ["--database", str(database)]
@@ -145,7 +160,7 @@ def supernode_command(superlink: str, cohort: str | Path, work_dir: str | Path, 
 
     Cohort(cohort)  # fails early: missing or broken cohort
     node = {"cohort": str(Path(cohort).resolve()), "work-dir": str(Path(work_dir).resolve()), **(hardware or {})}
-    cmd = [shutil.which("flower-supernode") or "flower-supernode", "--superlink", superlink,
+    cmd = [_exe("flower-supernode"), "--superlink", superlink,
            "--host", "127.0.0.1", "--port", str(port),
            "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in node.items())]
     if insecure:
@@ -185,8 +200,7 @@ def write_connection(superlink: str, ca: str | Path | None, insecure: bool = Fal
 
 def flwr(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     """The ``flwr`` CLI on the ``medsyn`` connection; a failure raises DeployError with its message."""
-    exe = shutil.which("flwr") or "flwr"
-    proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([_exe("flwr"), *args], capture_output=True, text=True, timeout=timeout, env=flower_env())
     if check and proc.returncode != 0:
         raise DeployError(f"flwr {' '.join(args)} failed: {(proc.stdout + proc.stderr).strip()[-800:]}")
     return proc
