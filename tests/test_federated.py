@@ -232,8 +232,9 @@ def _rows(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 @pytest.mark.skipif(not os.environ.get("MEDSYN_FL_E2E"), reason=(
-    "the real two-site Flower run (TLS, node auth, a site killed mid-run, a restarted ServerApp) has not "
-    "yet passed end to end within its time limit on a 2-core machine; run it with MEDSYN_FL_E2E=1"))
+    "the real two-site Flower run (TLS, node auth, a site killed mid-run, a restarted ServerApp) is opt-in "
+    "until it has passed on an unloaded 2-core machine (on an overloaded one Flower's 30 s window for a "
+    "ClientApp process to start expires and the SuperExec relaunches it); run it with MEDSYN_FL_E2E=1"))
 def test_federation_tls_auth_two_sites_drop_and_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))  # this test's flwr CLI connection
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
