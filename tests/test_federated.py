@@ -301,6 +301,7 @@ def test_federation_tls_auth_two_sites_drop_and_resume(tmp_path, monkeypatch):
             assert sorted(map(str, blob["federation"]["sites"])) == sorted(node_ids.values())
 
         # `medsyn sample` loads the global checkpoint; provenance names the federation run
+        assert fed.cli("site-key", "new", str(tmp_path / "site.key")).returncode == 0
         syn = fed.cli("sample", "--run", str(run_dir), "--masks", f"cohort:{tmp_path / 'cohort_a'}", "--out",
                       str(tmp_path / "syn"), "--steps", "2", "--site-key", str(tmp_path / "site.key"))
         assert syn.returncode == 0, syn.stderr
