@@ -444,9 +444,11 @@ def _exec(cmd: list[str]) -> None:
     """Replace this process with the Flower one (signals and exit status go straight to it)."""
     import os
 
+    from medsyn_site.federated.deploy import flower_env
+
     click.echo(" ".join(cmd), err=True)
     sys.stdout.flush()
-    os.execvp(cmd[0], cmd)
+    os.execvpe(cmd[0], cmd, flower_env())
 
 
 @fl.command("init")

@@ -135,7 +135,8 @@ class RunDir:
         """Checkpoint tags, newest first."""
         if not self.ckpt.is_dir():
             return []
-        return sorted((p.name for p in self.ckpt.iterdir() if re.fullmatch(r"step_\d+", p.name) and p.is_dir()),
+        # step_N: `medsyn train`; round_N: a federation's global run dir (never both in one run dir)
+        return sorted((p.name for p in self.ckpt.iterdir() if re.fullmatch(r"(step|round)_\d+", p.name) and p.is_dir()),
                       reverse=True)
 
     def intact_tag(self, only: str | None = None) -> str:

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,11 +119,25 @@ def _need(path: Path, what: str) -> str:
 
 
 # -- processes --------------------------------------------------------------------------------
+BIN = Path(sys.executable).parent  # this environment's scripts (flower-superlink, flwr, ...)
+
+
+def flower_env() -> dict[str, str]:
+    """The environment for Flower's processes: this environment's scripts first on PATH, because
+    Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name, and a
+    virtual environment need not be activated (e.g. `.venv/bin/medsyn fl superlink`)."""
+    return {**os.environ, "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
+
+
+def _exe(name: str) -> str:
+    return str(BIN / name) if (BIN / name).is_file() else shutil.which(name) or name
+
+
 def superlink_command(pki: str | Path | None, port: int = 9100, host: str = "0.0.0.0",
                       database: str | None = None, insecure: bool = False) -> list[str]:
     """flower-superlink with TLS (the federation's certificate) and SuperNode authentication
     (only registered site keys may join); one port serves the sites, the ServerApp and the CLI."""
-    cmd = [shutil.which("flower-superlink") or "flower-superlink", "--host", host, "--port", str(port),
+    cmd = [_exe("flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
     if database:
         cmd += ["--database", str(database)]
@@ -145,7 +160,7 @@ def supernode_command(superlink: str, cohort: str | Path, work_dir: str | Path, 
 
     Cohort(cohort)  # fails early: missing or broken cohort
     node = {"cohort": str(Path(cohort).resolve()), "work-dir": str(Path(work_dir).resolve()), **(hardware or {})}
-    cmd = [shutil.which("flower-supernode") or "flower-supernode", "--superlink", superlink,
+    cmd = [_exe("flower-supernode"), "--superlink", superlink,
            "--host", "127.0.0.1", "--port", str(port),
            "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in node.items())]
     if insecure:
@@ -185,8 +200,7 @@ def write_connection(superlink: str, ca: str | Path | None, insecure: bool = Fal
 
 def flwr(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     """The ``flwr`` CLI on the ``medsyn`` connection; a failure raises DeployError with its message."""
-    exe = shutil.which("flwr") or "flwr"
-    proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([_exe("flwr"), *args], capture_output=True, text=True, timeout=timeout, env=flower_env())
     if check and proc.returncode != 0:
         raise DeployError(f"flwr {' '.join(args)} failed: {(proc.stdout + proc.stderr).strip()[-800:]}")
     return proc
@@ -210,19 +224,59 @@ def submit(run_config: str | None = None, stream: bool = False) -> int:
         raise DeployError(f"flwr run gave no run id: {out[-500:]}") from e
 
 
-def run_status(run_id: int) -> str:
-    """The run's status as `flwr ls` reports it (e.g. pending, running, finished:completed, finished:failed)."""
-    out = flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json").stdout
-    runs = json.loads(out).get("runs", [])
-    return str(runs[0].get("status", "unknown")) if runs else "unknown"
+def control():
+    """Flower's Control API client on the ``medsyn`` connection: what the flwr CLI itself uses, here in
+    process, so waiting for a run does not start a ``flwr`` process (about 1.3 s of CPU) at every poll.
+    Close it after use."""
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.utils import init_http_client_from_connection
+
+    try:
+        return init_http_client_from_connection(read_superlink_connection(CONNECTION))
+    except Exception as e:  # flwr raises click exceptions naming the problem
+        raise DeployError(f"cannot reach the SuperLink of connection {CONNECTION!r} in {flwr_home()}/config.toml: "
+                          f"{getattr(e, 'message', e)} (`medsyn fl connect` writes it)") from e
+
+
+def _ask(what: str, call):
+    try:
+        return call()
+    except Exception as e:  # transport or Flower errors: the SuperLink is down or refuses
+        raise DeployError(f"{what}: the SuperLink of connection {CONNECTION!r} did not answer: "
+                          f"{' '.join(str(e).split())[:300]}") from e
+
+
+def run_status(run_id: int, client) -> str:
+    """The run's status as `flwr ls` shows it (pending, starting, running, finished:completed,
+    finished:failed, finished:stopped)."""
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    res = _ask(f"status of run {run_id}", lambda: client.ListRuns(ListRunsRequest(run_id=run_id)))
+    if run_id not in res.run_dict:
+        return "unknown"
+    status = run_from_proto(res.run_dict[run_id]).status
+    return f"{status.status}:{status.sub_status}" if status.sub_status else status.status
+
+
+def nodes(client) -> dict[int, str]:
+    """Each SuperNode the SuperLink knows, with its status (registered, online, offline, ...)."""
+    from flwr.proto.control_pb2 import ListNodesRequest
+
+    res = _ask("list of SuperNodes", lambda: client.ListNodes(ListNodesRequest()))
+    return {int(n.node_id): n.status for n in res.nodes_info}
 
 
 def wait(run_id: int, timeout: float = 24 * 3600, poll: float = 3.0) -> str:
     """Wait until the run finishes; returns its final status."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        status = run_status(run_id)
-        if status.startswith("finished"):
-            return status
-        time.sleep(poll)
+    client = control()
+    try:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            status = run_status(run_id, client)
+            if status.startswith("finished"):
+                return status
+            time.sleep(poll)
+    finally:
+        client.close()
     raise DeployError(f"run {run_id} not finished after {timeout:.0f} s (`flwr ls` shows its status)")

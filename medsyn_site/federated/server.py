@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from flwr.serverapp.strategy import Strategy
 
-from medsyn_site.atomic import atomic_write_text
+from medsyn_site.atomic import atomic_write_text, owner_tag
 from medsyn_site.config import CONFIG_DIR, Config, ConfigError, dump_config, load_config
 from medsyn_site.diffusion.model import EMA, build_unet
-from medsyn_site.diffusion.rundir import EMA_FILE, RunDir
+from medsyn_site.diffusion.rundir import EMA_FILE, RunDir, write_sums
 from medsyn_site.federated.task import TRANSFERS, decode, encode, nbytes
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,9 @@ class GlobalRun:
         self.s, self.cfg, self.run_id = s, cfg, str(run_id)
         self.run = RunDir(s.run_dir)
         self.root = self.run.root
-        if self.run.latest() is not None:
+        if self.run.tags():
             self.run.check_resume(cfg)  # same model, diffusion and recipe, or a clear error
-            tag = self.run.latest()
+            tag = self.run.resume_tag  # the newest intact round (checksums)
             blob = torch.load(self.run.ckpt / tag / EMA_FILE, map_location="cpu")
             self.round = int(blob["round"])
             self.weights = torch.load(self.run.ckpt / tag / GLOBAL_FILE, map_location="cpu")
@@ -127,7 +127,7 @@ class GlobalRun:
         fed = {"name": self.name, "flower_run_id": self.run_id, "round": rnd, "run_dir": str(self.root.resolve()),
                "sites": [r["node_id"] for r in ok], "strategy": self.s.strategy, "transfer": self.s.transfer,
                "dp_noise": self.s.dp_noise}
-        tmp = self.run.ckpt / f".tmp-{tag}-{os.getpid()}"
+        tmp = self.run.ckpt / f".tmp-{owner_tag()}-{tag}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
@@ -135,6 +135,7 @@ class GlobalRun:
                         "model": self.cfg.model.model_dump(mode="json"),
                         "diffusion": self.cfg.diffusion.model_dump(mode="json"), "federation": fed}, tmp / EMA_FILE)
             torch.save(weights, tmp / GLOBAL_FILE)
+            write_sums(tmp)
             final = self.run.ckpt / tag
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
