@@ -32,6 +32,7 @@ CACHE = Path(os.environ.get("MEDSYN_TEST_CACHE", "~/.cache/medsyn-test")).expand
 PACKAGES = ["podman", "runc", "debootstrap"]
 BASE = "localhost/medsyn-test-base:bookworm"
 IMAGE = "localhost/medsyn-test:latest"
+MOUNT_POINTS = {"/data", "/tmp", "/etc", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/run", "/run/.containerenv"}
 MIRROR = os.environ.get("MEDSYN_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 
 
@@ -158,8 +159,10 @@ def test_image_trains_and_samples_on_a_bind_mount_only(podman, image, phantom_co
     try:
         podman.run("--name", name, *common, "train", "--config", "train.yaml", "--cohort", "cohort", "--out", "run",
                    "--steps", "4")
-        # the image itself is unchanged: nothing written outside /data and the /tmp tmpfs
-        assert podman("diff", name).stdout.strip() == ""
+        # the image itself is unchanged: nothing written outside /data and the /tmp tmpfs (podman's own
+        # mount points for the bind, /etc/hosts, /etc/resolv.conf, ... are all the diff may show)
+        changed = {line.split(maxsplit=1)[1] for line in podman("diff", name).stdout.splitlines() if line.strip()}
+        assert changed <= MOUNT_POINTS, changed - MOUNT_POINTS
         podman("rm", name)
         podman.run("--rm", *common, "sample", "--run", "run", "--masks", "relocate:cohort", "--out", "synth",
                    "--sampler", "ddim", "--steps", "4", "--seed", "1", "--device", "cpu", "--site-key", "/data/site.key")
