@@ -19,10 +19,12 @@ if [ -n "$image" ]; then
               --env "MEDSYN_SITE_KEY=${MEDSYN_SITE_KEY:-}" "$image" medsyn)
 elif [ -n "${MEDSYN_VENV:-}" ]; then
   MEDSYN_CMD=("$MEDSYN_VENV/bin/medsyn")
+  export PATH="$MEDSYN_VENV/bin:$PATH"  # the venv's other tools too (flower-superlink, nnUNetv2_*)
 elif command -v medsyn >/dev/null; then
   MEDSYN_CMD=("$(command -v medsyn)")
 else
   MEDSYN_CMD=("$MEDSYN_REPO/.venv/bin/medsyn")
+  export PATH="$MEDSYN_REPO/.venv/bin:$PATH"
 fi
 medsyn() { "${MEDSYN_CMD[@]}" "$@"; }
 

@@ -246,3 +246,58 @@ def test_failed_evaluate_task_is_failed_and_the_report_never_runs(cluster, phant
     info = cluster.job(report)
     assert info.get("JobState") in (None, "CANCELLED", "PENDING"), info  # never RUNNING nor COMPLETED
     assert not (ws / "report").exists()
+
+
+def test_superlink_and_a_sites_supernode_run_as_jobs(cluster, phantom_cohort, tmp_path):
+    """superlink.sh serves TLS with SuperNode authentication and publishes its address; the operator's
+    CLI registers a site over TLS; that site's supernode.sh finds the SuperLink through the address
+    file and comes online; scancel ends both and the address file goes."""
+    import json
+
+    from medsyn_site.federated import deploy
+
+    names = {subprocess.run(["hostname", *f], capture_output=True, text=True).stdout.strip() for f in ([], ["-f"])}
+    deploy.make_pki(tmp_path / "pki", tuple(n for n in names if n))  # as the README: --host "$(hostname -f)"
+    key, pub = deploy.make_node_key(tmp_path / "site-a")
+    port = _port()
+    env = _job_env() | {"MEDSYN_PKI": "pki", "MEDSYN_FL_PORT": str(port), "FLWR_HOME": str(tmp_path / "operator")}
+    link = cluster.sbatch("superlink.sh", "--cpus-per-task=1", cwd=tmp_path, env=env)
+    address = tmp_path / "superlink.address"
+    log = tmp_path / f"medsyn-superlink-{link}.out"
+    cluster._wait(lambda: address.exists() or cluster.job(link).get("JobState") not in ("PENDING", "RUNNING"),
+                  "the SuperLink's address file", 180)
+    assert address.exists(), log.read_text()
+    host, _, got_port = address.read_text().strip().rpartition(":")
+    assert host in names and got_port == str(port), address.read_text()
+
+    bin_ = Path(sys.executable).parent
+    op = cluster.env | env | {"PATH": f"{bin_}{os.pathsep}{os.environ['PATH']}"}  # medsyn calls the venv's flwr
+    subprocess.run([bin_ / "medsyn", "fl", "connect", "--superlink", f"127.0.0.1:{port}", "--ca", "pki/ca.pem"],
+                   cwd=tmp_path, env=op, check=True, capture_output=True)
+    end = time.time() + 120
+    while (reg := subprocess.run([bin_ / "medsyn", "fl", "register", str(pub), "--name", "site-a"], env=op,
+                                 capture_output=True, text=True)).returncode and time.time() < end:
+        time.sleep(2)
+    assert reg.returncode == 0, reg.stdout + reg.stderr + log.read_text()
+    node_id = re.search(r"SuperNode (\d+)", reg.stdout)[1]
+
+    site = env | {"MEDSYN_COHORT": str(phantom_cohort), "MEDSYN_FL_CA": "pki/ca.pem", "MEDSYN_FL_KEY": str(key),
+                  "MEDSYN_FL_NODE_PORT": str(_port()), "MEDSYN_DEVICE": "cpu", "FLWR_HOME": ""}
+    node = cluster.sbatch("supernode.sh", "--cpus-per-task=1", cwd=tmp_path, env=site)
+
+    def online():
+        out = subprocess.run([bin_ / "flwr", "supernode", "list", deploy.CONNECTION, "--format", "json"], env=op,
+                             capture_output=True, text=True).stdout
+        try:
+            return {n["node-id"] for n in json.loads(out)["nodes"] if n["status"] == "online"}
+        except (ValueError, KeyError):
+            return set()
+    try:
+        cluster._wait(lambda: node_id in {str(n) for n in online()}, "the site's SuperNode online", 180)
+    except TimeoutError:
+        raise AssertionError("".join(p.read_text() for p in tmp_path.glob("*.out"))) from None
+    assert (tmp_path / "fl-work" / "flwr-home").is_dir()  # Flower's own folder stays in the site's work dir
+    assert cluster.job(node)["JobState"] == cluster.job(link)["JobState"] == "RUNNING"
+    cluster.run("scancel", node, link, check=True)
+    assert set(cluster.wait_done(node, 120).values()) | set(cluster.wait_done(link, 120).values()) == {"CANCELLED"}
+    cluster._wait(lambda: not address.exists(), "the address file removed", 30)
