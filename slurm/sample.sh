@@ -12,7 +12,7 @@
 #   MEDSYN_RUN        run dir or EMA weights file [runs/site]
 #   MEDSYN_MASKS      mask source: relocate:DIR, cohort:DIR or request:FILE [relocate:cohorts/site]
 #   MEDSYN_OUT        the merged synthetic cohort [synth/site]
-#   MEDSYN_SAMPLER    ddim | ddpm [ddim];  MEDSYN_STEPS [50];  MEDSYN_PER_MASK [1];  MEDSYN_SEED [0]
+#   MEDSYN_SAMPLER    ddpm | ddim [ddpm];  MEDSYN_STEPS [50];  MEDSYN_PER_MASK [1];  MEDSYN_SEED [0]
 #   MEDSYN_PRECISION  fp32 | bf16 | fp16 [fp32];  MEDSYN_DEVICE auto | cpu | cuda [auto]
 #   MEDSYN_STREAM_GB  z-slab streaming budget in GiB for volumes too large for the GPU [off]
 #   MEDSYN_SITE_KEY   the site key (must exist: it signs the provenance) [~/.config/medsyn/site.key]
@@ -64,7 +64,7 @@ submit_after_array medsyn-sample-merge "MEDSYN_SHARDS=$count bash $SLURM_DIR/sam
 
 args=(sample --run "${MEDSYN_RUN:-runs/site}" --masks "${MEDSYN_MASKS:-relocate:cohorts/site}"
       --out "$shards/$task" --shard "$task/$count" --site-key "$key"
-      --sampler "${MEDSYN_SAMPLER:-ddim}" --steps "${MEDSYN_STEPS:-50}" --per-mask "${MEDSYN_PER_MASK:-1}"
+      --sampler "${MEDSYN_SAMPLER:-ddpm}" --steps "${MEDSYN_STEPS:-50}" --per-mask "${MEDSYN_PER_MASK:-1}"
       --seed "${MEDSYN_SEED:-0}" --precision "${MEDSYN_PRECISION:-fp32}" --device "${MEDSYN_DEVICE:-auto}"
       ${MEDSYN_STREAM_GB:+--stream-gb "$MEDSYN_STREAM_GB"})
 say "medsyn ${args[*]}"

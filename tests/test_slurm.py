@@ -185,7 +185,7 @@ def _job_env(key: Path | None = None) -> dict:
 
 def test_sample_array_merges_into_a_cohort_that_publishes(cluster, run, phantom_cohort, key, synth, tmp_path):
     env = _job_env(key) | {"MEDSYN_RUN": str(run), "MEDSYN_MASKS": f"relocate:{phantom_cohort}",
-                           "MEDSYN_OUT": "synth", "MEDSYN_STEPS": "4", "MEDSYN_SEED": "1", "MEDSYN_DEVICE": "cpu",
+                           "MEDSYN_OUT": "synth", "MEDSYN_SAMPLER": "ddim", "MEDSYN_STEPS": "4", "MEDSYN_SEED": "1", "MEDSYN_DEVICE": "cpu",
                            "MEDSYN_LOG_DIR": str(tmp_path)}
     job = cluster.sbatch("sample.sh", "--array=0-1", "--cpus-per-task=1", cwd=tmp_path, env=env)
     states = cluster.wait_done(job)
