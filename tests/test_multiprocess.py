@@ -29,7 +29,7 @@ def test_ranks_draw_different_patches():
 
 def test_srun_variables_become_torch_ranks(monkeypatch):
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NUM_TASKS",
-              "SLURM_STEP_NODELIST", "SLURM_STEP_NUM_NODES"):
+              "SLURM_STEP_NODELIST", "SLURM_STEP_NUM_NODES", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_LOCALID", "1")
@@ -41,6 +41,11 @@ def test_srun_variables_become_torch_ranks(monkeypatch):
     eng._ranks_from_slurm()
     assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("3", "1", "4")
     assert os.environ["MASTER_ADDR"] == "127.0.0.1" and os.environ["MASTER_PORT"] == str(29500 + 1234)
+
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")  # srun --gpus-per-task 1: the task's one GPU is cuda:0
+    eng._ranks_from_slurm()
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"]) == ("3", "0")
 
 
 RECORDER = Path(__file__).parent / "record_patches.py"

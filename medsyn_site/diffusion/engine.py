@@ -38,7 +38,10 @@ def _ranks_from_slurm() -> None:
     tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
     if "RANK" in env or "SLURM_PROCID" not in env or tasks < 2:
         return
-    env.update(RANK=env["SLURM_PROCID"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"), WORLD_SIZE=str(tasks))
+    # LOCAL_RANK picks the GPU: a task bound to one GPU (srun --gpus-per-task 1) sees it as device 0
+    one_gpu = len(env.get("CUDA_VISIBLE_DEVICES", "").split(",")) == 1 and env.get("CUDA_VISIBLE_DEVICES")
+    env.update(RANK=env["SLURM_PROCID"], LOCAL_RANK="0" if one_gpu else env.get("SLURM_LOCALID", "0"),
+               WORLD_SIZE=str(tasks))
     if "MASTER_ADDR" not in env:
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
         try:
