@@ -6,12 +6,14 @@ import json
 import logging
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import torch
 
 from medsyn_site.config import CONFIG_DIR, ConfigError, TrainConfig
 from medsyn_site.diffusion.model import enable_activation_checkpointing
+from medsyn_site.errors import MedsynError
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +30,36 @@ def select_accelerator(device: str) -> None:
         os.environ["DS_ACCELERATOR"] = device
 
 
+def _ranks_from_slurm() -> None:
+    """srun starts every task itself (no torchrun) with SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS:
+    map them to torch.distributed's RANK / LOCAL_RANK / WORLD_SIZE; the rendezvous is the step's
+    first node (MASTER_ADDR / MASTER_PORT, unless the job script set them)."""
+    env = os.environ
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    if "RANK" in env or "SLURM_PROCID" not in env or tasks < 2:
+        return
+    # LOCAL_RANK picks the GPU: a task bound to one GPU (srun --gpus-per-task 1) sees it as device 0
+    one_gpu = len(env.get("CUDA_VISIBLE_DEVICES", "").split(",")) == 1 and env.get("CUDA_VISIBLE_DEVICES")
+    env.update(RANK=env["SLURM_PROCID"], LOCAL_RANK="0" if one_gpu else env.get("SLURM_LOCALID", "0"),
+               WORLD_SIZE=str(tasks))
+    if "MASTER_ADDR" not in env:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
+            env["MASTER_ADDR"] = out.stdout.split()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            if int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1) > 1:
+                raise ConfigError(f"srun on nodes {nodes!r}: cannot find the first node (scontrol failed); "
+                                  "export MASTER_ADDR in the job script") from None
+            env["MASTER_ADDR"] = "127.0.0.1"
+    env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID") or 0) % 10000))
+
+
 def init_distributed() -> None:
     """Start torch.distributed through DeepSpeed. A lone process (no launcher) gets world size 1
-    on 127.0.0.1; under the deepspeed launcher, torchrun or srun the environment is already set."""
+    on 127.0.0.1; under the deepspeed launcher or torchrun the environment is already set; under
+    srun it comes from Slurm's variables."""
+    _ranks_from_slurm()
     if "RANK" not in os.environ or os.environ.get("MEDSYN_SOLO_DIST") == "1":
         # No launcher (or only our own defaults, inherited by a child process): a fresh port.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -38,11 +67,65 @@ def init_distributed() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if os.environ["WORLD_SIZE"] == "1":
-        # One process has nothing to share through shared memory; skip JIT-building that op.
+    if os.environ["WORLD_SIZE"] == "1" or get_accelerator().device_name() == "cpu":
+        # One process has nothing to share through shared memory, and CPU processes reduce through
+        # gloo: skip JIT-building DeepSpeed's shared-memory op (a compiler at run time).
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+def rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any (e.g. a stop signal reached one process)."""
+    import torch.distributed as dist
+
+    if rank_world()[1] == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _agreed(fn, args, every_rank: bool):
+    import torch.distributed as dist
+
+    rank, world = rank_world()
+    result, err = None, None
+    if every_rank or rank == 0:
+        try:
+            result = fn(*args)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks hear of it
+            err = e
+    if world > 1:
+        heard = [None] * world
+        mine = (None if err is None else (isinstance(err, MedsynError), f"{type(err).__name__}: {err}"),
+                result if rank == 0 else None)
+        dist.all_gather_object(heard, mine)
+        failed = [(r, e) for r, (e, _) in enumerate(heard) if e]
+        if err is None and failed:
+            r, (domain, msg) = failed[0]
+            raise (MedsynError if domain else RuntimeError)(f"rank {r} failed: {msg}")
+        result = heard[0][1] if err is None else result
+    if err is not None:
+        raise err
+    return result
+
+
+def on_rank0(fn, *args):
+    """Run ``fn`` on rank 0 only (the one writer of the run dir) and return its result on every
+    rank; its error is raised on every rank (no rank waits forever in the next collective call)."""
+    return _agreed(fn, args, every_rank=False)
+
+
+def on_every_rank(fn, *args):
+    """Run ``fn`` on every rank; an error on any rank is raised on every rank. Returns rank 0's result."""
+    return _agreed(fn, args, every_rank=True)
 
 
 def load_deepspeed_config(cfg: TrainConfig) -> dict:

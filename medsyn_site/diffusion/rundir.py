@@ -18,6 +18,7 @@ import yaml
 
 from medsyn_site.atomic import atomic_write_text, clean_stale, owner_tag, refuse_existing, sha256_file
 from medsyn_site.config import Config, dump_config
+from medsyn_site.diffusion.engine import on_every_rank, on_rank0, rank_world
 from medsyn_site.errors import MedsynError, check_free, write_failure
 
 EMA_FILE = "ema.pt"
@@ -166,52 +167,80 @@ class RunDir:
         return 4 * n * 4 + 2 ** 20
 
     def save(self, engine, ema, step: int, cfg: Config, keep: int) -> Path:
+        """Collective (every rank calls it): rank 0 checks the free space and names one temp folder;
+        every rank writes its part through DeepSpeed's save_checkpoint (its own ZeRO shard file);
+        rank 0 adds the EMA and SHA256SUMS, renames it into place, moves ``latest``, prunes old ones.
+        An error on any rank is raised on every rank."""
         tag = f"step_{step:08d}"
-        self.ckpt.mkdir(parents=True, exist_ok=True)
-        check_free(self.ckpt, self._estimate_bytes(engine), f"checkpoint {tag}")
-        tmp = self.ckpt / f".tmp-{owner_tag()}-{tag}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            engine.save_checkpoint(str(tmp), tag=tag, client_state={"step": step, "rng": rng_state()},
-                                   save_latest=False)
+        final = self.ckpt / tag
+
+        def prepare() -> Path:
+            self.ckpt.mkdir(parents=True, exist_ok=True)
+            check_free(self.ckpt, self._estimate_bytes(engine), f"checkpoint {tag}")
+            tmp = self.ckpt / f".tmp-{owner_tag()}-{tag}"  # rank 0's: a later run cleans it if rank 0 died
+            shutil.rmtree(tmp, ignore_errors=True)
+            return tmp
+
+        def write(what: Path, fn, *args) -> None:
+            try:
+                fn(*args)
+            except (OSError, RuntimeError) as e:
+                err = write_failure(what, e)
+                if err is e:
+                    raise
+                raise err from e
+
+        def finish() -> None:
             torch.save({"ema": ema.state_dict(), "step": step, "model": cfg.model.model_dump(mode="json"),
                         "diffusion": cfg.diffusion.model_dump(mode="json")}, tmp / tag / EMA_FILE)
             write_sums(tmp / tag)
-            final = self.ckpt / tag
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp / tag, final)
-        except (OSError, RuntimeError) as e:
-            err = write_failure(self.ckpt / tag, e)
-            if err is e:
-                raise
-            raise err from e
+
+        tmp = on_rank0(prepare)
+        try:
+            on_every_rank(write, final, engine.save_checkpoint, str(tmp), tag,
+                          {"step": step, "rng": rng_state()}, False)
+            on_rank0(write, final, finish)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if rank_world()[0] == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+        on_rank0(self._point_latest, tag, keep)  # every rank returns after the checkpoint is complete
+        return final
+
+    def _point_latest(self, tag: str, keep: int) -> None:
         atomic_write_text(self.ckpt / "latest", tag)
         older = [t for t in self.tags() if t < tag]
         # Newer tags than this one are left from a line of steps that was damaged and resumed before.
         stale = [t for t in self.tags() if t > tag] + older[max(0, keep - 1):]
         for t in stale:
             shutil.rmtree(self.ckpt / t, ignore_errors=True)
-        return final
 
     def load(self, engine, ema) -> int:
-        """Restore the newest intact checkpoint; returns its step (0: none yet, the run starts over)."""
-        tag = self.resume_tag or (self.intact_tag() if self.tags() else None)
-        if tag is None:
-            return 0
-        if self.latest() != tag:  # killed before `latest` was updated, or the newest is damaged
-            atomic_write_text(self.ckpt / "latest", tag)
-        try:
-            path, client = engine.load_checkpoint(str(self.ckpt), tag=tag)
-        except Exception as e:  # a damaged checkpoint without checksums (written by an older version)
-            raise RunError(f"{self.ckpt / tag}: checkpoint could not be loaded ({' '.join(str(e).split())[:200]})") from e
-        if path is None:
-            raise RunError(f"{self.ckpt / tag}: checkpoint could not be loaded")
-        ema.load_state_dict(_torch_load(self.ckpt / tag / EMA_FILE)["ema"])
-        set_rng_state(client["rng"])
-        return int(client["step"])
+        """Restore the newest intact checkpoint; returns its step (0: none yet, the run starts over).
+        Collective: rank 0 picks the checkpoint (checksums) and points ``latest`` at it; every rank
+        loads it through DeepSpeed's load_checkpoint (its own ZeRO shard) and the EMA."""
+        def pick() -> str | None:
+            tag = self.resume_tag or (self.intact_tag() if self.tags() else None)
+            if tag is not None and self.latest() != tag:  # killed before `latest` moved, or the newest is damaged
+                atomic_write_text(self.ckpt / "latest", tag)
+            return tag
+
+        def restore(tag: str) -> int:
+            try:
+                path, client = engine.load_checkpoint(str(self.ckpt), tag=tag)
+            except Exception as e:  # a damaged checkpoint without checksums (written by an older version)
+                raise RunError(f"{self.ckpt / tag}: checkpoint could not be loaded "
+                               f"({' '.join(str(e).split())[:200]})") from e
+            if path is None:
+                raise RunError(f"{self.ckpt / tag}: checkpoint could not be loaded")
+            ema.load_state_dict(_torch_load(self.ckpt / tag / EMA_FILE)["ema"])
+            set_rng_state(client["rng"])
+            return int(client["step"])
+
+        tag = on_rank0(pick)
+        return 0 if tag is None else on_every_rank(restore, tag)
 
 
 def load_weights(path: str | Path) -> dict:

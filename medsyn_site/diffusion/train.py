@@ -26,14 +26,21 @@ from medsyn_site.errors import write_failure
 log = logging.getLogger(__name__)
 
 
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def _step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + rank * 2 ** 40)
 
 
-def diffusion_loss(net, sched, batch: dict, cfg: Config, step: int, dev, dtype) -> torch.Tensor:
+def rank_samples(start: int, steps: int, batch: int, world: int, rank: int) -> list[int]:
+    """The patch indices rank ``rank`` draws for steps start+1 .. steps: step s takes global samples
+    ((s-1) * world + rank) * batch + j, so the ranks see different patches and one process (world 1)
+    sees what it always did."""
+    return [((s * world) + rank) * batch + j for s in range(start, steps) for j in range(batch)]
+
+
+def diffusion_loss(net, sched, batch: dict, cfg: Config, step: int, dev, dtype, rank: int = 0) -> torch.Tensor:
     """One training loss: noise a patch at random timesteps and regress the configured target."""
     x0 = batch["image"].to(dev)
-    g = _step_generator(cfg.train.seed, step)
+    g = _step_generator(cfg.train.seed, step, rank)
     t = torch.randint(0, sched.num_train_timesteps, (x0.shape[0],), generator=g).to(dev)
     noise = torch.randn(x0.shape, generator=g).to(dev)
     noisy = sched.add_noise(original_samples=x0, noise=noise, timesteps=t)
@@ -183,24 +190,31 @@ def _train(cfg: Config, cohort_dir, run_dir, resume: bool, force: bool, stop: St
            init_weights: dict | None = None, prox_mu: float = 0.0, weights_out: Path | None = None) -> Path:
     cohort = Cohort(cohort_dir)  # fails early: missing or broken cohort
     run = RunDir(run_dir)
-    run.check_resume(cfg) if resume else run.check_new(force)  # before the volumes are cached
     t = cfg.train
+    eng.select_accelerator(t.device)
+    eng.init_distributed()
+    rank, world = eng.rank_world()
+    # rank 0 is the one writer of the run dir; checked before the volumes are cached
+    eng.on_rank0(run.check_resume, cfg) if resume else eng.on_rank0(run.check_new, force)
     data = PatchDataset(cohort, "train", t.patch_size, cfg.diffusion.hu_window, t.pos_fraction, t.seed)
     val_split = "val" if cohort.split("val") else "train"
     previews = PatchDataset(cohort, val_split, t.patch_size, cfg.diffusion.hu_window, 1.0, t.seed + 1)
-    if not resume:
-        run.create(cfg, force)
-    from medsyn_site.provenance import record_training_cohort
 
-    record_training_cohort(run.root, cohort_dir)  # the model is bound to its cohort (publish audits against it)
+    def start_run() -> None:
+        from medsyn_site.provenance import record_training_cohort
+
+        if not resume:
+            run.create(cfg, force)
+        stop.message = "before the first training step; continue with --resume"  # the run dir exists
+        record_training_cohort(run.root, cohort_dir)  # the model is bound to its cohort (publish audits against it)
+
+    eng.on_rank0(start_run)
     stop.message = "before the first training step; continue with --resume"
     data.load(cache_bytes=t.cache_gb * 2 ** 30, spill_dir=run.root / "cache")
-    preview_samples = [previews[i] for i in range(3)]  # read from disk: only these cases, once
+    preview_samples = [previews[i] for i in range(3)] if rank == 0 else []  # read from disk: these cases, once
     del previews
 
     _configure_torch(cfg)
-    eng.select_accelerator(t.device)
-    eng.init_distributed()
     net = build_unet(cfg.model)
     if t.init_weights and not resume:  # before the engine exists: its fp32 master copy starts from them
         net.load_state_dict(initial_weights(t.init_weights, cfg))
@@ -218,38 +232,41 @@ def _train(cfg: Config, cohort_dir, run_dir, resume: bool, force: bool, stop: St
         return run.latest_weights()
 
     sched = scheduler(cfg.diffusion)
-    loader = DataLoader(data, batch_size=t.batch_size, sampler=range(start * t.batch_size, t.steps * t.batch_size),
+    loader = DataLoader(data, batch_size=t.batch_size, sampler=rank_samples(start, t.steps, t.batch_size, world, rank),
                         num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
-    metrics = Metrics(run.root, start)
+    metrics = Metrics(run.root, start) if rank == 0 else None  # one writer
     from tqdm import tqdm
 
-    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step")
+    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=rank != 0)
     tick, step = time.perf_counter(), start
     stop.defer()  # from here a stop signal ends the current step and writes a checkpoint
     try:
         for step, batch in enumerate(loader, start=start + 1):
-            loss = diffusion_loss(engine, sched, batch, cfg, step, dev, dtype)
+            loss = diffusion_loss(engine, sched, batch, cfg, step, dev, dtype, rank)
             engine.backward(loss + _proximal(engine, anchor, prox_mu) if prox_mu else loss)
             engine.step()
             ema.update(engine.module)
             bar.update(1)
-            if step % t.log_every == 0 or step == t.steps:
-                rate = t.batch_size * t.log_every / max(time.perf_counter() - tick, 1e-9)
+            stopping = eng.any_rank(stop.signum is not None)  # all ranks stop at the same step
+            if metrics and (step % t.log_every == 0 or step == t.steps):
+                rate = world * t.batch_size * t.log_every / max(time.perf_counter() - tick, 1e-9)
                 tick = time.perf_counter()
                 row = {"step": step, "loss": loss.item(), "lr": engine.get_lr()[0], "patches_per_s": rate,
                        "peak_mem_mb": peak_memory_mb(dev)}
                 metrics.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", patches_s=f"{rate:.1f}", mem_mb=f"{row['peak_mem_mb']:.0f}")
-            if step % t.preview_every == 0 or step == t.steps:
+            if rank == 0 and (step % t.preview_every == 0 or step == t.steps):
                 preview(engine.module, cfg, preview_samples, run.root / "previews" / f"step_{step:08d}.png", dev, dtype)
-            if step % t.checkpoint_every == 0 or step == t.steps or stop.signum:
-                run.save(engine, ema, step, cfg, t.keep_checkpoints)
-            if stop.signum:
-                raise Interrupted(f"stopped by {stop.name} at step {step}; checkpoint written; continue with --resume")
+            if step % t.checkpoint_every == 0 or step == t.steps or stopping:
+                run.save(engine, ema, step, cfg, t.keep_checkpoints)  # collective: every rank
+            if stopping:
+                raise Interrupted(f"stopped by {stop.name or 'a stop signal to another rank'} at step {step}; "
+                                  "checkpoint written; continue with --resume")
     finally:
         bar.close()
-        metrics.close()
+        if metrics:
+            metrics.close()
     if weights_out is not None:
-        final = get_weights(engine)
-        atomic_write(weights_out, lambda tmp: torch.save(final, tmp))
+        final = get_weights(engine)  # collective (ZeRO: every rank holds a part of the fp32 masters)
+        eng.on_rank0(atomic_write, weights_out, lambda tmp: torch.save(final, tmp))
     return run.latest_weights()
