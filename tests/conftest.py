@@ -2,6 +2,7 @@
 package's own code, so the readers are tested against geometry the test sets by hand)."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -50,8 +51,23 @@ def synth(run, phantom_cohort, key, tmp_path_factory) -> Path:
     from medsyn_site.diffusion.sample import sample_cohort
 
     out = tmp_path_factory.mktemp("synth") / "syn"
-    sample_cohort(run, f"relocate:{phantom_cohort}", out, sampler="ddim", steps=4, seed=1, site_key=key)
+    with one_torch_thread():  # the bytes depend on the thread count; the shard and Slurm tests compare them
+        sample_cohort(run, f"relocate:{phantom_cohort}", out, sampler="ddim", steps=4, seed=1, site_key=key)
     return out
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """CPU float reductions (and so sampled volumes, byte for byte) depend on torch's thread count,
+    which any test may have changed (the trainer sets its own): sample at 1 thread, like a Slurm task."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ from medsyn_site.diffusion.sample import sample_cohort
 from medsyn_site.diffusion.shards import merge_shards, parse_shard
 from medsyn_site.publish.release import check_provenance
 
+from conftest import one_torch_thread
+
 
 pytestmark = pytest.mark.slow  # samples 4 small volumes (~1-2 min on 2 cores)
 
@@ -24,8 +26,9 @@ pytestmark = pytest.mark.slow  # samples 4 small volumes (~1-2 min on 2 cores)
 def shards(run, phantom_cohort, key, tmp_path_factory):
     """The conftest `synth` run (relocated masks, DDIM 4, seed 1), sampled as 2 shards."""
     root = tmp_path_factory.mktemp("shards")
-    return [sample_cohort(run, f"relocate:{phantom_cohort}", root / f"s{i}", sampler="ddim", steps=4, seed=1,
-                          site_key=key, shard=(i, 2)) for i in range(2)]
+    with one_torch_thread():  # as conftest's synth, which these must equal byte for byte
+        return [sample_cohort(run, f"relocate:{phantom_cohort}", root / f"s{i}", sampler="ddim", steps=4, seed=1,
+                              site_key=key, shard=(i, 2)) for i in range(2)]
 
 
 def test_merged_shards_equal_one_run_and_pass_the_provenance_gate(shards, synth, key, tmp_path):
