@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -103,6 +104,18 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text))
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], missing: str):
+    """A JSON file the toolkit wrote (a contract: cohort.json, provenance.json, a request, ...): a
+    missing or unparsable file is ``error`` with one line naming it (``missing`` says what to do)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON: {e}") from e
 
 
 def refuse_existing(path: str | os.PathLike, force: bool) -> None:

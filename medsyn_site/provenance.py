@@ -8,7 +8,7 @@ import hmac
 import json
 from pathlib import Path
 
-from medsyn_site.atomic import atomic_write_text
+from medsyn_site.atomic import atomic_write_text, read_json
 from medsyn_site.errors import MedsynError
 
 FILE = "provenance.json"
@@ -41,12 +41,7 @@ def write(root: Path, header: dict, entries: list[dict], key: bytes) -> Path:
 def read(root: Path) -> tuple[dict, list[dict]]:
     """(header, entries) of a synthetic cohort's provenance.json."""
     path = Path(root) / FILE
-    if not path.is_file():
-        raise ProvenanceError(f"{path}: missing (only data made by `medsyn sample` can be published)")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ProvenanceError(f"{path}: not valid JSON: {e}") from e
+    doc = read_json(path, ProvenanceError, "missing (only data made by `medsyn sample` can be published)")
     if doc.get("format") != FORMAT or not isinstance(doc.get("files"), list):
         raise ProvenanceError(f"{path}: not a {FORMAT} file")
     header = {k: v for k, v in doc.items() if k not in ("format", "version", "files")}

@@ -12,13 +12,12 @@ the site samples from it (``medsyn sample --masks request:FILE``) and publishes 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medsyn_site.atomic import atomic_write_text
+from medsyn_site.atomic import atomic_write_text, read_json
 from medsyn_site.errors import MedsynError
 
 FORMAT = "medsyn-sample-request"
@@ -46,13 +45,7 @@ def write(path: str | Path, request: Request) -> Path:
 
 
 def read(path: str | Path) -> Request:
-    path = Path(path)
-    if not path.is_file():
-        raise RequestError(f"{path}: request file not found")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RequestError(f"{path}: not valid JSON: {e}") from e
+    doc = read_json(path, RequestError, "request file not found")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise RequestError(f"{path}: not a {FORMAT} file")
     try:

@@ -18,7 +18,8 @@ import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medsyn_site.atomic import OutputExistsError, atomic_write, atomic_write_text, clean_stale, sha256_file, staged_dir
+from medsyn_site.atomic import (OutputExistsError, atomic_write, atomic_write_text, clean_stale, read_json, sha256_file,
+                                 staged_dir)
 from medsyn_site.errors import MedsynError
 
 FORMAT = "medsyn-cohort"
@@ -221,12 +222,8 @@ class Cohort:
         index = self.root / INDEX
         if not self.root.is_dir():
             raise CohortError(f"{self.root}: cohort folder not found")
-        if not index.is_file():
-            raise CohortError(f"{index}: missing (not a cohort folder)")
         try:
-            self.index = CohortIndex.model_validate(json.loads(index.read_text()))
-        except json.JSONDecodeError as e:
-            raise CohortError(f"{index}: not valid JSON: {e}") from e
+            self.index = CohortIndex.model_validate(read_json(index, CohortError, "missing (not a cohort folder)"))
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
             raise CohortError(f"{index}: {problems}") from e

@@ -2,7 +2,6 @@
 checkpointing with CPU offload. The same code runs on DeepSpeed's CPU accelerator and on CUDA."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from medsyn_site.atomic import read_json
 from medsyn_site.config import CONFIG_DIR, ConfigError, TrainConfig
 from medsyn_site.diffusion.model import enable_activation_checkpointing
 from medsyn_site.errors import MedsynError
@@ -136,10 +136,7 @@ def load_deepspeed_config(cfg: TrainConfig) -> dict:
         path = CONFIG_DIR / path
     if not path.is_file():
         raise ConfigError(f"{cfg.deepspeed_config}: DeepSpeed config not found")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from e
+    ds = read_json(path, ConfigError, "DeepSpeed config not found")
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
     ds.pop("train_batch_size", None)
     ds["bf16"] = {"enabled": cfg.precision == "bf16"}
