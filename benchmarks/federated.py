@@ -8,7 +8,7 @@ The rounds run without the network: each site's local round is the federation's 
 aggregation (``aggregate_arrayrecords``) over the weights as they travel (``encode``/``decode``),
 so loss and bytes are those of `medsyn fl`; gRPC time is predicted, not measured.
 
-    python benchmarks/federated.py --rounds 4 --local-steps 5 --out benchmarks/federated_cpu.json
+    python benchmarks/federated.py --rounds 5 --local-steps 10 --out benchmarks/federated_cpu.json
 """
 from __future__ import annotations
 
