@@ -273,11 +273,14 @@ def sample_merge_cmd(shards, out, site_key, force):
               help="Nodule segmenter trained on real scans (benchmarks/quality.py): adds its Dice at the masks.")
 @click.option("--min-dice", type=click.FloatRange(0, 1), default=None,
               help="Refuse cases whose segmenter Dice at the masks is below this (needs --segmenter).")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Processes for the memorization audit [default: one per CPU core]; each holds the training "
+                   "cohort's features (~4 MB per scan at 256x256x128).")
 @site_key_option
 @force_option
 @friendly
 def publish_cmd(synth, training_cohort, out, fmt, overrides, allow_verbatim_masks, licence, min_contrast, segmenter,
-                min_dice, site_key, force):
+                min_dice, workers, site_key, force):
     """Release only provenance-checked, memorization-audited synthetic data (NIfTI and/or DICOM)."""
     from medsyn_site.publish.release import publish
 
@@ -289,7 +292,7 @@ def publish_cmd(synth, training_cohort, out, fmt, overrides, allow_verbatim_mask
         parsed[case] = reason.strip()
     report = publish(synth, training_cohort, out, fmt=fmt, overrides=parsed, allow_verbatim=allow_verbatim_masks,
                      licence=licence, force=force, site_key=_site_key(site_key), min_contrast=min_contrast,
-                     min_dice=min_dice, segmenter=segmenter)
+                     min_dice=min_dice, segmenter=segmenter, workers=workers)
     refused = [c for c in report["cases"] if c["reasons"]]
     for c in refused:
         click.echo(f"REFUSED {c['case']}: {'; '.join(c['reasons'])}", err=True)
@@ -402,10 +405,12 @@ def evaluate_report(ws):
 @per_mask_option
 @verbatim_option
 @_trainer_opts
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Trainings at once (processes; on a CPU they split its cores, on a GPU they share it).")
 @site_key_option
 @friendly
 def evaluate_run(ws, real, synthetic, run_dir, training_cohort, seeds, steps, per_mask, verbatim_masks, trainer, epochs,
-                 iterations, device, mirroring, site_key):
+                 iterations, device, mirroring, jobs, site_key):
     """Everything: prepare, K trainings per arm, the targeted request (sampled and published as a site
     would, with --run), report."""
     import functools
@@ -416,7 +421,7 @@ def evaluate_run(ws, real, synthetic, run_dir, training_cohort, seeds, steps, pe
     site = functools.partial(answer_request, run=run_dir, out=Path(ws) / "site", training_cohort=training_cohort,
                              steps=steps, site_key=_site_key(site_key), allow_verbatim=verbatim_masks) if run_dir else None
     run_all(real, synthetic, ws, seeds, trainer, epochs, iterations, device, site=site, per_mask=per_mask,
-            verbatim_masks=verbatim_masks, mirroring=mirroring)
+            verbatim_masks=verbatim_masks, mirroring=mirroring, jobs=jobs)
     click.echo((Path(ws) / "report" / "report.md").read_text())
 
 

@@ -151,3 +151,27 @@ def test_publish_refuses_another_training_cohort(tmp_path):
     assert provenance.cohort_identity(a) == before
     sitk.WriteImage(sitk.GetImageFromArray(hu[0] + 1), str(path))
     assert provenance.cohort_identity(a) != before
+
+
+def test_spectrum_is_numpys_fft_of_the_zero_padded_array():
+    """The axis-by-axis transform of a small array at the origin equals numpy's FFT of it padded."""
+    from medsyn_site.publish.audit import spectrum
+
+    a = np.random.default_rng(0).normal(size=(5, 7, 4)).astype(np.float32)
+    padded = np.zeros((12, 10, 9), np.float32)
+    padded[:5, :7, :4] = a
+    np.testing.assert_allclose(spectrum(a, padded.shape), np.fft.rfftn(padded), rtol=1e-4, atol=1e-4)
+
+
+def test_search_on_two_processes_gives_the_same_scores():
+    """nearest_many on 2 worker processes = the same search in this process (order and values)."""
+    from medsyn_site.publish import audit
+
+    cases = [make_case(PhantomConfig(shape=(48, 48, 32)), seed) for seed in (1, 2, 3)]
+    feats = [audit.Features.of(c.image, c.spacing) for c in cases]
+    bank = audit.Bank(["a", "b"], feats[:2])
+    jobs = [(feats[2], None), (feats[0], "a")]
+    one = audit.nearest_many(jobs, bank, workers=1)
+    two = audit.nearest_many(jobs, bank, workers=2)
+    assert json.dumps(one, default=str) == json.dumps(two, default=str)
+    assert one[1]["nearest"] == "b"  # 'a' excluded

@@ -92,19 +92,22 @@ def _release_geometry(image: sitk.Image) -> sitk.Image:
 # -- the memorization audit and its privacy report ---------------------------------------------------
 
 def run_audit(synth: Path, training_cohort: str | Path, decisions: dict[str, Decision],
-              overrides: dict[str, str], params: audit.AuditParams = audit.AuditParams()) -> dict:
+              overrides: dict[str, str], params: audit.AuditParams = audit.AuditParams(),
+              workers: int | None = None) -> dict:
     """Score every case that passed provenance against the training cohort (features cached beside
-    it); flag those above the calibrated thresholds. Returns the calibration."""
+    it; ``workers`` processes, default one per core); flag those above the calibrated thresholds.
+    Returns the calibration."""
     train_cohort = Cohort(training_cohort)
-    bank, null, cache = audit.training_bank(train_cohort, params, progress=tqdm)
+    bank, null, cache = audit.training_bank(train_cohort, params, progress=tqdm, workers=workers)
     log.info("audit features of %s: %s", training_cohort, cache or "not cached")
     calibration = audit.calibrate(null, params) | {"null_scores": null, "params": asdict(params)}
     cohort = Cohort(synth)
-    for rec in tqdm(cohort.cases, desc="audit: synthetic", unit="volume"):
+    todo = [rec for rec in cohort.cases if not decisions[rec.id].reasons]
+    jobs = [(audit.CaseFeatures(str(cohort.root), rec.id, params), None) for rec in todo]
+    scores = audit.nearest_many(jobs, bank, workers, tqdm, desc="audit: synthetic")
+    for rec, s in zip(todo, scores):
         d = decisions[rec.id]
-        if d.reasons:
-            continue
-        d.scores = audit.nearest(audit.Features.of(cohort.arrays(rec.id)[0], rec.spacing, params), bank)
+        d.scores = s
         hits = audit.flagged(d.scores, calibration)
         if hits and rec.id in overrides:
             d.override = overrides[rec.id]
@@ -250,8 +253,9 @@ def _nothing_released(synth: Path, out, refused: list[Decision], report: dict | 
 def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt: str = "both",
             overrides: dict[str, str] | None = None, allow_verbatim: bool = False, licence: str = "CC-BY-4.0",
             force: bool = False, site_key: Path = DEFAULT_SITE_KEY, min_contrast: float | None = None,
-            min_dice: float | None = None, segmenter: Path | None = None) -> dict:
-    """Gate, audit and write a release; returns the audit report."""
+            min_dice: float | None = None, segmenter: Path | None = None, workers: int | None = None) -> dict:
+    """Gate, audit (on ``workers`` processes, default one per core) and write a release; returns the
+    audit report."""
     synth, overrides = Path(synth), overrides or {}
     refuse_existing(out, force)  # before the audit's long work
     key = load_site_key(site_key)
@@ -259,7 +263,7 @@ def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt
     provenance.check_training_cohort(header, training_cohort, synth)
     if all(d.reasons for d in decisions.values()):  # before the audit, which caches features by the cohort
         raise _nothing_released(synth, out, list(decisions.values()))
-    calibration = run_audit(synth, training_cohort, decisions, overrides)
+    calibration = run_audit(synth, training_cohort, decisions, overrides, workers=workers)
     cohort = Cohort(synth)
     adherence_summary = check_adherence(cohort, decisions, min_contrast, min_dice, segmenter)
     released = [d for d in decisions.values() if not d.reasons]
