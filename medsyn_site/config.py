@@ -181,6 +181,7 @@ class EvaluateConfig(Strict):
     iterations: int = Field(5, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
     mirroring: bool = True  # nnU-Net's test-time mirroring when predicting (its default)
+    jobs: int = Field(1, ge=1)  # trainings at once (processes; on a CPU they split its cores)
 
 
 class Config(Strict):

@@ -3,9 +3,11 @@ Each training is its own process (``medsyn evaluate train``), exactly what a Slu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
@@ -22,31 +24,48 @@ def set_seeds(ws: Path, seeds: int) -> None:
 
 
 def train_arms(ws: Path, arms: list[str], seeds: int, trainer: str, epochs: int, iterations: int, device: str,
-               mirroring: bool = True) -> None:
-    total = len(arms) * seeds
-    for i, (arm, seed) in enumerate(((a, s) for a in arms for s in range(seeds)), start=1):
-        click.echo(f"[evaluate] training {i}/{total}: arm {arm}, seed {seed}")
+               mirroring: bool = True, jobs: int = 1) -> None:
+    """Every (arm, seed) training, ``jobs`` at a time (processes; on a CPU the cores are split
+    between them: small nnU-Net trainings use two 1-thread processes better than one 2-thread one)."""
+    runs = [(a, s) for a in arms for s in range(seeds)]
+    env = None
+    if jobs > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // jobs))}
+
+    def one(i: int, arm: str, seed: int) -> None:
+        click.echo(f"[evaluate] training {i}/{len(runs)}: arm {arm}, seed {seed}")
         cmd = [sys.executable, "-m", "medsyn_site.cli", "evaluate", "train", "--ws", str(ws), "--arm", arm,
                "--seed", str(seed), "--trainer", trainer, "--epochs", str(epochs), "--iterations", str(iterations),
                "--device", device, "--mirroring" if mirroring else "--no-mirroring"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
             raise EvaluationError(f"nnU-Net training of arm {arm} seed {seed} failed:\n{tail}")
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        futures = [pool.submit(one, i, arm, seed) for i, (arm, seed) in enumerate(runs, start=1)]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the ones already running finish; no new one starts
+            raise
 
 
 def run_all(real, synthetic, ws, seeds: int = 5, trainer: str = "nnUNetTrainer_medsyn", epochs: int = 2,
             iterations: int = 5, device: str = "cpu", configuration: str = "3d_fullres",
             site: Callable[[Path], Path] | None = None, per_mask: int = 1, verbatim_masks: bool = False,
-            mirroring: bool = True) -> dict:
-    """Prepare, train every arm K times, and report. With ``site`` (the site's answer to a request:
-    request file -> released NIfTI cohort, e.g. medsyn_site.targeted.answer_request), also the
+            mirroring: bool = True, jobs: int = 1) -> dict:
+    """Prepare, train every arm K times (``jobs`` trainings at once), and report. With ``site`` (the
+    site's answer to a request: request file -> released NIfTI cohort, e.g.
+    medsyn_site.targeted.answer_request), also the
     targeted arm: select the worst validation cases, write the request, let the site sample and
     publish it, and train real + the release."""
     ws = Path(ws)
     arms = prepare_workspace(ws, real, synthetic, configuration=configuration)
     set_seeds(ws, seeds)
-    train_arms(ws, arms, seeds, trainer, epochs, iterations, device, mirroring)
+    train_arms(ws, arms, seeds, trainer, epochs, iterations, device, mirroring, jobs)
     if site is not None:
         request, cases = select_targeted(ws, per_mask=per_mask, verbatim=verbatim_masks)
         click.echo(f"[evaluate] targeted cases (below the real-only mean validation Dice): {', '.join(cases)}; "
@@ -55,5 +74,5 @@ def run_all(real, synthetic, ws, seeds: int = 5, trainer: str = "nnUNetTrainer_m
         click.echo(f"[evaluate] training real+targeted on the site's release {release}")
         prepare_workspace(ws, real, targeted=release, configuration=configuration, arms=["real+targeted"])
         set_seeds(ws, seeds)
-        train_arms(ws, ["real+targeted"], seeds, trainer, epochs, iterations, device, mirroring)
+        train_arms(ws, ["real+targeted"], seeds, trainer, epochs, iterations, device, mirroring, jobs)
     return write_report(ws)

@@ -35,7 +35,8 @@ def train_one(ws: str | Path, arm: str, seed: int, trainer: str = "nnUNetTrainer
               mirroring: bool = True) -> Path:
     """Train, predict and score one (arm, seed); returns its result.json. ``resume``: continue from
     nnU-Net's latest checkpoint (after a kill or preemption, or to train a finished run to more epochs).
-    ``mirroring``: nnU-Net's test-time mirroring (its default) when predicting the test cases."""
+    ``mirroring``: nnU-Net's test-time mirroring (its default) when predicting the test cases (and,
+    with nnUNetTrainer_medsyn, the validation cases)."""
     import os
 
     ws = Path(ws)
@@ -47,7 +48,8 @@ def train_one(ws: str | Path, arm: str, seed: int, trainer: str = "nnUNetTrainer
         return out / RESULT
     apply_env(nnunet_env(ws, out / "nnUNet_results"))
     os.environ.update({"MEDSYN_NNUNET_EPOCHS": str(epochs), "MEDSYN_NNUNET_ITERS": str(iterations),
-                       "MEDSYN_NNUNET_VAL_ITERS": str(max(1, iterations // 2))})
+                       "MEDSYN_NNUNET_VAL_ITERS": str(max(1, iterations // 2)),
+                       "MEDSYN_NNUNET_MIRRORING": "1" if mirroring else "0"})
     import torch
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
