@@ -15,8 +15,8 @@ BENCH = Path(__file__).parents[1] / "benchmarks" / "overfit.py"
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("MEDSYN_OVERFIT") != "1",
-                    reason="opt-in (MEDSYN_OVERFIT=1): its 150 training steps do not make the model memorize yet "
-                           "(loss flat, samples not copies; benchmarks/RESULTS.md, 'The overfit check')")
+                    reason="opt-in (MEDSYN_OVERFIT=1): not passing yet; 150 steps do not memorize, and after 2,000 "
+                           "(30 min) 2 of 3 copies are refused (benchmarks/RESULTS.md, 'The overfit check')")
 def test_overfit_model_refused_honest_model_released(tmp_path):
     spec = importlib.util.spec_from_file_location("overfit_bench", BENCH)
     bench = importlib.util.module_from_spec(spec)
