@@ -10,6 +10,7 @@ errors, so a typo in a config fails before any work starts.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -206,6 +207,12 @@ class Config(Strict):
 
 class ConfigError(MedsynError):
     """A config file or override is invalid; the message names the file and the field."""
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may use (its affinity: a Slurm allocation, taskset), the default
+    for ``threads``/``jobs``/``workers`` settings."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from medsyn_site.atomic import atomic_write_text
+from medsyn_site.config import usable_cores
 from medsyn_site.evaluate.datasets import EvaluationError, load_workspace, prepare_workspace
 from medsyn_site.evaluate.report import select_targeted, write_report
 
@@ -30,8 +31,7 @@ def train_arms(ws: Path, arms: list[str], seeds: int, trainer: str, epochs: int,
     runs = [(a, s) for a in arms for s in range(seeds)]
     env = None
     if jobs > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // jobs))}
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, usable_cores() // jobs))}
 
     def one(i: int, arm: str, seed: int) -> None:
         click.echo(f"[evaluate] training {i}/{len(runs)}: arm {arm}, seed {seed}")
@@ -59,9 +59,8 @@ def run_all(real, synthetic, ws, seeds: int = 5, trainer: str = "nnUNetTrainer_m
             mirroring: bool = True, jobs: int = 1) -> dict:
     """Prepare, train every arm K times (``jobs`` trainings at once), and report. With ``site`` (the
     site's answer to a request: request file -> released NIfTI cohort, e.g.
-    medsyn_site.targeted.answer_request), also the
-    targeted arm: select the worst validation cases, write the request, let the site sample and
-    publish it, and train real + the release."""
+    medsyn_site.targeted.answer_request), also the targeted arm: select the worst validation cases,
+    write the request, let the site sample and publish it, and train real + the release."""
     ws = Path(ws)
     arms = prepare_workspace(ws, real, synthetic, configuration=configuration)
     set_seeds(ws, seeds)

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from scipy import fft, ndimage, stats
 
+from medsyn_site.config import usable_cores
 from medsyn_site.errors import MedsynError
 
 log = logging.getLogger(__name__)
@@ -289,11 +289,6 @@ class CaseFeatures:
         return Features.of(c.arrays(self.case)[0], c.case(self.case).spacing, self.p)
 
 
-def default_workers() -> int:
-    """The CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 _BANK: Bank | None = None  # a worker process's copy of the bank
 
 
@@ -314,7 +309,7 @@ def nearest_many(jobs: list[tuple[Features | CaseFeatures, str | None]], bank: B
     so processes scale with the cores where threads do not; every worker holds a copy of the bank
     (about 4 MB per training scan at 256x256x128), hence the cap. The scores do not depend on it."""
     progress = progress or (lambda it, **kw: it)
-    workers = min(workers or default_workers(), len(jobs))
+    workers = min(workers or usable_cores(), len(jobs))
     if workers <= 1:
         return [_nearest_job(job, bank) for job in progress(jobs, desc=desc, unit="scan")]
     plain = Bank(bank.ids, bank.feats, bank.p)  # without the parent's cached spectra
