@@ -4,6 +4,8 @@ refused; novel phantom scans (never trained on, planted the same way) must pass 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -175,3 +177,21 @@ def test_search_on_two_processes_gives_the_same_scores():
     two = audit.nearest_many(jobs, bank, workers=2)
     assert json.dumps(one, default=str) == json.dumps(two, default=str)
     assert one[1]["nearest"] == "b"  # 'a' excluded
+
+
+def test_workers_that_cannot_start_give_an_error_not_a_hang(tmp_path):
+    """A script that calls the audit without an ``if __name__ == "__main__":`` guard: each spawned
+    worker re-runs it while starting and dies. Before, the parent waited forever on the pipe that
+    hands a worker its start-up data; now it says what happened and what to do."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from medsyn_site.publish import audit\n"
+        "rng = np.random.default_rng(0)\n"
+        "feats = [audit.Features(rng.normal(size=(20, 20, 20)).astype('f4'), rng.normal(size=(40, 40, 40)).astype('f4'))\n"
+        "         for _ in range(3)]\n"  # ~0.8 MB of bank: more than a pipe holds
+        "audit.nearest_many([(feats[0], None), (feats[1], None)], audit.Bank(['a', 'b', 'c'], feats), workers=2)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "worker processes ended abruptly" in last and '__name__ == "__main__"' in last and "--workers 1" in last, last

@@ -29,7 +29,9 @@ import json
 import logging
 import math
 import multiprocessing
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -292,9 +294,26 @@ class CaseFeatures:
 _BANK: Bank | None = None  # a worker process's copy of the bank
 
 
-def _init_worker(bank: Bank) -> None:
+def _feature_arrays(feats: list[Features]) -> dict[str, np.ndarray]:
+    """Features as named arrays for an .npz (``_features_from`` reads them back)."""
+    return {f"{kind}_{i}": getattr(f, kind) for i, f in enumerate(feats) for kind in ("coarse", "fine")}
+
+
+def _features_from(z, n: int) -> list[Features]:
+    return [Features(z[f"coarse_{i}"], z[f"fine_{i}"]) for i in range(n)]
+
+
+def _save_bank(bank: Bank, path: Path) -> None:
+    np.savez(path, ids=np.array(bank.ids), params=np.array(json.dumps(asdict(bank.p))), **_feature_arrays(bank.feats))
+
+
+def _init_worker(path: str) -> None:
     global _BANK
-    _BANK = bank
+    with np.load(path) as z:
+        ids = [str(i) for i in z["ids"]]
+        p = json.loads(str(z["params"]))
+        _BANK = Bank(ids, _features_from(z, len(ids)),
+                     AuditParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()}))
 
 
 def _nearest_job(job: tuple[Features | CaseFeatures, str | None], bank: Bank | None = None) -> dict:
@@ -307,15 +326,24 @@ def nearest_many(jobs: list[tuple[Features | CaseFeatures, str | None]], bank: B
     """``nearest(features, bank, exclude)`` of each job, in order, on up to ``workers`` processes
     (default: one per core). Each volume's search is independent and single-threaded (numpy, pocketfft),
     so processes scale with the cores where threads do not; every worker holds a copy of the bank
-    (about 4 MB per training scan at 256x256x128), hence the cap. The scores do not depend on it."""
+    (about 4 MB per training scan at 256x256x128), hence the cap. The scores do not depend on it.
+    Workers read the bank from a file: handed over at start-up, it would go through the pipe that
+    starts each worker, and a worker dying as it starts would leave that write (and us) blocked."""
     progress = progress or (lambda it, **kw: it)
     workers = min(workers or usable_cores(), len(jobs))
     if workers <= 1:
         return [_nearest_job(job, bank) for job in progress(jobs, desc=desc, unit="scan")]
-    plain = Bank(bank.ids, bank.feats, bank.p)  # without the parent's cached spectra
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                             initargs=(plain,)) as pool:
-        return list(progress(pool.map(_nearest_job, jobs), total=len(jobs), desc=desc, unit="scan"))
+    with tempfile.TemporaryDirectory(prefix="medsyn-audit-") as tmp:
+        _save_bank(bank, Path(tmp) / "bank.npz")
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_init_worker, initargs=(str(Path(tmp) / "bank.npz"),)) as pool:
+                return list(progress(pool.map(_nearest_job, jobs), total=len(jobs), desc=desc, unit="scan"))
+        except BrokenProcessPool as e:
+            raise MedsynError(
+                f"the audit's {workers} worker processes ended abruptly ({str(e).rstrip('.')}). They start by importing the "
+                "script that runs the audit: guard its code with `if __name__ == \"__main__\":`, or run "
+                "with one worker (publish --workers 1)") from None
 
 
 # -- calibration -----------------------------------------------------------------------------------
@@ -383,8 +411,7 @@ def training_bank(cohort, p: AuditParams = AuditParams(), progress=None,
             with np.load(path) as z:
                 meta = json.loads(str(z["meta"]))
                 if meta["key"] == key:
-                    feats = [Features(z[f"coarse_{i}"], z[f"fine_{i}"]) for i in range(len(meta["ids"]))]
-                    return Bank(meta["ids"], feats, p), meta["null"], path
+                    return Bank(meta["ids"], _features_from(z, len(meta["ids"])), p), meta["null"], path
         except (OSError, ValueError, KeyError) as e:  # a damaged cache is recomputed
             log.warning("%s: unreadable audit cache (%s); recomputing", path, e)
     progress = progress or (lambda it, **kw: it)
@@ -403,7 +430,7 @@ def training_bank(cohort, p: AuditParams = AuditParams(), progress=None,
     try:
         from medsyn_site.atomic import atomic_write
 
-        arrays = {f"{kind}_{i}": getattr(f, kind) for i, f in enumerate(bank.feats) for kind in ("coarse", "fine")}
+        arrays = _feature_arrays(bank.feats)
         meta = json.dumps({"key": key, "ids": train, "null": null}, default=_jsonable)
 
         def write(tmp: Path) -> None:
