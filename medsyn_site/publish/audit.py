@@ -42,7 +42,7 @@ from medsyn_site.config import usable_cores
 from medsyn_site.errors import MedsynError
 
 log = logging.getLogger(__name__)
-VERSION = 3  # 3: patch search on an exact (no wrap-around) grid
+VERSION = 4  # 3: patch search on an exact (no wrap-around) grid; 4: the cache file is a bank file (params in meta)
 FLIPS = [tuple(a for a, f in zip(range(3), bits) if f) for bits in itertools.product((0, 1), repeat=3)]
 CACHE_DIR = ".medsyn-audit"
 
@@ -227,6 +227,7 @@ class Bank:
     ids: list[str]
     feats: list[Features]
     p: AuditParams = field(default_factory=AuditParams)
+    file: Path | None = field(default=None, repr=False)  # its copy on disk (save_bank), which workers read
     _spec: dict = field(default_factory=dict, repr=False)
 
     def coarse_shape(self, extra) -> tuple[int, ...]:
@@ -294,26 +295,25 @@ class CaseFeatures:
 _BANK: Bank | None = None  # a worker process's copy of the bank
 
 
-def _feature_arrays(feats: list[Features]) -> dict[str, np.ndarray]:
-    """Features as named arrays for an .npz (``_features_from`` reads them back)."""
-    return {f"{kind}_{i}": getattr(f, kind) for i, f in enumerate(feats) for kind in ("coarse", "fine")}
+def save_bank(bank: Bank, fh, **meta) -> None:
+    """The bank as an .npz (to a path or an open file), with ``meta`` (JSON) beside its ids and settings."""
+    arrays = {f"{kind}_{i}": getattr(f, kind) for i, f in enumerate(bank.feats) for kind in ("coarse", "fine")}
+    meta = json.dumps({"ids": bank.ids, "params": asdict(bank.p), **meta}, default=_jsonable)
+    np.savez(fh, meta=np.array(meta), **arrays)
 
 
-def _features_from(z, n: int) -> list[Features]:
-    return [Features(z[f"coarse_{i}"], z[f"fine_{i}"]) for i in range(n)]
-
-
-def _save_bank(bank: Bank, path: Path) -> None:
-    np.savez(path, ids=np.array(bank.ids), params=np.array(json.dumps(asdict(bank.p))), **_feature_arrays(bank.feats))
+def load_bank(path: Path) -> tuple[Bank, dict]:
+    """(bank, meta) of a file ``save_bank`` wrote; the bank remembers the file."""
+    with np.load(path) as z:
+        meta = json.loads(str(z["meta"]))
+        p = AuditParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()})
+        feats = [Features(z[f"coarse_{i}"], z[f"fine_{i}"]) for i in range(len(meta["ids"]))]
+    return Bank(meta["ids"], feats, p, file=Path(path)), meta
 
 
 def _init_worker(path: str) -> None:
     global _BANK
-    with np.load(path) as z:
-        ids = [str(i) for i in z["ids"]]
-        p = json.loads(str(z["params"]))
-        _BANK = Bank(ids, _features_from(z, len(ids)),
-                     AuditParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()}))
+    _BANK = load_bank(Path(path))[0]
 
 
 def _nearest_job(job: tuple[Features | CaseFeatures, str | None], bank: Bank | None = None) -> dict:
@@ -327,17 +327,20 @@ def nearest_many(jobs: list[tuple[Features | CaseFeatures, str | None]], bank: B
     (default: one per core). Each volume's search is independent and single-threaded (numpy, pocketfft),
     so processes scale with the cores where threads do not; every worker holds a copy of the bank
     (about 4 MB per training scan at 256x256x128), hence the cap. The scores do not depend on it.
-    Workers read the bank from a file: handed over at start-up, it would go through the pipe that
-    starts each worker, and a worker dying as it starts would leave that write (and us) blocked."""
+    Workers read the bank from its file (``bank.file``, else a temporary one): handed over at start-up,
+    it would go through the pipe that starts each worker, and a worker dying as it starts would leave
+    that write (and us) blocked."""
     progress = progress or (lambda it, **kw: it)
     workers = min(workers or usable_cores(), len(jobs))
     if workers <= 1:
         return [_nearest_job(job, bank) for job in progress(jobs, desc=desc, unit="scan")]
     with tempfile.TemporaryDirectory(prefix="medsyn-audit-") as tmp:
-        _save_bank(bank, Path(tmp) / "bank.npz")
+        path = bank.file
+        if path is None:
+            save_bank(bank, path := Path(tmp) / "bank.npz")
         try:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_init_worker, initargs=(str(Path(tmp) / "bank.npz"),)) as pool:
+                                     initializer=_init_worker, initargs=(str(path),)) as pool:
                 return list(progress(pool.map(_nearest_job, jobs), total=len(jobs), desc=desc, unit="scan"))
         except BrokenProcessPool as e:
             raise MedsynError(
@@ -408,10 +411,9 @@ def training_bank(cohort, p: AuditParams = AuditParams(), progress=None,
     path = Path(cohort.root) / CACHE_DIR / f"features-{key[:24]}.npz"
     if path.is_file():
         try:
-            with np.load(path) as z:
-                meta = json.loads(str(z["meta"]))
-                if meta["key"] == key:
-                    return Bank(meta["ids"], _features_from(z, len(meta["ids"])), p), meta["null"], path
+            bank, meta = load_bank(path)
+            if meta["key"] == key:
+                return bank, meta["null"], path
         except (OSError, ValueError, KeyError) as e:  # a damaged cache is recomputed
             log.warning("%s: unreadable audit cache (%s); recomputing", path, e)
     progress = progress or (lambda it, **kw: it)
@@ -430,13 +432,11 @@ def training_bank(cohort, p: AuditParams = AuditParams(), progress=None,
     try:
         from medsyn_site.atomic import atomic_write
 
-        arrays = _feature_arrays(bank.feats)
-        meta = json.dumps({"key": key, "ids": train, "null": null}, default=_jsonable)
-
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
-                np.savez(fh, meta=np.array(meta), **arrays)
+                save_bank(bank, fh, key=key, null=null)
         atomic_write(path, write)
+        bank.file = path  # the synthetic volumes' search reads it (nearest_many)
     except OSError as e:  # a read-only cohort: no cache, same result
         log.warning("%s: cannot cache the audit features (%s)", path, e)
         path = None
