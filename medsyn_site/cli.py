@@ -310,6 +310,8 @@ trainer_options = [
                  help="nnU-Net trainer class (nnUNetTrainer for full nnU-Net schedules)."),
     click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True, help="Epochs (nnUNetTrainer_medsyn)."),
     click.option("--iterations", type=click.IntRange(min=1), default=5, show_default=True, help="Iterations per epoch (nnUNetTrainer_medsyn)."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                 help="Replace the plans' batch size (nnUNetTrainer_medsyn; default: nnU-Net's plans)."),
     click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
     click.option("--mirroring/--no-mirroring", default=True, show_default=True,
                  help="nnU-Net's test-time mirroring when predicting the test cases."),
@@ -322,6 +324,22 @@ def _trainer_opts(fn):
     return fn
 
 
+real_sizes_option = click.option(
+    "--real-sizes", type=click.IntRange(min=1), multiple=True, metavar="N",
+    help="The low-data curve: also arms real@N and real+synthetic@N on N of the real training cases "
+         "(repeat: --real-sizes 4 --real-sizes 8).")
+
+
+def _arm(ctx, param, value):
+    from medsyn_site.evaluate.datasets import EvaluationError, parse_arm
+
+    try:
+        parse_arm(value)
+    except EvaluationError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 @evaluate.command("prepare")
 @ws_option
 @click.option("--real", required=True, type=click.Path(exists=True, file_okay=False), help="Real cohort (train/val/test).")
@@ -329,31 +347,33 @@ def _trainer_opts(fn):
 @click.option("--targeted", type=click.Path(exists=True, file_okay=False), default=None, help="Targeted synthetic cohort.")
 @click.option("--configuration", default="3d_fullres", show_default=True, help="nnU-Net configuration (3d_fullres, 2d, ...).")
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="Trainings per arm (K).")
+@real_sizes_option
 @friendly
-def evaluate_prepare(ws, real, synthetic, targeted, configuration, seeds):
+def evaluate_prepare(ws, real, synthetic, targeted, configuration, seeds, real_sizes):
     """Write the arms' nnU-Net datasets and split; plan and preprocess (integrity-checked)."""
     from medsyn_site.evaluate.datasets import prepare_workspace
     from medsyn_site.evaluate.pipeline import set_seeds
 
-    arms = prepare_workspace(ws, real, synthetic, targeted, configuration)
+    arms = prepare_workspace(ws, real, synthetic, targeted, configuration, real_sizes=real_sizes)
     set_seeds(Path(ws), seeds)
     click.echo(f"prepared arms {', '.join(arms)} in {ws}; next: `medsyn evaluate train --ws {ws} --arm ARM --seed K`")
 
 
 @evaluate.command("train")
 @ws_option
-@click.option("--arm", required=True, type=click.Choice(["real", "synthetic", "real+synthetic", "real+targeted"]))
+@click.option("--arm", required=True, callback=_arm,
+              help="real, synthetic, real+synthetic, real+targeted, or real@N / real+synthetic@N (low-data curve).")
 @click.option("--seed", type=int, required=True)
 @_trainer_opts
 @click.option("--resume", is_flag=True,
               help="Continue from nnU-Net's latest checkpoint (after a kill, or to train to more --epochs).")
 @force_option
 @friendly
-def evaluate_train(ws, arm, seed, trainer, epochs, iterations, device, mirroring, resume, force):
+def evaluate_train(ws, arm, seed, trainer, epochs, iterations, batch_size, device, mirroring, resume, force):
     """One nnU-Net training of one arm and seed, then its test predictions and Dice (one Slurm array task)."""
     from medsyn_site.evaluate.runs import train_one
 
-    click.echo(f"wrote {train_one(ws, arm, seed, trainer, epochs, iterations, device, force, resume, mirroring)}")
+    click.echo(f"wrote {train_one(ws, arm, seed, trainer, epochs, iterations, device, force, resume, mirroring, batch_size)}")
 
 
 per_mask_option = click.option("--per-mask", type=click.IntRange(min=1), default=1, show_default=True,
@@ -407,10 +427,11 @@ def evaluate_report(ws):
 @_trainer_opts
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Trainings at once (processes; on a CPU they split its cores, on a GPU they share it).")
+@real_sizes_option
 @site_key_option
 @friendly
 def evaluate_run(ws, real, synthetic, run_dir, training_cohort, seeds, steps, per_mask, verbatim_masks, trainer, epochs,
-                 iterations, device, mirroring, jobs, site_key):
+                 iterations, batch_size, device, mirroring, jobs, real_sizes, site_key):
     """Everything: prepare, K trainings per arm, the targeted request (sampled and published as a site
     would, with --run), report."""
     import functools
@@ -421,7 +442,7 @@ def evaluate_run(ws, real, synthetic, run_dir, training_cohort, seeds, steps, pe
     site = functools.partial(answer_request, run=run_dir, out=Path(ws) / "site", training_cohort=training_cohort,
                              steps=steps, site_key=_site_key(site_key), allow_verbatim=verbatim_masks) if run_dir else None
     run_all(real, synthetic, ws, seeds, trainer, epochs, iterations, device, site=site, per_mask=per_mask,
-            verbatim_masks=verbatim_masks, mirroring=mirroring, jobs=jobs)
+            verbatim_masks=verbatim_masks, mirroring=mirroring, jobs=jobs, real_sizes=real_sizes, batch_size=batch_size)
     click.echo((Path(ws) / "report" / "report.md").read_text())
 
 

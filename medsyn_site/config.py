@@ -50,6 +50,11 @@ class PhantomConfig(Strict):
     spacing: Triple = (2.0, 2.0, 2.5)
     max_nodules: int = Field(4, ge=0, le=8)
     nodule_shapes: Literal["procedural", "lidc"] = "procedural"
+    # procedural nodule diameters: log-normal around the median (spread 0.5 in log), clipped to
+    # [min, 30] mm. LIDC-like by default; the utility benchmark and the demo make them larger so that
+    # a CPU-sized volume draws them several voxels wide (configs/demo.yaml says why).
+    nodule_median_mm: float = Field(7.0, gt=0)
+    nodule_min_mm: float = Field(3.5, ge=3.0, le=30.0)
     noise_hu: float = Field(18.0, ge=0)
 
     @model_validator(mode="after")
@@ -180,6 +185,7 @@ class EvaluateConfig(Strict):
     trainer: str = "nnUNetTrainer_medsyn"
     epochs: int = Field(2, ge=1)
     iterations: int = Field(5, ge=1)
+    batch_size: int | None = Field(None, ge=1)  # None: the plans' (nnUNetTrainer_medsyn only)
     device: Literal["cpu", "cuda"] = "cpu"
     mirroring: bool = True  # nnU-Net's test-time mirroring when predicting (its default)
     jobs: int = Field(1, ge=1)  # trainings at once (processes; on a CPU they split its cores)

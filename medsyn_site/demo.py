@@ -102,7 +102,7 @@ def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
                              sampler=sc.sampler, steps=sc.steps, site_key=key)  # the site answers the request
     run_all(cohort, release / "nifti", ws, seeds=ev.seeds, trainer=ev.trainer, epochs=ev.epochs,
             iterations=ev.iterations, device=ev.device, configuration=ev.configuration, site=site,
-            per_mask=sc.per_mask, mirroring=ev.mirroring, jobs=ev.jobs)
+            per_mask=sc.per_mask, mirroring=ev.mirroring, jobs=ev.jobs, batch_size=ev.batch_size)
     _say(5, f"report: {ws / 'report' / 'report.md'} (figures beside it)")
     click.echo(f"demo finished: {out}")
     return out

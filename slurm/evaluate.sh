@@ -6,6 +6,8 @@
 #   medsyn evaluate prepare --ws eval/site --real cohorts/site --synthetic release/site/nifti --seeds 5
 #   sbatch --array=0-14 slurm/evaluate.sh                  # 3 arms x 5 seeds (the default)
 #   MEDSYN_ARMS="real real+targeted" MEDSYN_SEEDS=5 sbatch --array=0-9 slurm/evaluate.sh
+#   # the low-data curve (prepared with --real-sizes 4 --real-sizes 8):
+#   MEDSYN_ARMS="real@4 real+synthetic@4 real@8 real+synthetic@8" sbatch --array=0-19 slurm/evaluate.sh
 #
 # Variables (defaults in brackets):
 #   MEDSYN_WS          the prepared evaluation workspace [eval/site]
@@ -13,6 +15,7 @@
 #   MEDSYN_SEEDS       trainings per arm [5]; the array must be 0..ARMS*SEEDS-1
 #   MEDSYN_TRAINER     nnU-Net trainer [nnUNetTrainer];  MEDSYN_DEVICE cpu | cuda [cuda]
 #   MEDSYN_EPOCHS, MEDSYN_ITERATIONS  for nnUNetTrainer_medsyn (short CPU runs) [2, 5]
+#   MEDSYN_BATCH       replaces the plans' batch size (nnUNetTrainer_medsyn) [the plans']
 #   MEDSYN_LOG_DIR     where the report job's log goes [.]
 #   APPTAINER/IMAGE, MEDSYN_BINDS, MEDSYN_VENV, MEDSYN_REPO: see slurm/common.sh
 #SBATCH --job-name=medsyn-evaluate
@@ -49,6 +52,7 @@ arm="${arms[$((task / seeds))]}"
 seed=$((task % seeds))
 args=(evaluate train --ws "$ws" --arm "$arm" --seed "$seed" --trainer "${MEDSYN_TRAINER:-nnUNetTrainer}"
       --device "${MEDSYN_DEVICE:-cuda}" --epochs "${MEDSYN_EPOCHS:-2}" --iterations "${MEDSYN_ITERATIONS:-5}")
+if [ -n "${MEDSYN_BATCH:-}" ]; then args+=(--batch-size "$MEDSYN_BATCH"); fi
 # A requeued task continues nnU-Net's latest checkpoint.
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then args+=(--resume); fi
 say "medsyn ${args[*]}"

@@ -56,6 +56,23 @@ def synth(run, phantom_cohort, key, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """`medsyn demo` as the README runs it (the console script), at test size: every stage, and an
+    evaluation whose nnU-Net learns. Run once; the CLI and evaluator tests read its outputs.
+    Returns (output folder, the finished process)."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("medsyn")
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    config = Path(__file__).parent / "configs" / "demo_test.yaml"
+    proc = subprocess.run([str(exe), "demo", "--out", str(out), "--config", str(config)], capture_output=True,
+                          text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
 @contextlib.contextmanager
 def one_torch_thread():
     """CPU float reductions (and so sampled volumes, byte for byte) depend on torch's thread count,

@@ -1,25 +1,24 @@
 """The utility evaluator end to end with real nnU-Net v2 on the CPU: all four arms, K = 2, the short
-trainer, targeted selection and sampling, the report; and its refusals."""
+trainer, targeted selection and sampling, the report (on the demo's evaluation, which learns); and
+its refusals."""
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from medsyn_site import provenance, request
 from medsyn_site.config import PhantomConfig, SplitConfig
 from medsyn_site.data.cohort import Cohort, image_path, mask_path
 from medsyn_site.data.phantom import write_phantom_cohort
 from medsyn_site.evaluate.datasets import EvaluationError, dataset_name, prepare_workspace
-from medsyn_site.evaluate.pipeline import run_all
 from medsyn_site.evaluate.report import write_report
 from medsyn_site.evaluate.runs import run_dir
 from medsyn_site.publish.release import ReleaseError
@@ -33,33 +32,49 @@ def real(tmp_path_factory) -> Path:
     return out
 
 
+def copy_ws(ws: Path, dst: Path, keep_checkpoints_of: str | None = None) -> Path:
+    """A copy of a workspace without nnU-Net's checkpoints (~150 MB each) but those of one run dir."""
+    keep = str(ws / "runs" / keep_checkpoints_of) if keep_checkpoints_of else None
+
+    def ignore(folder, names):
+        return [n for n in names if n.endswith(".pth") and not (keep and folder.startswith(keep))]
+    shutil.copytree(ws, dst, symlinks=True, ignore=ignore)
+    return dst
+
+
 @pytest.fixture(scope="module")
-def evaluated(real, synth, run, phantom_cohort, key, tmp_path_factory) -> Path:
-    """All four arms; the targeted one through the site's sample + publish (its log in WS/log.txt)."""
-    ws = tmp_path_factory.mktemp("eval") / "ws"
-    site = functools.partial(answer_request, run=run, out=ws.parent / "site", training_cohort=phantom_cohort,
-                             steps=2, site_key=key)
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        run_all(real, synth, ws, seeds=2, epochs=1, iterations=3, configuration="2d", site=site)
-    (ws / "log.txt").write_text(log.getvalue())
+def evaluated(demo) -> Path:
+    """The demo's evaluation: all four arms, the targeted one through the site's sample + publish
+    (the site's outputs in DEMO/targeted, the demo's log in WS/log.txt)."""
+    out, proc = demo
+    ws = out / "evaluation"
+    (ws / "log.txt").write_text(proc.stdout)
     return ws
 
 
-def test_end_to_end_all_arms(evaluated, real):
+def test_end_to_end_all_arms(evaluated):
     ws = evaluated
+    real = ws.parent / "phantom"
     rep = json.loads((ws / "report" / "report.json").read_text())
     arms = {r["arm"]: r for r in rep["arms"]}
     assert set(arms) == {"real", "synthetic", "real+synthetic", "real+targeted"} and rep["missing"] == []
+    k = len(json.loads((ws / "workspace.json").read_text())["seeds"])  # the demo trains each arm once
     for name, row in arms.items():
-        assert row["trainings"] == 2 and row["seeds"] == [0, 1]
-        assert 0.0 <= row["dice_mean"] <= 1.0 and len(row["per_training"]) == 2
-        if name != "real":
-            assert 0.0 <= row["p_vs_real"] <= 1.0 and 0.0 <= row["wilcoxon_p_vs_real"] <= 1.0
+        assert row["trainings"] == k and row["seeds"] == list(range(k))
+        assert 0.0 <= row["dice_mean"] <= 1.0 and len(row["per_training"]) == k
+        if name != "real":  # the paired per-case test always; Welch's over trainings needs K >= 2
+            assert 0.0 <= row["wilcoxon_p_vs_real"] <= 1.0 and (np.isnan(row["p_vs_real"]) == (k < 2))
             lo, hi = row["diff_vs_real_ci95"]
             assert lo <= hi
     md = (ws / "report" / "report.md").read_text()
-    assert "| arm | trainings | test Dice" in md and "empty ground truth" in md
+    assert "| training data | cases | trainings | test Dice" in md and "empty ground truth" in md
+    assert "Table 1" in md and "Nodule-level detection" in md and rep["conclusion"] in md
+    # nodule-level detection for every arm, from its own predictions: every test nodule counted once
+    # per training (nodules are 26-connected components of the masks, counted here independently)
+    components = sum(ndimage.label(Cohort(real).arrays(c.id)[1], structure=np.ones((3, 3, 3)))[1]
+                     for c in Cohort(real).split("test"))
+    for name, row in arms.items():
+        assert row["detection"]["all"]["of"] == k * components
     for fig in ("dice_per_training.png", "dice_change.png", "examples.png"):
         assert (ws / "report" / fig).stat().st_size > 5000
     # the targeted request: validation cases only, below the real-only mean, relocated masks
@@ -69,7 +84,7 @@ def test_end_to_end_all_arms(evaluated, real):
     assert req.cases and set(req.cases) <= val and req.mask_mode == "relocated"
     # the site sampled it (relocated masks, signed provenance) and published it; the central side
     # trained on the release: the real+targeted arm's synthetic cases are exactly the released ones
-    site = ws.parent / "site"
+    site = ws.parent / "targeted"
     _, entries = provenance.read(site / "synthetic")
     assert len(entries) == len(req.cases) and {e["mask_mode"] for e in entries} == {"relocated"}
     released = {c.id for c in Cohort(site / "release" / "nifti").cases}
@@ -94,16 +109,16 @@ def test_end_to_end_all_arms(evaluated, real):
         (ws / "nnUNet_preprocessed" / dataset_name("real") / "splits_final.json").read_text())[0]["train"])
     # each training is its own results folder with nnU-Net's checkpoint
     for arm in arms:
-        for seed in (0, 1):
+        for seed in range(k):
             assert list(run_dir(ws, arm, seed).rglob("checkpoint_final.pth"))
 
 
 def test_report_says_what_is_missing(evaluated, tmp_path):
-    ws = tmp_path / "ws"
-    shutil.copytree(evaluated, ws, symlinks=True)
-    (run_dir(ws, "synthetic", 1) / "result.json").unlink()
+    ws = copy_ws(evaluated, tmp_path / "ws")
+    (run_dir(ws, "synthetic", 0) / "result.json").unlink()
     rep = write_report(ws)
-    assert ["synthetic", 1] in [list(m) for m in rep["missing"]]
+    assert ["synthetic", 0] in [list(m) for m in rep["missing"]]
+    assert "synthetic" not in {r["arm"] for r in rep["arms"]}
     assert "Missing trainings" in (ws / "report" / "report.md").read_text()
 
 
@@ -140,23 +155,23 @@ def test_refuses_a_dataset_that_fails_nnunet_integrity(real, synth, tmp_path):
 
 def test_resume_trains_on_from_the_checkpoint(evaluated, tmp_path):
     """`medsyn evaluate train --resume`: nnU-Net continues from its checkpoint (here: a finished
-    1-epoch training taken on to 2 epochs) instead of starting again."""
+    training taken on by one more epoch) instead of starting again."""
     import subprocess
     import sys
 
-    ws = tmp_path / "ws"
-    shutil.copytree(evaluated, ws, symlinks=True)
+    ws = copy_ws(evaluated, tmp_path / "ws", keep_checkpoints_of="real/seed0")
     fold = next(run_dir(ws, "real", 0).rglob("fold_0"))
     before = set(fold.glob("training_log*.txt"))
+    epochs = json.loads((run_dir(ws, "real", 0) / "result.json").read_text())["epochs"]
     done = subprocess.run([sys.executable, "-m", "medsyn_site.cli", "evaluate", "train", "--ws", str(ws), "--arm",
-                           "real", "--seed", "0", "--epochs", "2", "--iterations", "3", "--resume"],
-                          capture_output=True, text=True, timeout=900)
+                           "real", "--seed", "0", "--epochs", str(epochs + 1), "--iterations", "3", "--batch-size", "4",
+                           "--no-mirroring", "--resume"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     (log,) = set(fold.glob("training_log*.txt")) - before
     text = log.read_text()
-    assert "Epoch 1" in text and "Epoch 0" not in text
+    assert f"Epoch {epochs}" in text and "Epoch 0" not in text
     result = json.loads((run_dir(ws, "real", 0) / "result.json").read_text())
-    assert result["epochs"] == 2 and result["test"]
+    assert result["epochs"] == epochs + 1 and result["test"] and result["detection"]
 
 
 def test_site_answers_a_request_through_the_gate(run, phantom_cohort, key, tmp_path):

@@ -311,7 +311,7 @@ def make_case(cfg: PhantomConfig, seed: int) -> PhantomCase:
             inside, reach, radius = _lidc_shape(rng)
             diameter = 2 * radius
         else:
-            diameter = float(np.clip(rng.lognormal(np.log(7.0), 0.5), 3.5, 30.0))
+            diameter = float(np.clip(rng.lognormal(np.log(cfg.nodule_median_mm), 0.5), cfg.nodule_min_mm, 30.0))
             inside, reach = _procedural_shape(rng, diameter / 2)
         ntype = str(rng.choice(NODULE_TYPES, p=TYPE_P))
         attachment = str(rng.choice(ATTACH, p=ATTACH_P))

@@ -8,6 +8,10 @@ Workspace layout (WS):
   runs/<arm>/seed<k>/                one training each (see runs.py)
 The real validation cases are the same in every arm; synthetic cases appear in training folds only;
 the real test set is never trained on nor used to pick targeted cases.
+
+The low-data curve: an arm ``real@N`` / ``real+synthetic@N`` trains on N of the real training cases
+(nested subsets: the first N of one fixed shuffled order) and, for the latter, the whole synthetic set.
+It answers "how many real cases is the synthetic data worth?".
 """
 from __future__ import annotations
 
@@ -29,8 +33,45 @@ class EvaluationError(MedsynError):
     """The evaluation cannot go ahead; the message names the file or dataset and the problem."""
 
 
+SUBSET_ARMS = ("real", "real+synthetic")  # the arms of the low-data curve
+
+
+def parse_arm(arm: str) -> tuple[str, int | None]:
+    """'real+synthetic@8' -> ('real+synthetic', 8); 'real' -> ('real', None)."""
+    base, _, n = arm.partition("@")
+    if base not in ARMS or (n and (base not in SUBSET_ARMS or not n.isdigit() or int(n) < 1)):
+        raise EvaluationError(f"unknown arm {arm!r}: one of {', '.join(ARMS)}, or {' / '.join(SUBSET_ARMS)}@N "
+                              "(N real training cases)")
+    return base, int(n) if n else None
+
+
+def subset_arms(sizes) -> list[str]:
+    return [f"{base}@{n}" for n in sorted(sizes) for base in SUBSET_ARMS]
+
+
+def dataset_id(arm: str) -> int:
+    """nnU-Net dataset id: 501-504 for the four arms, 513 + 4N + k for the low-data arm k at size N."""
+    base, n = parse_arm(arm)
+    did = ARMS[base] if n is None else ARMS[base] + 12 + 4 * n
+    if did > 999:
+        raise EvaluationError(f"arm {arm!r}: at most 121 real cases in a low-data arm (nnU-Net ids end at 999)")
+    return did
+
+
 def dataset_name(arm: str) -> str:
-    return f"Dataset{ARMS[arm]}_medsyn_{arm.replace('+', '_')}"
+    return f"Dataset{dataset_id(arm)}_medsyn_{arm.replace('+', '_').replace('@', '_n')}"
+
+
+def real_subset(real: Cohort, n: int) -> list[str]:
+    """The first n real training cases of one fixed shuffled order (so 4 of them lie inside 8)."""
+    import numpy as np
+
+    ids = sorted(c.id for c in real.split("train"))
+    if n > len(ids):
+        raise EvaluationError(f"{real.root}: a low-data arm of {n} real cases, but the cohort has {len(ids)} "
+                              "training cases")
+    order = np.random.default_rng(0).permutation(len(ids))
+    return [ids[i] for i in order[:n]]
 
 
 def nnunet_env(ws: Path, results: Path | None = None) -> dict:
@@ -52,7 +93,10 @@ class Inputs:
     targeted: Cohort | None
 
     def arm_cases(self, arm: str) -> list[tuple[Cohort, str]]:
+        arm, n = parse_arm(arm)
         real_train = [(self.real, c.id) for c in self.real.split("train")]
+        if n is not None:
+            real_train = [(self.real, cid) for cid in real_subset(self.real, n)]
         syn = [(self.synthetic, c.id) for c in self.synthetic.cases] if self.synthetic else []
         tgt = [(self.targeted, c.id) for c in self.targeted.cases] if self.targeted else []
         return {"real": real_train, "synthetic": syn, "real+synthetic": real_train + syn,
@@ -124,7 +168,7 @@ def plan_and_preprocess(ws: Path, arm: str, configuration: str) -> None:
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
                                                                       preprocess)
 
-    did = ARMS[arm]
+    did = dataset_id(arm)
     try:
         extract_fingerprints([did], num_processes=1, check_dataset_integrity=True, verbose=False)
     except (AssertionError, RuntimeError, ValueError) as e:
@@ -136,15 +180,20 @@ def plan_and_preprocess(ws: Path, arm: str, configuration: str) -> None:
 
 def prepare_workspace(ws: str | Path, real: str | Path, synthetic: str | Path | None = None,
                       targeted: str | Path | None = None, configuration: str = "3d_fullres",
-                      arms: list[str] | None = None) -> list[str]:
-    """Export, split and preprocess every arm the inputs allow (or those asked for)."""
+                      arms: list[str] | None = None, real_sizes=()) -> list[str]:
+    """Export, split and preprocess every arm the inputs allow (or those asked for), plus the
+    low-data arms at each of ``real_sizes`` (real-only, and real + synthetic when it is given)."""
     ws = Path(ws)
     inputs = Inputs(Cohort(real), Cohort(synthetic) if synthetic else None, Cohort(targeted) if targeted else None)
     for other in (inputs.synthetic, inputs.targeted):
         if other is not None:
             check_no_test_leak(inputs.real, other)
-    arms = arms or inputs.available_arms()
-    missing = [a for a in arms if a not in inputs.available_arms()]
+    arms = list(arms or inputs.available_arms())
+    arms += [a for a in subset_arms(real_sizes) if parse_arm(a)[0] in inputs.available_arms()]
+    for arm in arms:
+        if parse_arm(arm)[1] is not None:
+            real_subset(inputs.real, parse_arm(arm)[1])  # refuse a size the cohort does not have, first
+    missing = [a for a in arms if parse_arm(a)[0] not in inputs.available_arms()]
     if missing:
         raise EvaluationError(f"arm(s) {missing} need inputs that were not given")
     ws.mkdir(parents=True, exist_ok=True)

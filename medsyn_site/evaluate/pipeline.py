@@ -2,6 +2,7 @@
 Each training is its own process (``medsyn evaluate train``), exactly what a Slurm array runs."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -24,11 +25,10 @@ def set_seeds(ws: Path, seeds: int) -> None:
     atomic_write_text(ws / "workspace.json", json.dumps(state, indent=1))
 
 
-def train_arms(ws: Path, arms: list[str], seeds: int, trainer: str, epochs: int, iterations: int, device: str,
-               mirroring: bool = True, jobs: int = 1) -> None:
-    """Every (arm, seed) training, ``jobs`` at a time (processes; on a CPU the cores are split
+def train_runs(ws: Path, runs: list[tuple[str, int]], trainer: str, epochs: int, iterations: int, device: str,
+               mirroring: bool = True, jobs: int = 1, batch_size: int | None = None) -> None:
+    """These (arm, seed) trainings, ``jobs`` at a time (processes; on a CPU the cores are split
     between them: small nnU-Net trainings use two 1-thread processes better than one 2-thread one)."""
-    runs = [(a, s) for a in arms for s in range(seeds)]
     env = None
     if jobs > 1:
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, usable_cores() // jobs))}
@@ -38,6 +38,7 @@ def train_arms(ws: Path, arms: list[str], seeds: int, trainer: str, epochs: int,
         cmd = [sys.executable, "-m", "medsyn_site.cli", "evaluate", "train", "--ws", str(ws), "--arm", arm,
                "--seed", str(seed), "--trainer", trainer, "--epochs", str(epochs), "--iterations", str(iterations),
                "--device", device, "--mirroring" if mirroring else "--no-mirroring"]
+        cmd += ["--batch-size", str(batch_size)] if batch_size else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
@@ -56,15 +57,21 @@ def train_arms(ws: Path, arms: list[str], seeds: int, trainer: str, epochs: int,
 def run_all(real, synthetic, ws, seeds: int = 5, trainer: str = "nnUNetTrainer_medsyn", epochs: int = 2,
             iterations: int = 5, device: str = "cpu", configuration: str = "3d_fullres",
             site: Callable[[Path], Path] | None = None, per_mask: int = 1, verbatim_masks: bool = False,
-            mirroring: bool = True, jobs: int = 1) -> dict:
+            mirroring: bool = True, jobs: int = 1, real_sizes=(), batch_size: int | None = None) -> dict:
     """Prepare, train every arm K times (``jobs`` trainings at once), and report. With ``site`` (the
     site's answer to a request: request file -> released NIfTI cohort, e.g.
     medsyn_site.targeted.answer_request), also the targeted arm: select the worst validation cases,
-    write the request, let the site sample and publish it, and train real + the release."""
+    write the request, let the site sample and publish it, and train real + the release. With
+    ``real_sizes``, also the low-data curve (real@N and real+synthetic@N)."""
     ws = Path(ws)
-    arms = prepare_workspace(ws, real, synthetic, configuration=configuration)
+    arms = prepare_workspace(ws, real, synthetic, configuration=configuration, real_sizes=real_sizes)
     set_seeds(ws, seeds)
-    train_arms(ws, arms, seeds, trainer, epochs, iterations, device, mirroring, jobs)
+    runs = [(a, s) for a in arms for s in range(seeds)]  # real first: the targeted request needs it
+    if site is not None:  # the others wait to share the cores with the targeted trainings
+        runs, later = runs[: -(-seeds // jobs) * jobs], runs[-(-seeds // jobs) * jobs:]
+    train = functools.partial(train_runs, ws, trainer=trainer, epochs=epochs, iterations=iterations, device=device,
+                              mirroring=mirroring, jobs=jobs, batch_size=batch_size)
+    train(runs)
     if site is not None:
         request, cases = select_targeted(ws, per_mask=per_mask, verbatim=verbatim_masks)
         click.echo(f"[evaluate] targeted cases (below the real-only mean validation Dice): {', '.join(cases)}; "
@@ -73,5 +80,5 @@ def run_all(real, synthetic, ws, seeds: int = 5, trainer: str = "nnUNetTrainer_m
         click.echo(f"[evaluate] training real+targeted on the site's release {release}")
         prepare_workspace(ws, real, targeted=release, configuration=configuration, arms=["real+targeted"])
         set_seeds(ws, seeds)
-        train_arms(ws, ["real+targeted"], seeds, trainer, epochs, iterations, device, mirroring, jobs)
+        train(later + [("real+targeted", s) for s in range(seeds)])
     return write_report(ws)

@@ -17,7 +17,7 @@ RESULT = "result.json"
 
 
 def run_dir(ws: Path, arm: str, seed: int) -> Path:
-    return Path(ws) / "runs" / arm.replace("+", "_") / f"seed{seed}"
+    return Path(ws) / "runs" / arm.replace("+", "_").replace("@", "_n") / f"seed{seed}"
 
 
 def _per_case(summary: dict) -> dict:
@@ -30,13 +30,31 @@ def _per_case(summary: dict) -> dict:
     return out
 
 
+def detection_per_case(real_root: str | Path, pred_dir: Path) -> dict:
+    """Nodule-level detection of every predicted test case against the real cohort's masks."""
+    import SimpleITK as sitk
+
+    from medsyn_site.data.cohort import Cohort
+    from medsyn_site.evaluate.detection import detect
+
+    real = Cohort(real_root)
+    out = {}
+    for rec in real.split("test"):
+        pred = pred_dir / f"{rec.id}.nii.gz"
+        if pred.is_file():
+            gt = real.arrays(rec.id)[1]
+            out[rec.id] = detect(gt, sitk.GetArrayFromImage(sitk.ReadImage(str(pred))), rec.spacing[::-1], rec.nodules)
+    return out
+
+
 def train_one(ws: str | Path, arm: str, seed: int, trainer: str = "nnUNetTrainer_medsyn", epochs: int = 2,
               iterations: int = 5, device: str = "cpu", force: bool = False, resume: bool = False,
-              mirroring: bool = True) -> Path:
+              mirroring: bool = True, batch_size: int | None = None) -> Path:
     """Train, predict and score one (arm, seed); returns its result.json. ``resume``: continue from
     nnU-Net's latest checkpoint (after a kill or preemption, or to train a finished run to more epochs).
     ``mirroring``: nnU-Net's test-time mirroring (its default) when predicting the test cases (and,
-    with nnUNetTrainer_medsyn, the validation cases)."""
+    with nnUNetTrainer_medsyn, the validation cases). ``batch_size``: replaces the plans' batch size
+    (nnUNetTrainer_medsyn; part of the budget: more, cheaper iterations on a CPU)."""
     import os
 
     ws = Path(ws)
@@ -48,8 +66,13 @@ def train_one(ws: str | Path, arm: str, seed: int, trainer: str = "nnUNetTrainer
         return out / RESULT
     apply_env(nnunet_env(ws, out / "nnUNet_results"))
     os.environ.update({"MEDSYN_NNUNET_EPOCHS": str(epochs), "MEDSYN_NNUNET_ITERS": str(iterations),
-                       "MEDSYN_NNUNET_VAL_ITERS": str(max(1, iterations // 2)),
+                       "MEDSYN_NNUNET_VAL_ITERS": str(max(1, iterations // 5)),
                        "MEDSYN_NNUNET_MIRRORING": "1" if mirroring else "0"})
+    os.environ.pop("MEDSYN_NNUNET_BATCH", None)
+    if batch_size:
+        os.environ["MEDSYN_NNUNET_BATCH"] = str(batch_size)
+    if device == "cpu":  # augmentation in the training process: faster on a few cores, and seeded runs repeat
+        os.environ.setdefault("nnUNet_n_proc_DA", "0")
     import torch
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -73,7 +96,9 @@ def train_one(ws: str | Path, arm: str, seed: int, trainer: str = "nnUNetTrainer
     test = json.loads((out / "summary_test.json").read_text())
     val = json.loads((model / "fold_0" / "validation" / "summary.json").read_text())
     result = {"arm": arm, "seed": seed, "trainer": trainer, "epochs": epochs, "iterations": iterations,
+              "batch_size": batch_size,
               "configuration": config, "mirroring": mirroring, "seconds": round(time.time() - t0, 1),
               "test": _per_case(test), "val": _per_case(val),
+              "detection": detection_per_case(state["real"], out / "pred_test"),
               "pred_test": str(out / "pred_test"), "pred_val": str(model / "fold_0" / "validation")}
     return atomic_write_text(out / RESULT, json.dumps(result, indent=1))

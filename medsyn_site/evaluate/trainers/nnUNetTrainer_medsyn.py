@@ -19,6 +19,8 @@ class nnUNetTrainer_medsyn(nnUNetTrainer):
         self.num_epochs = int(os.environ.get("MEDSYN_NNUNET_EPOCHS", "2"))
         self.num_iterations_per_epoch = int(os.environ.get("MEDSYN_NNUNET_ITERS", "5"))
         self.num_val_iterations_per_epoch = int(os.environ.get("MEDSYN_NNUNET_VAL_ITERS", "2"))
+        if os.environ.get("MEDSYN_NNUNET_BATCH"):  # plans' batch size, overridden (the budget, not the method)
+            self.configuration_manager.configuration["batch_size"] = int(os.environ["MEDSYN_NNUNET_BATCH"])
         self.save_every = 1  # checkpoint_latest every epoch, so `medsyn evaluate train --resume` loses little
 
     def perform_actual_validation(self, save_probabilities: bool = False):
