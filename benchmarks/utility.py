@@ -39,12 +39,12 @@ def sh(work: Path, *args: str, env: dict | None = None) -> None:
     print(f"[utility] {time.time() - t0:7.1f} s  medsyn {' '.join(args)}", flush=True)
 
 
-def train_all(work: Path, ws: Path, arms: list[str], cfg) -> None:
+def train_all(work: Path, ws: Path, arms: list[str], cfg, seeds: int | None = None) -> None:
     """Every (arm, seed) training not finished yet, ``jobs`` at a time, one core each."""
     from medsyn_site.evaluate.runs import RESULT, run_dir
 
     ev = cfg.evaluate
-    todo = [(a, s) for s in range(ev.seeds) for a in arms if not (run_dir(ws, a, s) / RESULT).exists()]
+    todo = [(a, s) for s in range(seeds or ev.seeds) for a in arms if not (run_dir(ws, a, s) / RESULT).exists()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def one(arm: str, seed: int) -> None:
@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/medsyn-utility")
     ap.add_argument("--config", default=str(CONFIG))
     ap.add_argument("--sizes", type=int, nargs="*", default=[4, 8], help="real-set sizes of the low-data curve")
+    ap.add_argument("--curve-seeds", type=int, default=None, help="trainings per low-data arm (default: the config's seeds; they run seed by seed, last)")
     ap.add_argument("--out", default=None, help="JSON summary (the report's numbers + the analysis)")
     args = ap.parse_args()
     from medsyn_site.config import load_config
@@ -198,7 +199,7 @@ def main() -> None:
         prepare_workspace(ws, cohort, targeted=targeted / "release" / "nifti",
                           configuration=cfg.evaluate.configuration, arms=["real+targeted"])
     train_all(work, ws, ["real+targeted"], cfg)
-    train_all(work, ws, subset_arms(args.sizes), cfg)
+    train_all(work, ws, subset_arms(args.sizes), cfg, seeds=args.curve_seeds)
     sh(work, "evaluate", "report", "--ws", str(ws))
     report = json.loads((ws / "report" / "report.json").read_text())
     summary = {"command": "python benchmarks/utility.py " + " ".join(sys.argv[1:]), "config": args.config,

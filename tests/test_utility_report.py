@@ -56,11 +56,16 @@ def test_low_data_curve_worth_in_real_cases():
 
 
 def test_conclusion_says_what_the_tests_support():
+    nan = float("nan")
     text = conclusion([_row("real", 0.50), _row("synthetic", 0.40, p=0.01, w=0.02), _row("real+synthetic", 0.51, p=0.6),
-                       _row("real+targeted", 0.55, p=float("nan"), k=1)])
+                       _row("real+targeted", 0.55, p=nan, k=1, w=0.03), _row("real+synthetic@4", 0.9, p=0.001)])
     assert "synthetic data lowered the test Dice by 0.100" in text and "Welch p = 0.010" in text
     assert "real+synthetic data did not change the test Dice detectably (+0.010" in text
-    assert "real+targeted: too few trainings" in text
+    # one training per arm: the paired per-case test decides, and the sentence says what it leaves out
+    assert "real+targeted data raised the test Dice by 0.050" in text and "One training per arm" in text
+    assert "0.9" not in text  # the low-data arms are the curve's, not the conclusion's
+    assert "too few trainings and cases" in conclusion([_row("real", 0.5), _row("synthetic", 0.4, p=nan, w=nan)])
+    assert conclusion([_row("real", 0.5)]).startswith("Nothing to compare yet")
 
 
 def test_low_data_arm_names():
