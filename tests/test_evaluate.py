@@ -32,6 +32,9 @@ def real(tmp_path_factory) -> Path:
     return out
 
 
+pytestmark = pytest.mark.timeout(3000)  # the first test may run the whole demo (the `demo` fixture)
+
+
 def copy_ws(ws: Path, dst: Path, keep_checkpoints_of: str | None = None) -> Path:
     """A copy of a workspace without nnU-Net's checkpoints (~150 MB each) but those of one run dir."""
     keep = str(ws / "runs" / keep_checkpoints_of) if keep_checkpoints_of else None
