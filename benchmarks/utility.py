@@ -39,12 +39,12 @@ def sh(work: Path, *args: str, env: dict | None = None) -> None:
     print(f"[utility] {time.time() - t0:7.1f} s  medsyn {' '.join(args)}", flush=True)
 
 
-def train_all(work: Path, ws: Path, arms: list[str], cfg, seeds: int | None = None) -> None:
+def train_all(work: Path, ws: Path, runs: list[tuple[str, int]], cfg) -> None:
     """Every (arm, seed) training not finished yet, ``jobs`` at a time, one core each."""
     from medsyn_site.evaluate.runs import RESULT, run_dir
 
     ev = cfg.evaluate
-    todo = [(a, s) for s in range(seeds or ev.seeds) for a in arms if not (run_dir(ws, a, s) / RESULT).exists()]
+    todo = [(a, s) for a, s in runs if not (run_dir(ws, a, s) / RESULT).exists()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def one(arm: str, seed: int) -> None:
@@ -97,7 +97,7 @@ def analyse(work: Path, ws: Path) -> dict:
     from medsyn_site.evaluate.report import collect
 
     res = {}
-    real_nod = [n for n in nodule_hu(work / "cohort") if Path(n["case"]).name]
+    real_nod = nodule_hu(work / "cohort")
     syn_nod = nodule_hu(work / "release" / "nifti")
 
     def hu_stats(rows):
@@ -183,8 +183,8 @@ def main() -> None:
         sh(work, "evaluate", "prepare", "--ws", str(ws), "--real", str(cohort), "--synthetic", str(release / "nifti"),
            "--configuration", cfg.evaluate.configuration, "--seeds", str(cfg.evaluate.seeds),
            *[a for n in args.sizes for a in ("--real-sizes", str(n))])
-    arms = ["real", "synthetic", "real+synthetic"]
-    train_all(work, ws, arms, cfg)
+    seeds = range(cfg.evaluate.seeds)
+    train_all(work, ws, [(a, s) for s in seeds for a in ("real", "synthetic", "real+synthetic")], cfg)
     # targeted: the central side selects, the site samples and publishes, the central side trains
     targeted = work / "targeted"
     if not (targeted / "release" / "dataset_card.json").exists():
@@ -198,8 +198,8 @@ def main() -> None:
 
         prepare_workspace(ws, cohort, targeted=targeted / "release" / "nifti",
                           configuration=cfg.evaluate.configuration, arms=["real+targeted"])
-    train_all(work, ws, ["real+targeted"], cfg)
-    train_all(work, ws, subset_arms(args.sizes), cfg, seeds=args.curve_seeds)
+    curve = [(a, s) for s in range(args.curve_seeds or cfg.evaluate.seeds) for a in subset_arms(args.sizes)]
+    train_all(work, ws, [("real+targeted", s) for s in seeds] + curve, cfg)  # one queue: no core idles
     sh(work, "evaluate", "report", "--ws", str(ws))
     report = json.loads((ws / "report" / "report.json").read_text())
     summary = {"command": "python benchmarks/utility.py " + " ".join(sys.argv[1:]), "config": args.config,
