@@ -58,29 +58,29 @@ def train_all(work: Path, ws: Path, runs: list[tuple[str, int]], cfg) -> None:
 
 
 def nodule_hu(root: Path) -> list[dict]:
-    """Per nodule (connected component of the mask): its mean HU, its contrast against a 2-voxel shell,
-    its equivalent diameter and, where the cohort lists it, its type."""
+    """Per nodule (connected component of the mask): its mean HU, its contrast against a 2-voxel shell
+    (medsyn_site.quality.nodule_contrasts, as the publish gate scores adherence), its equivalent
+    diameter and, where the cohort lists it, its type."""
     from scipy import ndimage
 
     from medsyn_site.data.cohort import Cohort
-    from medsyn_site.evaluate.detection import CONNECTIVITY
+    from medsyn_site.evaluate.detection import CONNECTIVITY, equivalent_diameter_mm
+    from medsyn_site.quality import nodule_contrasts
 
     cohort = Cohort(root)
     out = []
     for rec in cohort.cases:
         hu, mask = cohort.arrays(rec.id)
         labels, n = ndimage.label(mask > 0, structure=CONNECTIVITY)
-        types = {}
-        for nod in rec.nodules:
-            x, y, z = nod.center_voxel
-            if labels[z, y, x]:
-                types[int(labels[z, y, x])] = nod.type
-        for i in range(1, n + 1):
-            comp = labels == i
-            shell = ndimage.binary_dilation(comp, iterations=2) & (mask == 0)
-            d = (6 * comp.sum() * np.prod(rec.spacing) / np.pi) ** (1 / 3)
-            out.append({"case": rec.id, "type": types.get(i, "unknown"), "diameter_mm": round(float(d), 1),
-                        "mean_hu": float(hu[comp].mean()), "contrast_hu": float(hu[comp].mean() - hu[shell].mean())})
+        types = {int(labels[z, y, x]): nod.type for nod in rec.nodules
+                 for x, y, z in [nod.center_voxel] if labels[z, y, x]}
+        contrasts = nodule_contrasts(hu, mask)
+        if len(contrasts) != n:  # a nodule with no shell around it is left out: the labels no longer line up
+            types = {}
+        for i, c in enumerate(contrasts, start=1):
+            out.append({"case": rec.id, "type": types.get(i, "unknown"),
+                        "diameter_mm": round(equivalent_diameter_mm(c.voxels, rec.spacing), 1),
+                        "mean_hu": c.inside_hu, "contrast_hu": c.contrast})
     return out
 
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from medsyn_site.evaluate.stats import stratum
+
 CONNECTIVITY = np.ones((3, 3, 3), bool)
-SIZES = ((0.0, 6.0, "< 6 mm"), (6.0, 10.0, "6-10 mm"), (10.0, float("inf"), ">= 10 mm"))
 
 
-def size_class(diameter_mm: float) -> str:
-    return next(name for lo, hi, name in SIZES if lo <= diameter_mm < hi)
+def equivalent_diameter_mm(voxels, spacing) -> float:
+    """The diameter of the sphere with the volume of ``voxels`` voxels of ``spacing`` mm."""
+    return float((6 * voxels * np.prod(spacing) / np.pi) ** (1 / 3))
 
 
 def detect(gt: np.ndarray, pred: np.ndarray, spacing_zyx, nodules=()) -> dict:
@@ -26,12 +28,11 @@ def detect(gt: np.ndarray, pred: np.ndarray, spacing_zyx, nodules=()) -> dict:
         x, y, z = rec["center_voxel"] if isinstance(rec, dict) else rec.center_voxel
         if 0 <= z < gl.shape[0] and 0 <= y < gl.shape[1] and 0 <= x < gl.shape[2] and gl[z, y, x]:
             types[int(gl[z, y, x])] = rec["type"] if isinstance(rec, dict) else rec.type
-    voxel_mm3 = float(np.prod(spacing_zyx))
     sizes = np.bincount(gl.ravel(), minlength=n_gt + 1)
     hit = np.zeros(n_gt + 1, bool)
     overlapping = (gl > 0) & (pl > 0)
     hit[np.unique(gl[overlapping])] = True
-    out = [{"diameter_mm": round(float((6 * sizes[i] * voxel_mm3 / np.pi) ** (1 / 3)), 2),
+    out = [{"diameter_mm": round(equivalent_diameter_mm(sizes[i], spacing_zyx), 2),
             "type": types.get(i, "unknown"), "found": bool(hit[i])} for i in range(1, n_gt + 1)]
     true_pred = set(np.unique(pl[overlapping]).tolist())
     return {"nodules": out, "false_positives": int(n_pred - len(true_pred - {0}))}
@@ -43,7 +44,7 @@ def summarise(cases: list[dict]) -> dict:
     groups: dict[str, list[bool]] = {"all": []}
     for case in cases:
         for n in case["nodules"]:
-            for key in ("all", f"size {size_class(n['diameter_mm'])}", f"type {n['type']}"):
+            for key in ("all", f"size {stratum(n['diameter_mm'])}", f"type {n['type']}"):
                 groups.setdefault(key, []).append(n["found"])
     res = {k: {"found": int(sum(v)), "of": len(v), "sensitivity": float(np.mean(v)) if v else float("nan")}
            for k, v in groups.items()}

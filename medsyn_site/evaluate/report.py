@@ -65,11 +65,8 @@ def select_targeted(ws: str | Path, out: str | Path | None = None, per_mask: int
 
 
 def _largest_diameter(mask: np.ndarray, spacing) -> float:
-    labels, n = ndimage.label(mask > 0, structure=np.ones((3, 3, 3)))
-    if n == 0:
-        return 0.0
-    voxels = np.bincount(labels.ravel())[1:].max()
-    return float((6 * voxels * np.prod(spacing) / np.pi) ** (1 / 3))
+    labels, n = ndimage.label(mask > 0, structure=detection.CONNECTIVITY)
+    return detection.equivalent_diameter_mm(np.bincount(labels.ravel())[1:].max(), spacing) if n else 0.0
 
 
 def _training_cases(ws: Path, arm: str) -> int | None:
