@@ -4,7 +4,7 @@ cases for the same total number of steps; validation loss (fixed patches, timest
 both sites' validation cases) after every round, and the bytes each round moves.
 
 The rounds run without the network: each site's local round is the federation's own
-(``run_local_round``: the `medsyn train` trainer in a subprocess), the average is Flower's FedAvg
+(``run_local_round``: the `medsyn train` Trainer, in this process), the average is Flower's FedAvg
 aggregation (``aggregate_arrayrecords``) over the weights as they travel (``encode``/``decode``),
 so loss and bytes are those of `medsyn fl`; gRPC time is predicted, not measured.
 

@@ -32,12 +32,12 @@ import torch
 from medsyn_site.config import PhantomConfig, SplitConfig, load_config
 from medsyn_site.data.cohort import Cohort
 from medsyn_site.data.phantom import write_phantom_cohort
-from medsyn_site.data.prepare import load_site_key, pseudonym
 from medsyn_site.diffusion.rundir import RunDir
 from medsyn_site.diffusion.sample import sample_cohort
 from medsyn_site.diffusion.train import train
 from medsyn_site.provenance import read as read_provenance
 from medsyn_site.publish.release import ReleaseError, publish, score_figure
+from medsyn_site.sitekey import load_site_key, pseudonym
 
 # 8 phantom cases at 32x32x24 (3 mm): 3 train, 5 held out for the audit's calibration
 PHANTOM = PhantomConfig(cases=8, seed=21, shape=(32, 32, 24), spacing=(3.0, 3.0, 3.33))

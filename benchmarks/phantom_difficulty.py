@@ -24,7 +24,7 @@ from scipy import ndimage
 from medsyn_site.config import PhantomConfig, SplitConfig
 from medsyn_site.data.cohort import Cohort
 from medsyn_site.data.phantom import write_phantom_cohort
-from medsyn_site.data.prepare import lung_mask
+from medsyn_site.imaging import label_nodules, lung_mask
 from medsyn_site.evaluate.stats import dice
 
 
@@ -32,7 +32,7 @@ def classify_false_positives(hu: np.ndarray, gt: np.ndarray, pred: np.ndarray) -
     lungs = lung_mask(hu)
     boundary = lungs & ~ndimage.binary_erosion(lungs, iterations=2)
     vessels = (hu > -500) & ndimage.binary_dilation(lungs, iterations=2) & (gt == 0)
-    labels, n = ndimage.label(pred > 0, structure=np.ones((3, 3, 3)))
+    labels, n = label_nodules(pred)
     out = {"vessel": 0, "pleura": 0, "other": 0}
     for i in range(1, n + 1):
         comp = labels == i
@@ -49,7 +49,7 @@ def classify_false_positives(hu: np.ndarray, gt: np.ndarray, pred: np.ndarray) -
 
 def detected_nodules(gt: np.ndarray, pred: np.ndarray, nodules) -> list[dict]:
     """Per listed nodule (type, size, attachment): did the prediction touch its mask component?"""
-    labels, _ = ndimage.label(gt > 0, structure=np.ones((3, 3, 3)))
+    labels, _ = label_nodules(gt)
     out = []
     for n in nodules:
         x, y, z = n.center_voxel

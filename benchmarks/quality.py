@@ -34,11 +34,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
-from scipy import ndimage  # noqa: E402
 
 from medsyn_site import quality  # noqa: E402
 from medsyn_site.config import SplitConfig, load_config  # noqa: E402
 from medsyn_site.data.cohort import Cohort  # noqa: E402
+from medsyn_site.imaging import label_nodules  # noqa: E402
 from medsyn_site.data.phantom import write_phantom_cohort  # noqa: E402
 from medsyn_site.data.show import LUNG_WINDOW  # noqa: E402
 from medsyn_site.publish import adherence  # noqa: E402
@@ -104,7 +104,7 @@ class Reference:
         self.lungs = [quality.lung_region(a, b) for (a, _), b in zip(self.arrays, self.bodies)]
         self.types = {}  # voxel count of a nodule -> type (relocation flips and moves, keeps the count)
         for rec, (_, m) in zip(c.cases, self.arrays):
-            labels, _ = ndimage.label(m > 0, structure=np.ones((3, 3, 3)))
+            labels, _ = label_nodules(m)
             for n in rec.nodules:
                 x, y, z = n.center_voxel
                 lab = labels[z, y, x]
@@ -116,7 +116,7 @@ class Reference:
 
 
 def _typed_contrasts(ref: Reference, hu, mask) -> list[tuple[str, float]]:
-    labels, n = ndimage.label(mask > 0, structure=np.ones((3, 3, 3)))
+    labels, n = label_nodules(mask)
     out = []
     for lab in range(1, n + 1):
         comp = labels == lab

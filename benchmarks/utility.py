@@ -61,25 +61,24 @@ def nodule_hu(root: Path) -> list[dict]:
     """Per nodule (connected component of the mask): its mean HU, its contrast against a 2-voxel shell
     (medsyn_site.quality.nodule_contrasts, as the publish gate scores adherence), its equivalent
     diameter and, where the cohort lists it, its type."""
-    from scipy import ndimage
-
     from medsyn_site.data.cohort import Cohort
-    from medsyn_site.evaluate.detection import CONNECTIVITY, equivalent_diameter_mm
+    from medsyn_site.imaging import diameters_mm, label_nodules
     from medsyn_site.quality import nodule_contrasts
 
     cohort = Cohort(root)
     out = []
     for rec in cohort.cases:
         hu, mask = cohort.arrays(rec.id)
-        labels, n = ndimage.label(mask > 0, structure=CONNECTIVITY)
+        labels, n = label_nodules(mask)
+        sizes = diameters_mm(labels, rec.spacing[::-1])
         types = {int(labels[z, y, x]): nod.type for nod in rec.nodules
                  for x, y, z in [nod.center_voxel] if labels[z, y, x]}
         contrasts = nodule_contrasts(hu, mask)
         if len(contrasts) != n:  # a nodule with no shell around it is left out: the labels no longer line up
-            types = {}
+            types, sizes = {}, [float("nan")] * len(contrasts)
         for i, c in enumerate(contrasts, start=1):
             out.append({"case": rec.id, "type": types.get(i, "unknown"),
-                        "diameter_mm": round(equivalent_diameter_mm(c.voxels, rec.spacing), 1),
+                        "diameter_mm": round(sizes[i - 1], 1),
                         "mean_hu": c.inside_hu, "contrast_hu": c.contrast})
     return out
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from medsyn_site import __version__
-from medsyn_site.config import load_config
+from medsyn_site.config import SAMPLE, load_config
 from medsyn_site.errors import USER_OS_ERRNOS, MedsynError, os_error_message
 
 BUG_HINT = ("medsyn: this is not a known error of the input; it may be a bug. Please report it with the "
@@ -64,7 +64,7 @@ prepare_key_option = click.option("--site-key", type=click.Path(dir_okay=False),
 
 
 def _site_key(path):
-    from medsyn_site.data.prepare import DEFAULT_SITE_KEY
+    from medsyn_site.sitekey import DEFAULT_SITE_KEY
 
     return Path(path) if path else DEFAULT_SITE_KEY
 
@@ -78,6 +78,9 @@ def main(verbose: int) -> None:
     CT + nodule masks, and measure their utility with nnU-Net."""
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from medsyn_site.progress import show
+
+    show()  # progress of long work on stdout, with or without -v
 
 
 @main.group("site-key")
@@ -90,7 +93,7 @@ def site_key_group() -> None:
 @friendly
 def site_key_new(path):
     """Create a new site key at PATH (default ~/.config/medsyn/site.key); never overwrites one."""
-    from medsyn_site.data.prepare import new_site_key
+    from medsyn_site.sitekey import new_site_key
 
     click.echo(f"created site key {new_site_key(_site_key(path))} (mode 0600; back it up, keep it secret)")
 
@@ -214,9 +217,9 @@ def train_cmd(cohort, out, resume, steps, device, precision, config_path, force)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic cohort to write.")
 @click.option("--per-mask", type=click.IntRange(min=1), default=1, show_default=True,
               help="Volumes per mask (a request says its own number).")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True,
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default=SAMPLE.sampler, show_default=True,
               help="ddpm (stochastic, strided: closest to the data at 50 steps) or ddim (deterministic).")
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Denoising steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=SAMPLE.steps, show_default=True, help="Denoising steps.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
@@ -421,7 +424,8 @@ def evaluate_report(ws):
 @click.option("--training-cohort", type=click.Path(exists=True, file_okay=False), default=None,
               help="The run's training cohort, for the site's `publish` (default: the one the run recorded).")
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="DDPM steps for targeted samples.")
+@click.option("--steps", type=click.IntRange(min=1), default=SAMPLE.steps, show_default=True,
+              help="Denoising steps for targeted samples.")
 @per_mask_option
 @verbatim_option
 @_trainer_opts

@@ -177,6 +177,9 @@ class SampleConfig(Strict):
     per_mask: int = Field(1, ge=1)
 
 
+SAMPLE = SampleConfig()  # the sampling defaults of the library and the CLI: one place
+
+
 class EvaluateConfig(Strict):
     """The nnU-Net utility test as the demo runs it (``medsyn evaluate`` takes the same as flags)."""
 

@@ -5,19 +5,18 @@ import functools
 import shutil
 from pathlib import Path
 
-import click
-
 from medsyn_site.atomic import atomic_write_text, refuse_existing
 from medsyn_site.config import Config, dump_config
 from medsyn_site.data.cohort import CohortError, validate_cohort
 from medsyn_site.data.phantom import write_phantom_cohort
 from medsyn_site.data.show import show_cohort
+from medsyn_site.progress import log as progress
 
 STAGES = ("data", "train", "sample", "publish", "evaluate")
 
 
 def _say(i: int, text: str) -> None:
-    click.echo(f"[demo {i}/{len(STAGES)} {STAGES[i - 1]}] {text}")
+    progress.info(f"[demo {i}/{len(STAGES)} {STAGES[i - 1]}] {text}")
 
 
 def quality_report(real: Path, synth: Path, out: Path) -> dict:
@@ -54,7 +53,7 @@ def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
     """data (phantom -> validate -> picture) -> train (tiny DDPM through DeepSpeed) -> sample
     (relocated masks, DDIM) -> publish (provenance gate, audit, NIfTI + DICOM) -> evaluate (nnU-Net
     on the released synthetic data against the phantom's real split, targeted loop included)."""
-    from medsyn_site.data.prepare import load_site_key
+    from medsyn_site.sitekey import load_site_key
     from medsyn_site.diffusion.sample import sample_cohort
     from medsyn_site.diffusion.train import train
     from medsyn_site.evaluate.pipeline import run_all
@@ -104,5 +103,5 @@ def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
             iterations=ev.iterations, device=ev.device, configuration=ev.configuration, site=site,
             per_mask=sc.per_mask, mirroring=ev.mirroring, jobs=ev.jobs, batch_size=ev.batch_size)
     _say(5, f"report: {ws / 'report' / 'report.md'} (figures beside it)")
-    click.echo(f"demo finished: {out}")
+    progress.info(f"demo finished: {out}")
     return out

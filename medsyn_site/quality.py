@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, stats
 
+from medsyn_site.imaging import body_mask, label_nodules, lung_region
+
 # (name, lowest HU, highest HU): the thresholds sit between the tissues' typical values
 TISSUES = (("air", -np.inf, -950.0), ("lung", -950.0, -500.0), ("soft", -500.0, 250.0), ("bone", 250.0, np.inf))
 
@@ -36,23 +38,6 @@ def hu_distance(a: np.ndarray, b: np.ndarray, max_voxels: int = 200_000, seed: i
         x = np.asarray(x, np.float32).ravel()
         return x if x.size <= max_voxels else x[rng.choice(x.size, max_voxels, replace=False)]
     return float(stats.wasserstein_distance(sub(a), sub(b)))
-
-
-def body_mask(hu: np.ndarray) -> np.ndarray:
-    """The body: largest connected component above -500 HU, with holes (lungs) filled per slice."""
-    dense = np.asarray(hu) > -500
-    labels, n = ndimage.label(dense)
-    if n == 0:
-        return dense
-    body = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
-    return np.stack([ndimage.binary_fill_holes(s) for s in body])
-
-
-def lung_region(hu: np.ndarray, body: np.ndarray | None = None) -> np.ndarray:
-    """Lung-range voxels inside the body (slightly opened to drop speckle)."""
-    body = body_mask(hu) if body is None else body
-    lung = body & (np.asarray(hu) >= -950) & (np.asarray(hu) < -500)
-    return ndimage.binary_opening(lung, iterations=1)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -80,7 +65,7 @@ class NoduleContrast:
 def nodule_contrasts(hu: np.ndarray, mask: np.ndarray, shell: int = 2) -> list[NoduleContrast]:
     """Per connected component of ``mask``: mean HU inside, mean HU of the surrounding shell."""
     hu = np.asarray(hu, np.float32)
-    labels, n = ndimage.label(np.asarray(mask) > 0, structure=np.ones((3, 3, 3)))
+    labels, n = label_nodules(mask)
     out = []
     for lab, box in zip(range(1, n + 1), ndimage.find_objects(labels)):
         pad = tuple(slice(max(s.start - shell - 1, 0), s.stop + shell + 1) for s in box)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
-
 from medsyn_site import provenance, request
-from medsyn_site.data.prepare import DEFAULT_SITE_KEY
+from medsyn_site.config import SAMPLE
 from medsyn_site.errors import MedsynError
+from medsyn_site.progress import log as progress
+from medsyn_site.sitekey import DEFAULT_SITE_KEY
 
 
 def recorded_training_cohort(run: str | Path) -> Path:
@@ -25,7 +25,7 @@ def recorded_training_cohort(run: str | Path) -> Path:
 
 def answer_request(request_file: str | Path, run: str | Path, out: str | Path,
                    training_cohort: str | Path | None = None, request_cohort: str | Path | None = None,
-                   sampler: str = "ddpm", steps: int = 50, seed: int = 0, site_key: Path = DEFAULT_SITE_KEY,
+                   sampler: str = SAMPLE.sampler, steps: int = SAMPLE.steps, seed: int = 0, site_key: Path = DEFAULT_SITE_KEY,
                    allow_verbatim: bool = False) -> Path:
     """Sample OUT/synthetic from the request with the run's weights, publish it to OUT/release
     against the run's training cohort; returns the release's NIfTI cohort (what the central side
@@ -37,7 +37,7 @@ def answer_request(request_file: str | Path, run: str | Path, out: str | Path,
     req = request.read(request_file)
     training_cohort = Path(training_cohort) if training_cohort else recorded_training_cohort(run)
     request_cohort = request_cohort or req.cohort or training_cohort
-    click.echo(f"[site] request {request_file}: {len(req.cases)} case(s) x {req.per_mask}, {req.mask_mode} masks "
+    progress.info(f"[site] request {request_file}: {len(req.cases)} case(s) x {req.per_mask}, {req.mask_mode} masks "
                f"({req.reason or 'no reason given'})")
     synth = sample_cohort(run, f"request:{request_file}", out / "synthetic", sampler=sampler, steps=steps, seed=seed,
                           force=True, site_key=site_key, request_cohort=request_cohort)
@@ -47,8 +47,8 @@ def answer_request(request_file: str | Path, run: str | Path, out: str | Path,
     for c in cases:
         s = c.get("scores") or {}
         verdict = "released" if not c["reasons"] else "REFUSED (" + "; ".join(c["reasons"]) + ")"
-        click.echo(f"[site] publish {c['case']}: {verdict}; audit nearest training scan {s.get('nearest', '-')}, "
+        progress.info(f"[site] publish {c['case']}: {verdict}; audit nearest training scan {s.get('nearest', '-')}, "
                    f"global {s.get('global', float('nan')):.3f}, local {s.get('local', float('nan')):.3f}")
     n = sum(not c["reasons"] for c in cases)
-    click.echo(f"[site] published {n}/{len(cases)} targeted case(s) through `medsyn publish` to {out / 'release'}")
+    progress.info(f"[site] published {n}/{len(cases)} targeted case(s) through `medsyn publish` to {out / 'release'}")
     return out / "release" / "nifti"

@@ -40,7 +40,7 @@ def run(phantom_cohort, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def key(tmp_path_factory) -> Path:
-    from medsyn_site.data.prepare import new_site_key
+    from medsyn_site.sitekey import new_site_key
 
     return new_site_key(tmp_path_factory.mktemp("keys") / "site.key")
 

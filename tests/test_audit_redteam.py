@@ -16,9 +16,9 @@ from medsyn_site import provenance
 from medsyn_site.config import PhantomConfig, SplitConfig
 from medsyn_site.data.cohort import Cohort, CohortWriter
 from medsyn_site.data.phantom import make_case, write_phantom_cohort
-from medsyn_site.data.prepare import load_site_key
 from medsyn_site.diffusion.masks import relocate_nodules
 from medsyn_site.publish.release import publish
+from medsyn_site.sitekey import load_site_key
 
 SHAPE = (64, 64, 40)
 

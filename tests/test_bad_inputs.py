@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from medsyn_site.cli import main
 from medsyn_site.data.cohort import image_path
-from medsyn_site.data.prepare import new_site_key
+from medsyn_site.sitekey import new_site_key
 
 from conftest import write_ct_series
 

@@ -75,6 +75,7 @@ def test_phantom_validate_show(tmp_path):
     assert res.exit_code == 1 and "--force" in res.output
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(3000)  # the session's `demo` fixture runs the whole demo (~14 min on 2 idle cores)
 def test_demo_end_to_end(demo):
     """The console script, as the README runs it; its evaluation learns (the demo's test cases are

@@ -32,7 +32,8 @@ def real(tmp_path_factory) -> Path:
     return out
 
 
-pytestmark = pytest.mark.timeout(3000)  # the first test may run the whole demo (the `demo` fixture)
+pytestmark = [pytest.mark.slow,  # real nnU-Net trainings, from the whole demo's evaluation (the `demo` fixture)
+              pytest.mark.timeout(3000)]  # the first test may run the whole demo
 
 
 def copy_ws(ws: Path, dst: Path, keep_checkpoints_of: str | None = None) -> Path:

@@ -68,6 +68,41 @@ def test_init_weights_reach_deepspeeds_fp32_master_copy(precision, ds):
         assert p.dtype == torch.bfloat16
 
 
+def _distance(a: dict, b: dict) -> float:
+    return sum((a[k].float() - b[k].float()).pow(2).sum().item() for k in a if a[k].is_floating_point()) ** 0.5
+
+
+def test_local_round_in_process_resumes_and_fedprox_pulls_to_the_global_model(tmp_path):
+    """The site's local round drives the Trainer in this process: it starts from the global weights
+    (not the run dir's own), resumes the local run dir round after round (step count, optimizer), and
+    returns the losses of the steps it ran. FedProx's term, a hook of the federation, keeps the local
+    model nearer the global one: with a huge mu the local weights barely move."""
+    from medsyn_site.diffusion.rundir import RunDir
+    from medsyn_site.federated.task import LOCAL_RUN, run_local_round
+
+    cohort = tmp_path / "cohort"
+    write_phantom_cohort(PhantomConfig(cases=2, seed=3, shape=(48, 48, 32)), SplitConfig(train=0.5, val=0.5), cohort)
+    cfg = load_config(CONFIG)
+    torch.manual_seed(0)
+    glob = build_unet(cfg.model).state_dict()
+    r1 = run_local_round(cfg, cohort, tmp_path / "plain", glob, 2)
+    assert r1.steps == 2 and r1.num_examples == 1 and r1.loss == r1.loss  # a number, not NaN
+    run = RunDir(tmp_path / "plain" / LOCAL_RUN)
+    assert run.latest() == "step_00000002"
+    r2 = run_local_round(cfg, cohort, tmp_path / "plain", glob, 2)
+    assert run.latest() == "step_00000004"  # resumed: steps 3-4 of one local run
+    with open(run.root / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)][-1] == 4
+    moved = _distance(r2.weights, glob)
+    assert moved > 0
+    # Adam's first step moves every weight by ~lr whatever the gradient; from the second on the
+    # proximal gradient (zero at the global weights) pulls them back
+    far = run_local_round(cfg, cohort, tmp_path / "far", glob, 4).weights
+    near = run_local_round(cfg, cohort, tmp_path / "prox", glob, 4, prox_mu=1e4).weights
+    print("distance to the global model, mu 0 / 1e4:", _distance(far, glob), _distance(near, glob))
+    assert _distance(near, glob) < 0.6 * _distance(far, glob)
+
+
 def test_global_run_saves_each_round_resumes_and_samples(tmp_path):
     from medsyn_site.diffusion.sample import Sampler, resolve_weights
 
@@ -102,6 +137,8 @@ def test_global_run_saves_each_round_resumes_and_samples(tmp_path):
         GlobalRun(other, load_config(CONFIG, {"model.channels": (16, 16, 16)}), run_id=13)
     with pytest.raises(MedsynError, match="transfer"):
         Settings.from_run_config({"run-dir": "x", "transfer": "int8"})
+    with pytest.raises(MedsynError, match="unknown key.*local-step\\b.*known: run-dir"):
+        Settings.from_run_config({"run-dir": "x", "local-step": 5})  # misspelt: not silently the default 20
 
 
 def test_certificates_and_node_keys(tmp_path):
@@ -308,8 +345,9 @@ def test_federation_tls_auth_two_sites_drop_and_resume(tmp_path, monkeypatch):
         mark("sampled from the global checkpoint")
         # restart the ServerApp for a third round; site b's SuperNode is killed mid-round
         third = fed.start("run3", ["fl", "run", "--run-config", f"{base} rounds=3 min-sites=1 round-timeout=600.0"])
-        _until(lambda: any("work_b" in " ".join(p.cmdline()) and "federated.task" in " ".join(p.cmdline())
-                           for p in _ours([str(tmp_path / "work_b")])), 600, "site b training in round 3")
+        # site b's ClientApp process (Flower starts one per message; the Trainer runs in it)
+        _until(lambda: any("flwr-clientapp" in " ".join(p.cmdline())
+                           for p in _ours([f"127.0.0.1:{ports['b']}"])), 600, "site b training in round 3")
         mark("site b training in round 3: killing its SuperNode")
         os.kill(fed.procs["supernode_b"].pid, signal.SIGKILL)
         # reap it, as its parent at a site would (a shell, systemd, Slurm): Flower's helpers watch their parent

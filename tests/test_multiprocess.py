@@ -30,7 +30,8 @@ def test_ranks_draw_different_patches():
 def test_srun_variables_become_torch_ranks(monkeypatch):
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NUM_TASKS",
               "SLURM_STEP_NODELIST", "SLURM_STEP_NUM_NODES", "CUDA_VISIBLE_DEVICES"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "")  # recorded, so the ranks set below are undone after the test (a later
+        monkeypatch.delenv(k)      # in-process training would otherwise wait for 4 ranks)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("SLURM_NTASKS", "4")

@@ -37,6 +37,31 @@ def test_own_config_starts_from_a_shipped_one_unless_a_sibling_exists(tmp_path):
     assert load_config(tmp_path / "mine.yaml").model.channels == (16, 16, 16)  # the sibling wins
 
 
+def test_every_imported_package_is_declared():
+    """Each third-party package the library imports is a dependency in pyproject.toml, not something
+    that only arrives through another package's dependencies."""
+    import ast
+    import importlib.metadata as md
+    import re
+    import tomllib
+
+    declared = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower().replace("_", "-")
+                for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    mods = set()
+    for f in (REPO / "medsyn_site").rglob("*.py"):
+        for n in ast.walk(ast.parse(f.read_text())):
+            if isinstance(n, ast.Import):
+                mods |= {a.name.split(".")[0] for a in n.names}
+            elif isinstance(n, ast.ImportFrom) and n.level == 0 and n.module:
+                mods.add(n.module.split(".")[0])
+    dists = md.packages_distributions()
+    third = {m for m in mods if m not in sys.stdlib_module_names and m != "medsyn_site"}
+    assert {"torch", "flwr", "cryptography", "tomli_w"} <= third  # the scan sees the imports
+    missing = {m: dists.get(m) for m in third
+               if not {d.lower().replace("_", "-") for d in dists.get(m, [m])} & declared}
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
 def _build_wheel(tmp_path: Path) -> Path:
     """Build from a copy holding only what a source distribution would (no build/ in the repo)."""
     src = tmp_path / "src"
@@ -78,6 +103,11 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_with_a_shipped_config(tmp_p
     where = subprocess.run([py, "-c", "import medsyn_site; print(medsyn_site.__file__)"], cwd=work, env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     assert where.startswith(site), where
+    every = subprocess.run([py, "-c", "import importlib, pkgutil, medsyn_site\n"
+                            "for m in pkgutil.walk_packages(medsyn_site.__path__, 'medsyn_site.'):\n"
+                            "    importlib.import_module(m.name)\n"
+                            "print('imported', m.name)"], cwd=work, env=env, capture_output=True, text=True)
+    assert every.returncode == 0, every.stderr[-3000:]  # every module of the installed wheel imports
     env |= {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
     r = subprocess.run([venv / "bin" / "medsyn", "train", "--config", "tiny", "--cohort", str(phantom_cohort),
                         "--out", "run", "--steps", "2"], cwd=work, env=env, capture_output=True, text=True)

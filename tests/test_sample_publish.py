@@ -15,11 +15,12 @@ from scipy import ndimage
 
 from medsyn_site import provenance
 from medsyn_site.data.cohort import Cohort, image_path, mask_path, validate_cohort
-from medsyn_site.data.prepare import load_site_key, lung_mask
 from medsyn_site.data.readers import read_dicom_series, read_seg
 from medsyn_site.diffusion import sample as sample_mod
 from medsyn_site.diffusion.sample import sample_cohort
+from medsyn_site.imaging import lung_mask
 from medsyn_site.publish.release import ReleaseError, publish
+from medsyn_site.sitekey import load_site_key
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -60,7 +61,7 @@ def test_sample_geometry_provenance_and_relocation(synth, phantom_cohort, key):
 
 
 def provenance_source(key: bytes, case_id: str) -> str:
-    from medsyn_site.data.prepare import pseudonym
+    from medsyn_site.sitekey import pseudonym
 
     return pseudonym(key, case_id, "src")
 

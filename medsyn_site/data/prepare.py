@@ -9,16 +9,11 @@ date from the input reaches the output.
 from __future__ import annotations
 
 import csv
-import hashlib
-import hmac
 import logging
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 from tqdm import tqdm
 
 from medsyn_site.atomic import refuse_existing
@@ -26,56 +21,10 @@ from medsyn_site.config import DataConfig
 from medsyn_site.data.cohort import CohortWriter
 from medsyn_site.data.readers import IngestError, read_image, read_mask
 from medsyn_site.data.split import split_patients
-from medsyn_site.errors import MedsynError
+from medsyn_site.imaging import lung_mask
+from medsyn_site.sitekey import DEFAULT_SITE_KEY, load_site_key, pseudonym
 
 log = logging.getLogger(__name__)
-DEFAULT_SITE_KEY = Path(os.environ.get("MEDSYN_SITE_KEY", "~/.config/medsyn/site.key")).expanduser()
-
-
-class SiteKeyError(MedsynError):
-    """The site key is missing or unreadable."""
-
-
-def new_site_key(path: Path = DEFAULT_SITE_KEY) -> Path:
-    """Create a site key (mode 0600); an existing key is never replaced (it would change every id)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise SiteKeyError(f"{path}: a site key exists already; it is kept (replacing it would change every "
-                           "case id and invalidate every signed provenance)") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
-    log.warning("created a new site key at %s (keep it secret and back it up: it makes case ids stable "
-                "and signs provenance)", path)
-    return path
-
-
-def load_site_key(path: Path = DEFAULT_SITE_KEY, create: bool = False) -> bytes:
-    """The site's secret for hashing identifiers and signing provenance. Created only when asked
-    (``create``: a site's first ``data prepare``); sampling and publishing need an existing key, so
-    a mistyped path fails instead of silently signing with a new key.
-
-    A keyed hash (HMAC) keeps ids stable across runs at the site, and unlike a plain hash of a
-    medical record number it cannot be reversed by trying every possible number.
-    """
-    path = Path(path)
-    if not path.exists():
-        if not create:
-            raise SiteKeyError(f"{path}: site key not found; it is created by the first `medsyn data prepare` "
-                               f"or by `medsyn site-key new {path}`")
-        new_site_key(path)
-    key = path.read_text().strip().encode()
-    if not key:
-        raise SiteKeyError(f"{path}: the site key file is empty")
-    return key
-
-
-def pseudonym(key: bytes, value: str, prefix: str) -> str:
-    return f"{prefix}-{hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:16]}"
-
-
 def read_manifest(path: str | Path) -> list[dict]:
     """Rows of the manifest with paths resolved; clear errors for missing columns or files."""
     path = Path(path)
@@ -103,16 +52,6 @@ def resample(image: sitk.Image, spacing, interpolator, default: float) -> sitk.I
     size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
     return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), spacing,
                          image.GetDirection(), default, image.GetPixelID())
-
-
-def lung_mask(hu: np.ndarray) -> np.ndarray:
-    """Air-density voxels inside the body (the largest dense component, holes filled per slice)."""
-    body = hu > -500
-    labels, n = ndimage.label(body)
-    if n:
-        body = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
-        body = np.stack([ndimage.binary_fill_holes(s) for s in body])
-    return (hu < -400) & body
 
 
 def lung_box(image: sitk.Image, margin_mm: float) -> tuple[slice, ...]:

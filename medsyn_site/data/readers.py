@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from scipy import ndimage
 
 from medsyn_site.data.cohort import geometry_differences
 from medsyn_site.errors import MedsynError
+from medsyn_site.imaging import diameters_mm, label_nodules
 
 SLICE_GAP_TOL = 0.05  # relative deviation of slice spacing tolerated within a series
 
@@ -234,12 +234,10 @@ def read_lidc_xml(path: Path, scan: Scan, min_agreement: float, min_nodule_mm: f
         votes += reader
     need = max(1, math.ceil(min_agreement * len(sessions) - 1e-9))
     consensus = votes >= need
-    labels, n = ndimage.label(consensus)
-    voxel_mm3 = float(np.prod(scan.image.GetSpacing()))
-    for i in range(1, n + 1):
-        comp = labels == i
-        if (6 * comp.sum() * voxel_mm3 / math.pi) ** (1 / 3) < min_nodule_mm:
-            consensus[comp] = False
+    labels, n = label_nodules(consensus)
+    for i, d in enumerate(diameters_mm(labels, scan.image.GetSpacing()[::-1]), start=1):
+        if d < min_nodule_mm:
+            consensus[labels == i] = False
     return _on_scan(consensus, scan)
 
 

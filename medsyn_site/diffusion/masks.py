@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from medsyn_site import request as request_contract
 from medsyn_site.data.cohort import Cohort, CohortError
-from medsyn_site.data.prepare import lung_mask
+from medsyn_site.imaging import label_nodules, lung_mask
 
 
 @dataclass
@@ -47,7 +47,7 @@ def _int(text: str) -> int:
 def relocate_nodules(mask: np.ndarray, hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Each nodule of ``mask``, randomly flipped, placed at a random spot inside the lungs of ``hu``
     where it fits whole and touches no other nodule."""
-    labels, n = ndimage.label(mask > 0, structure=np.ones((3, 3, 3)))
+    labels, n = label_nodules(mask)
     lungs = lung_mask(hu)
     out = np.zeros_like(mask, dtype=np.uint8)
     for box, lab in zip(ndimage.find_objects(labels), range(1, n + 1)):

@@ -159,12 +159,38 @@ class RunDir:
         """The EMA weights file of the newest intact checkpoint (what sampling uses)."""
         return self.ckpt / self.intact_tag(only=EMA_FILE) / EMA_FILE
 
-    def _estimate_bytes(self, engine) -> int:
-        """A checkpoint's size: the last one's, else fp32 weights + Adam moments + EMA (x4) + margin."""
+    def _estimate_bytes(self, fallback: int) -> int:
+        """A checkpoint's size: the last one's (+10 %), else ``fallback``."""
         for tag in self.tags():
             return int(sum(f.stat().st_size for f in (self.ckpt / tag).rglob("*") if f.is_file()) * 1.1)
-        n = sum(p.numel() for p in engine.module.parameters())
-        return 4 * n * 4 + 2 ** 20
+        return fallback
+
+    def _begin(self, tag: str, fallback_bytes: int) -> Path:
+        """The temp folder of checkpoint ``tag`` (its files go in ``tmp / tag``), after checking the
+        free space. Named by its owner: a later run cleans it if this process died."""
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        check_free(self.ckpt, self._estimate_bytes(fallback_bytes), f"checkpoint {tag}")
+        tmp = self.ckpt / f".tmp-{owner_tag()}-{tag}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        return tmp
+
+    def _commit(self, tmp: Path, tag: str) -> None:
+        """SHA256SUMS of the checkpoint's files, then rename it into place."""
+        write_sums(tmp / tag)
+        final = self.ckpt / tag
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp / tag, final)
+
+    @staticmethod
+    def _write(what: Path, fn, *args) -> None:
+        try:
+            fn(*args)
+        except (OSError, RuntimeError) as e:  # a full disk: name the checkpoint
+            err = write_failure(what, e)
+            if err is e:
+                raise
+            raise err from e
 
     def save(self, engine, ema, step: int, cfg: Config, keep: int) -> Path:
         """Collective (every rank calls it): rank 0 checks the free space and names one temp folder;
@@ -173,40 +199,43 @@ class RunDir:
         An error on any rank is raised on every rank."""
         tag = f"step_{step:08d}"
         final = self.ckpt / tag
-
-        def prepare() -> Path:
-            self.ckpt.mkdir(parents=True, exist_ok=True)
-            check_free(self.ckpt, self._estimate_bytes(engine), f"checkpoint {tag}")
-            tmp = self.ckpt / f".tmp-{owner_tag()}-{tag}"  # rank 0's: a later run cleans it if rank 0 died
-            shutil.rmtree(tmp, ignore_errors=True)
-            return tmp
-
-        def write(what: Path, fn, *args) -> None:
-            try:
-                fn(*args)
-            except (OSError, RuntimeError) as e:
-                err = write_failure(what, e)
-                if err is e:
-                    raise
-                raise err from e
+        n = sum(p.numel() for p in engine.module.parameters())
 
         def finish() -> None:
             torch.save({"ema": ema.state_dict(), "step": step, "model": cfg.model.model_dump(mode="json"),
                         "diffusion": cfg.diffusion.model_dump(mode="json")}, tmp / tag / EMA_FILE)
-            write_sums(tmp / tag)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp / tag, final)
+            self._commit(tmp, tag)
 
-        tmp = on_rank0(prepare)
+        tmp = on_rank0(self._begin, tag, 4 * n * 4 + 2 ** 20)  # fp32 weights + Adam moments + EMA, + margin
         try:
-            on_every_rank(write, final, engine.save_checkpoint, str(tmp), tag,
+            on_every_rank(self._write, final, engine.save_checkpoint, str(tmp), tag,
                           {"step": step, "rng": rng_state()}, False)
-            on_rank0(write, final, finish)
+            on_rank0(self._write, final, finish)
         finally:
             if rank_world()[0] == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
         on_rank0(self._point_latest, tag, keep)  # every rank returns after the checkpoint is complete
+        return final
+
+    def write_checkpoint(self, tag: str, files: dict[str, object], keep: int) -> Path:
+        """A checkpoint written by one process (the federation's global run): each object saved with
+        torch.save under its file name, then, as ``save``: SHA256SUMS, rename, ``latest``, prune."""
+        final = self.ckpt / tag
+        fallback = sum(v.numel() * v.element_size() for obj in files.values() if isinstance(obj, dict)
+                       for v in obj.values() if torch.is_tensor(v)) * 2 + 2 ** 20
+        tmp = self._begin(tag, fallback)
+        try:
+            (tmp / tag).mkdir(parents=True)
+
+            def write_all() -> None:
+                for name, obj in files.items():
+                    torch.save(obj, tmp / tag / name)
+                self._commit(tmp, tag)
+
+            self._write(final, write_all)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._point_latest(tag, keep)
         return final
 
     def _point_latest(self, tag: str, keep: int) -> None:

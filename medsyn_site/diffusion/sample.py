@@ -14,14 +14,14 @@ from monai.inferers import DiffusionInferer
 from tqdm import tqdm
 
 from medsyn_site import provenance
-from medsyn_site.config import DiffusionConfig, ModelConfig
+from medsyn_site.config import SAMPLE, DiffusionConfig, ModelConfig
 from medsyn_site.data.cohort import ResumableCohortWriter
-from medsyn_site.data.prepare import DEFAULT_SITE_KEY, load_site_key, pseudonym
 from medsyn_site.diffusion.masks import mask_jobs
 from medsyn_site.diffusion.model import build_unet, coordinate_grid, sampling_scheduler, unit_to_hu
 from medsyn_site.diffusion.rundir import RunDir, load_weights
-from medsyn_site.diffusion.shards import shard_jobs, shard_label
+from medsyn_site.diffusion.shards import shard_jobs
 from medsyn_site.diffusion.streamed import StreamedUNet
+from medsyn_site.sitekey import DEFAULT_SITE_KEY, load_site_key, pseudonym
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def resolve_weights(run_or_file: str | Path) -> Path:
 class Sampler:
     """EMA network + scheduler; ``volumes(masks, seeds)`` generates one CT per mask."""
 
-    def __init__(self, weights: str | Path, sampler: str = "ddpm", steps: int = 50, device: str = "auto",
+    def __init__(self, weights: str | Path, sampler: str = SAMPLE.sampler, steps: int = SAMPLE.steps, device: str = "auto",
                  precision: str = "fp32", stream_gb: float | None = None):
         blob = load_weights(weights)
         self.sha256, self.model_cfg = blob["sha256"], ModelConfig(**blob["model"])
@@ -94,8 +94,8 @@ def case_seed(seed: int, source_id: str, replicate: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}|{source_id}|{replicate}".encode()).digest()[:4], "little")
 
 
-def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 1, sampler: str = "ddpm",
-                  steps: int = 50, seed: int = 0, device: str = "auto", precision: str = "fp32",
+def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 1, sampler: str = SAMPLE.sampler,
+                  steps: int = SAMPLE.steps, seed: int = 0, device: str = "auto", precision: str = "fp32",
                   force: bool = False, site_key: Path = DEFAULT_SITE_KEY, batch_size: int = 1,
                   stream_gb: float | None = None, shard: tuple[int, int] | None = None,
                   request_cohort: str | Path | None = None) -> Path:
@@ -121,8 +121,8 @@ def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 
     ids = [f"syn-{hashlib.sha256(f'{gen.sha256}|{j.source_id}|{j.replicate}|{seed}|{masks}'.encode()).hexdigest()[:16]}"
            for j in jobs]
     seeds = [case_seed(seed, j.source_id, j.replicate) for j in jobs]
-    with ResumableCohortWriter(out, settings, force=force, description=f"synthetic, {sampler} {steps} steps"
-                               + shard_label(shard)) as w:
+    with ResumableCohortWriter(out, settings, force=force, description=f"synthetic, {sampler} {steps} steps",
+                               shard=shard) as w:
         bar = tqdm(total=len(jobs), desc=f"sample ({sampler} {steps})", unit="volume")
         for start in range(0, len(jobs), batch_size):  # fixed chunks: a resumed run batches alike
             chunk = list(range(start, min(start + batch_size, len(jobs))))

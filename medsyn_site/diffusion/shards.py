@@ -16,10 +16,9 @@ from pathlib import Path
 from medsyn_site import provenance
 from medsyn_site.atomic import sha256_file, staged_dir
 from medsyn_site.data.cohort import INDEX, Cohort, CohortError, image_path, mask_path, write_index
-from medsyn_site.data.prepare import DEFAULT_SITE_KEY, load_site_key
+from medsyn_site.sitekey import DEFAULT_SITE_KEY, load_site_key
 
 log = logging.getLogger(__name__)
-_LABEL = re.compile(r", shard (\d+)/(\d+)$")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -39,18 +38,13 @@ def shard_jobs(jobs: list, shard: tuple[int, int] | None) -> list:
     return jobs[i::n]
 
 
-def shard_label(shard: tuple[int, int] | None) -> str:
-    """The suffix recorded in a shard's cohort.json description (the merge checks them)."""
-    return f", shard {shard[0]}/{shard[1]}" if shard else ""
-
-
 def merge_shards(shards: list[str | Path], out: str | Path, force: bool = False,
                  site_key: Path = DEFAULT_SITE_KEY) -> Path:
     """Join the shard cohorts into one synthetic cohort with one signed provenance.json."""
     if not shards:
         raise CohortError("sample-merge: no shard folders given")
     key = load_site_key(site_key)
-    header0, entries, records, seen, descriptions = None, [], [], {}, {}
+    header0, entries, records, seen, index = None, [], [], {}, {}
     for shard in map(Path, shards):
         cohort = Cohort(shard)  # names a missing or unfinished shard (no cohort.json)
         header, files = provenance.read(shard)
@@ -74,14 +68,13 @@ def merge_shards(shards: list[str | Path], out: str | Path, force: bool = False,
             seen[rec.id] = shard
             records.append((shard, rec))
             entries.append({k: v for k, v in by_case[rec.id].items() if k != "signature"})
-        descriptions[shard] = cohort.index.description
-    labels = {s: _LABEL.search(d) for s, d in descriptions.items()}
-    if any(labels.values()):
-        unlabelled = [str(s) for s, m in labels.items() if not m]
+        index[shard] = cohort.index
+    if any(ix.shard for ix in index.values()):
+        unlabelled = [str(s) for s, ix in index.items() if not ix.shard]
         if unlabelled:
             raise CohortError(f"{unlabelled[0]}: not a shard (sampled without --shard)")
-        totals = {int(m[2]) for m in labels.values()}
-        got = sorted(int(m[1]) for m in labels.values())
+        totals = {ix.shard[1] for ix in index.values()}
+        got = sorted(ix.shard[0] for ix in index.values())
         if len(totals) > 1:
             raise CohortError(f"shards of different splits ({', '.join(f'/{t}' for t in sorted(totals))})")
         n = totals.pop()
@@ -97,7 +90,7 @@ def merge_shards(shards: list[str | Path], out: str | Path, force: bool = False,
                 shutil.copyfile(src, dst)
                 if sha256_file(dst) != rec.sha256[key_]:
                     raise CohortError(f"{src}: sha256 differs from {shard / INDEX} (changed after sampling)")
-        desc = _LABEL.sub("", next(iter(descriptions.values()))) + f", merged from {len(shards)} shard(s)"
+        desc = next(iter(index.values())).description + f", merged from {len(shards)} shard(s)"
         write_index(stage, [r for _, r in records], desc)
         provenance.write(stage, header0, entries, key)
     return Path(out)

@@ -7,20 +7,21 @@ import logging
 import resource
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from medsyn_site.atomic import atomic_write, atomic_write_text
+from medsyn_site.atomic import atomic_write_text
 from medsyn_site.config import Config
 from medsyn_site.data.cohort import Cohort
 from medsyn_site.diffusion import engine as eng
 from medsyn_site.diffusion.model import EMA, build_unet, network_input, scheduler
 from medsyn_site.diffusion.patches import PatchDataset
 from medsyn_site.diffusion.rundir import RunDir
-from medsyn_site.diffusion.stop import Interrupted, StopSignals  # noqa: F401 (Interrupted: the API)
+from medsyn_site.diffusion.stop import Interrupted, StopSignals
 from medsyn_site.errors import write_failure
 
 log = logging.getLogger(__name__)
@@ -159,11 +160,6 @@ def get_weights(engine) -> dict:
     return out
 
 
-def _proximal(engine, anchor: dict, mu: float) -> torch.Tensor:
-    """FedProx's mu/2 * ||w - w_global||^2."""
-    return mu / 2 * sum((p.float() - anchor[n]).pow(2).sum() for n, p in engine.module.named_parameters())
-
-
 def _configure_torch(cfg: Config) -> None:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -173,100 +169,143 @@ def _configure_torch(cfg: Config) -> None:
     np.random.seed(cfg.train.seed)
 
 
+class Trainer:
+    """One site's training run, built once (improved-diffusion's TrainLoop): the cohort's patches,
+    the run dir (new or resumed), the DeepSpeed engine and the EMA. ``run_loop()`` trains to
+    ``train.steps``; ``run_steps(n)`` trains n more steps and returns their losses; ``save()`` writes
+    a checkpoint. `medsyn train` runs the loop; a federated site runs a few steps per round from the
+    global weights (``set_weights``) with an extra loss term (``extra_loss``, FedProx's proximal term).
+
+    With ``stop`` (a StopSignals) a stop signal ends the current step, writes a checkpoint and raises
+    Interrupted; without it the caller handles signals (a Flower ClientApp process does)."""
+
+    def __init__(self, cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool = False,
+                 force: bool = False, stop: StopSignals | None = None):
+        self.cfg, self.stop = cfg, stop
+        self.cohort = Cohort(cohort_dir)  # fails early: missing or broken cohort
+        self.run = run = RunDir(run_dir)
+        t = cfg.train
+        eng.select_accelerator(t.device)
+        eng.init_distributed()
+        self.rank, self.world = rank, _ = eng.rank_world()
+        # rank 0 is the one writer of the run dir; checked before the volumes are cached
+        eng.on_rank0(run.check_resume, cfg) if resume else eng.on_rank0(run.check_new, force)
+        self.data = PatchDataset(self.cohort, "train", t.patch_size, cfg.diffusion.hu_window, t.pos_fraction, t.seed)
+        val_split = "val" if self.cohort.split("val") else "train"
+        previews = PatchDataset(self.cohort, val_split, t.patch_size, cfg.diffusion.hu_window, 1.0, t.seed + 1)
+
+        def start_run() -> None:
+            from medsyn_site.provenance import record_training_cohort
+
+            if not resume:
+                run.create(cfg, force)
+            self._stop_message("before the first training step; continue with --resume")  # the run dir exists
+            record_training_cohort(run.root, cohort_dir)  # the model is bound to its cohort (publish audits against it)
+
+        eng.on_rank0(start_run)
+        self._stop_message("before the first training step; continue with --resume")
+        self.data.load(cache_bytes=t.cache_gb * 2 ** 30, spill_dir=run.root / "cache")
+        self.preview_samples = [previews[i] for i in range(3)] if rank == 0 else []  # read from disk: once
+        del previews
+
+        _configure_torch(cfg)
+        net = build_unet(cfg.model)
+        if t.init_weights and not resume:  # before the engine exists: its fp32 master copy starts from them
+            net.load_state_dict(initial_weights(t.init_weights, cfg))
+        self.engine, _ = eng.make_engine(net, t)
+        self.ema = EMA(self.engine.module, t.ema_decay, master=eng.fp32_masters(self.engine))  # fp32, on the device
+        self.dev = eng.device()
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
+        self.sched = scheduler(cfg.diffusion)
+        self.step = run.load(self.engine, self.ema) if resume else 0
+        self.saved_step = self.step
+        self.extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None
+        self.metrics = Metrics(run.root, self.step) if rank == 0 else None  # one writer
+
+    def _stop_message(self, message: str) -> None:
+        if self.stop:
+            self.stop.message = message
+
+    def set_weights(self, state: dict) -> None:
+        """Replace the weights and the EMA (a federated round starts from the global model)."""
+        set_weights(self.engine, state)
+        self.ema.load_state_dict(state)
+
+    def weights(self) -> dict:
+        """The full fp32 weights on the CPU. Collective (ZeRO: every rank holds a part)."""
+        return get_weights(self.engine)
+
+    def run_loop(self) -> Path:
+        """Train to ``train.steps`` (nothing if the run is there already); the latest EMA weights file."""
+        if self.step >= self.cfg.train.steps:
+            log.info("run already at step %d of %d", self.step, self.cfg.train.steps)
+        else:
+            self.run_steps(self.cfg.train.steps - self.step)
+        return self.run.latest_weights()
+
+    def run_steps(self, n: int) -> list[float]:
+        """Train n steps; their losses. Metrics, previews and checkpoints on the config's schedule, and
+        a checkpoint at ``train.steps``. Each step's patches depend only on the step (a resumed or
+        federated run sees the data order of one uninterrupted run)."""
+        from tqdm import tqdm
+
+        t, start, end = self.cfg.train, self.step, self.step + n
+        loader = DataLoader(self.data, batch_size=t.batch_size,
+                            sampler=rank_samples(start, end, t.batch_size, self.world, self.rank),
+                            num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
+        bar = tqdm(total=max(t.steps, end), initial=start, desc="train", unit="step", disable=self.rank != 0)
+        tick, logged, losses = time.perf_counter(), start, []
+        if self.stop:
+            self.stop.defer()  # from here a stop signal ends the current step and writes a checkpoint
+        try:
+            for step, batch in enumerate(loader, start=start + 1):
+                loss = diffusion_loss(self.engine, self.sched, batch, self.cfg, step, self.dev, self.dtype, self.rank)
+                self.engine.backward(loss + self.extra_loss(self.engine) if self.extra_loss else loss)
+                self.engine.step()
+                self.ema.update(self.engine.module)
+                self.step = step
+                losses.append(loss.item())
+                bar.update(1)
+                stopping = eng.any_rank(self.stop is not None and self.stop.signum is not None)  # all ranks alike
+                if self.metrics and (step % t.log_every == 0 or step in (t.steps, end)):
+                    rate = self.world * t.batch_size * (step - logged) / max(time.perf_counter() - tick, 1e-9)
+                    tick, logged = time.perf_counter(), step
+                    row = {"step": step, "loss": losses[-1], "lr": self.engine.get_lr()[0], "patches_per_s": rate,
+                           "peak_mem_mb": peak_memory_mb(self.dev)}
+                    self.metrics.write(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", patches_s=f"{rate:.1f}", mem_mb=f"{row['peak_mem_mb']:.0f}")
+                if self.rank == 0 and (step % t.preview_every == 0 or step == t.steps):
+                    preview(self.engine.module, self.cfg, self.preview_samples,
+                            self.run.root / "previews" / f"step_{step:08d}.png", self.dev, self.dtype)
+                if step % t.checkpoint_every == 0 or step == t.steps or stopping:
+                    self.save()  # collective: every rank
+                if stopping:
+                    raise Interrupted(f"stopped by {self.stop.name or 'a stop signal to another rank'} at step {step}; "
+                                      "checkpoint written; continue with --resume")
+        finally:
+            bar.close()
+        return losses
+
+    def save(self) -> Path:
+        """A checkpoint of the current step (once per step). Collective: every rank calls it."""
+        if self.saved_step != self.step or not self.run.tags():
+            self.run.save(self.engine, self.ema, self.step, self.cfg, self.cfg.train.keep_checkpoints)
+            self.saved_step = self.step
+        return self.run.ckpt / self.run.latest()
+
+    def close(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+
+
 def train(cfg: Config, cohort_dir: str | Path, run_dir: str | Path, resume: bool = False,
-          force: bool = False, init_weights: dict | None = None, prox_mu: float = 0.0,
-          weights_out: Path | None = None) -> Path:
+          force: bool = False) -> Path:
     """Train (or resume) a run; returns the latest EMA weights file. Raises Interrupted on a stop
     signal at any point: before the first step at once (a run dir resumes from step 0), in the loop
-    after writing a checkpoint.
-
-    A federated local round passes ``init_weights`` (the global model: it replaces the resumed weights
-    and the EMA), optionally ``prox_mu`` (FedProx) and ``weights_out`` (the final fp32 weights)."""
+    after writing a checkpoint."""
     with StopSignals() as stop:
-        return _train(cfg, cohort_dir, run_dir, resume, force, stop, init_weights, prox_mu, weights_out)
-
-
-def _train(cfg: Config, cohort_dir, run_dir, resume: bool, force: bool, stop: StopSignals,
-           init_weights: dict | None = None, prox_mu: float = 0.0, weights_out: Path | None = None) -> Path:
-    cohort = Cohort(cohort_dir)  # fails early: missing or broken cohort
-    run = RunDir(run_dir)
-    t = cfg.train
-    eng.select_accelerator(t.device)
-    eng.init_distributed()
-    rank, world = eng.rank_world()
-    # rank 0 is the one writer of the run dir; checked before the volumes are cached
-    eng.on_rank0(run.check_resume, cfg) if resume else eng.on_rank0(run.check_new, force)
-    data = PatchDataset(cohort, "train", t.patch_size, cfg.diffusion.hu_window, t.pos_fraction, t.seed)
-    val_split = "val" if cohort.split("val") else "train"
-    previews = PatchDataset(cohort, val_split, t.patch_size, cfg.diffusion.hu_window, 1.0, t.seed + 1)
-
-    def start_run() -> None:
-        from medsyn_site.provenance import record_training_cohort
-
-        if not resume:
-            run.create(cfg, force)
-        stop.message = "before the first training step; continue with --resume"  # the run dir exists
-        record_training_cohort(run.root, cohort_dir)  # the model is bound to its cohort (publish audits against it)
-
-    eng.on_rank0(start_run)
-    stop.message = "before the first training step; continue with --resume"
-    data.load(cache_bytes=t.cache_gb * 2 ** 30, spill_dir=run.root / "cache")
-    preview_samples = [previews[i] for i in range(3)] if rank == 0 else []  # read from disk: these cases, once
-    del previews
-
-    _configure_torch(cfg)
-    net = build_unet(cfg.model)
-    if t.init_weights and not resume:  # before the engine exists: its fp32 master copy starts from them
-        net.load_state_dict(initial_weights(t.init_weights, cfg))
-    engine, _ = eng.make_engine(net, t)
-    ema = EMA(engine.module, t.ema_decay, master=eng.fp32_masters(engine))  # fp32 masters, on the device
-    dev = eng.device()
-    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16 if t.precision == "fp16" else torch.float32
-    start = run.load(engine, ema) if resume else 0
-    if init_weights is not None:
-        set_weights(engine, init_weights)
-        ema.load_state_dict(init_weights)
-        anchor = {k: v.to(dev) for k, v in init_weights.items()}
-    if start >= t.steps:
-        log.info("run already at step %d of %d", start, t.steps)
-        return run.latest_weights()
-
-    sched = scheduler(cfg.diffusion)
-    loader = DataLoader(data, batch_size=t.batch_size, sampler=rank_samples(start, t.steps, t.batch_size, world, rank),
-                        num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
-    metrics = Metrics(run.root, start) if rank == 0 else None  # one writer
-    from tqdm import tqdm
-
-    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=rank != 0)
-    tick, step = time.perf_counter(), start
-    stop.defer()  # from here a stop signal ends the current step and writes a checkpoint
-    try:
-        for step, batch in enumerate(loader, start=start + 1):
-            loss = diffusion_loss(engine, sched, batch, cfg, step, dev, dtype, rank)
-            engine.backward(loss + _proximal(engine, anchor, prox_mu) if prox_mu else loss)
-            engine.step()
-            ema.update(engine.module)
-            bar.update(1)
-            stopping = eng.any_rank(stop.signum is not None)  # all ranks stop at the same step
-            if metrics and (step % t.log_every == 0 or step == t.steps):
-                rate = world * t.batch_size * t.log_every / max(time.perf_counter() - tick, 1e-9)
-                tick = time.perf_counter()
-                row = {"step": step, "loss": loss.item(), "lr": engine.get_lr()[0], "patches_per_s": rate,
-                       "peak_mem_mb": peak_memory_mb(dev)}
-                metrics.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", patches_s=f"{rate:.1f}", mem_mb=f"{row['peak_mem_mb']:.0f}")
-            if rank == 0 and (step % t.preview_every == 0 or step == t.steps):
-                preview(engine.module, cfg, preview_samples, run.root / "previews" / f"step_{step:08d}.png", dev, dtype)
-            if step % t.checkpoint_every == 0 or step == t.steps or stopping:
-                run.save(engine, ema, step, cfg, t.keep_checkpoints)  # collective: every rank
-            if stopping:
-                raise Interrupted(f"stopped by {stop.name or 'a stop signal to another rank'} at step {step}; "
-                                  "checkpoint written; continue with --resume")
-    finally:
-        bar.close()
-        if metrics:
-            metrics.close()
-    if weights_out is not None:
-        final = get_weights(engine)  # collective (ZeRO: every rank holds a part of the fp32 masters)
-        eng.on_rank0(atomic_write, weights_out, lambda tmp: torch.save(final, tmp))
-    return run.latest_weights()
+        trainer = Trainer(cfg, cohort_dir, run_dir, resume, force, stop)
+        try:
+            return trainer.run_loop()
+        finally:
+            trainer.close()

@@ -5,34 +5,27 @@ diameters; types come from the cohort's nodule list (its ``center_voxel``) where
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from medsyn_site.evaluate.stats import stratum
-
-CONNECTIVITY = np.ones((3, 3, 3), bool)
-
-
-def equivalent_diameter_mm(voxels, spacing) -> float:
-    """The diameter of the sphere with the volume of ``voxels`` voxels of ``spacing`` mm."""
-    return float((6 * voxels * np.prod(spacing) / np.pi) ** (1 / 3))
+from medsyn_site.imaging import diameters_mm, label_nodules
 
 
 def detect(gt: np.ndarray, pred: np.ndarray, spacing_zyx, nodules=()) -> dict:
     """{"nodules": [{"diameter_mm", "type", "found"}], "false_positives": n} for one case.
     ``gt``/``pred`` are (z, y, x) label arrays; ``nodules`` the cohort's records (type, center_voxel
     as x, y, z) to name each component's type ("unknown" where none is listed)."""
-    gl, n_gt = ndimage.label(gt > 0, structure=CONNECTIVITY)
-    pl, n_pred = ndimage.label(pred > 0, structure=CONNECTIVITY)
+    gl, n_gt = label_nodules(gt)
+    pl, n_pred = label_nodules(pred)
     types = {}
     for rec in nodules:
         x, y, z = rec["center_voxel"] if isinstance(rec, dict) else rec.center_voxel
         if 0 <= z < gl.shape[0] and 0 <= y < gl.shape[1] and 0 <= x < gl.shape[2] and gl[z, y, x]:
             types[int(gl[z, y, x])] = rec["type"] if isinstance(rec, dict) else rec.type
-    sizes = np.bincount(gl.ravel(), minlength=n_gt + 1)
+    sizes = diameters_mm(gl, spacing_zyx)
     hit = np.zeros(n_gt + 1, bool)
     overlapping = (gl > 0) & (pl > 0)
     hit[np.unique(gl[overlapping])] = True
-    out = [{"diameter_mm": round(equivalent_diameter_mm(sizes[i], spacing_zyx), 2),
+    out = [{"diameter_mm": round(sizes[i - 1], 2),
             "type": types.get(i, "unknown"), "found": bool(hit[i])} for i in range(1, n_gt + 1)]
     true_pred = set(np.unique(pl[overlapping]).tolist())
     return {"nodules": out, "false_positives": int(n_pred - len(true_pred - {0}))}

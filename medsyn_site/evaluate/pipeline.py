@@ -11,12 +11,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import click
-
 from medsyn_site.atomic import atomic_write_text
 from medsyn_site.config import usable_cores
 from medsyn_site.evaluate.datasets import EvaluationError, load_workspace, prepare_workspace
 from medsyn_site.evaluate.report import select_targeted, write_report
+from medsyn_site.progress import log as progress
 
 
 def set_seeds(ws: Path, seeds: int) -> None:
@@ -34,7 +33,7 @@ def train_runs(ws: Path, runs: list[tuple[str, int]], trainer: str, epochs: int,
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, usable_cores() // jobs))}
 
     def one(i: int, arm: str, seed: int) -> None:
-        click.echo(f"[evaluate] training {i}/{len(runs)}: arm {arm}, seed {seed}")
+        progress.info(f"[evaluate] training {i}/{len(runs)}: arm {arm}, seed {seed}")
         cmd = [sys.executable, "-m", "medsyn_site.cli", "evaluate", "train", "--ws", str(ws), "--arm", arm,
                "--seed", str(seed), "--trainer", trainer, "--epochs", str(epochs), "--iterations", str(iterations),
                "--device", device, "--mirroring" if mirroring else "--no-mirroring"]
@@ -74,10 +73,10 @@ def run_all(real, synthetic, ws, seeds: int = 5, trainer: str = "nnUNetTrainer_m
     train(runs)
     if site is not None:
         request, cases = select_targeted(ws, per_mask=per_mask, verbatim=verbatim_masks)
-        click.echo(f"[evaluate] targeted cases (below the real-only mean validation Dice): {', '.join(cases)}; "
+        progress.info(f"[evaluate] targeted cases (below the real-only mean validation Dice): {', '.join(cases)}; "
                    f"request {request} -> site")
         release = Path(site(request))
-        click.echo(f"[evaluate] training real+targeted on the site's release {release}")
+        progress.info(f"[evaluate] training real+targeted on the site's release {release}")
         prepare_workspace(ws, real, targeted=release, configuration=configuration, arms=["real+targeted"])
         set_seeds(ws, seeds)
         train(later + [("real+targeted", s) for s in range(seeds)])

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from medsyn_site import request as request_contract
 from medsyn_site.atomic import atomic_write, atomic_write_text
@@ -16,6 +15,7 @@ from medsyn_site.data.cohort import Cohort
 from medsyn_site.evaluate import detection, stats
 from medsyn_site.evaluate.datasets import ARMS, EvaluationError, dataset_name, load_workspace, parse_arm
 from medsyn_site.evaluate.runs import RESULT, run_dir
+from medsyn_site.imaging import diameters_mm, label_nodules
 
 COLORS = {"real": "tab:blue", "synthetic": "tab:orange", "real+synthetic": "tab:purple", "real+targeted": "tab:red"}
 
@@ -65,8 +65,8 @@ def select_targeted(ws: str | Path, out: str | Path | None = None, per_mask: int
 
 
 def _largest_diameter(mask: np.ndarray, spacing) -> float:
-    labels, n = ndimage.label(mask > 0, structure=detection.CONNECTIVITY)
-    return detection.equivalent_diameter_mm(np.bincount(labels.ravel())[1:].max(), spacing) if n else 0.0
+    labels, n = label_nodules(mask)
+    return max(diameters_mm(labels, spacing)) if n else 0.0
 
 
 def _training_cases(ws: Path, arm: str) -> int | None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +15,10 @@ from pathlib import Path
 import torch
 from flwr.serverapp.strategy import Strategy
 
-from medsyn_site.atomic import atomic_write_text, owner_tag
+from medsyn_site.atomic import atomic_write_text
 from medsyn_site.config import CONFIG_DIR, Config, ConfigError, dump_config, load_config
 from medsyn_site.diffusion.model import EMA, build_unet
-from medsyn_site.diffusion.rundir import EMA_FILE, RunDir, write_sums
+from medsyn_site.diffusion.rundir import EMA_FILE, RunDir
 from medsyn_site.federated.task import TRANSFERS, decode, encode, nbytes
 
 log = logging.getLogger(__name__)
@@ -55,7 +53,11 @@ class Settings:
     @classmethod
     def from_run_config(cls, rc: dict) -> "Settings":
         known = {k.replace("-", "_"): v for k, v in rc.items()}
-        s = cls(**{k: v for k, v in known.items() if k in cls.__dataclass_fields__})
+        unknown = sorted(k for k in rc if k.replace("-", "_") not in cls.__dataclass_fields__)
+        if unknown:  # strict, as the YAML configs are: a misspelt key must not fall back to a default
+            raise ConfigError(f"run config: unknown key(s) {', '.join(unknown)}; known: "
+                              + ", ".join(k.replace("_", "-") for k in cls.__dataclass_fields__))
+        s = cls(**known)
         if s.transfer not in TRANSFERS:
             raise ConfigError(f"run config transfer={s.transfer!r}: use one of {', '.join(TRANSFERS)}")
         if s.strategy not in ("fedavg", "fedprox"):
@@ -114,7 +116,7 @@ class GlobalRun:
         return self.s.name or self.root.name
 
     def save_round(self, rnd: int, weights: dict, rows: list[dict]) -> Path:
-        """EMA update, then the round's checkpoint (temp folder renamed into place, then ``latest``)."""
+        """EMA update, then the round's checkpoint (the run dir's one checkpoint writer)."""
         self.weights = weights
         self.ema.decay = self.s.global_ema
         for k, v in weights.items():
@@ -127,24 +129,10 @@ class GlobalRun:
         fed = {"name": self.name, "flower_run_id": self.run_id, "round": rnd, "run_dir": str(self.root.resolve()),
                "sites": [r["node_id"] for r in ok], "strategy": self.s.strategy, "transfer": self.s.transfer,
                "dp_noise": self.s.dp_noise}
-        tmp = self.run.ckpt / f".tmp-{owner_tag()}-{tag}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            torch.save({"ema": self.ema.state_dict(), "step": rnd * self.s.local_steps, "round": rnd,
-                        "model": self.cfg.model.model_dump(mode="json"),
-                        "diffusion": self.cfg.diffusion.model_dump(mode="json"), "federation": fed}, tmp / EMA_FILE)
-            torch.save(weights, tmp / GLOBAL_FILE)
-            write_sums(tmp)
-            final = self.run.ckpt / tag
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        atomic_write_text(self.run.ckpt / "latest", tag)
-        old = sorted(p for p in self.run.ckpt.glob("round_*") if p.name != tag)
-        for p in old[: max(0, len(old) - (self.cfg.train.keep_checkpoints - 1))]:
-            shutil.rmtree(p, ignore_errors=True)
+        ema = {"ema": self.ema.state_dict(), "step": rnd * self.s.local_steps, "round": rnd,
+               "model": self.cfg.model.model_dump(mode="json"),
+               "diffusion": self.cfg.diffusion.model_dump(mode="json"), "federation": fed}
+        final = self.run.write_checkpoint(tag, {EMA_FILE: ema, GLOBAL_FILE: weights}, self.cfg.train.keep_checkpoints)
         self.round = rnd
         self._record(rnd, rows)
         return final

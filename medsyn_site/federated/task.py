@@ -1,19 +1,10 @@
 """What the ServerApp and the ClientApp share: the weights on the wire (fp32, or bf16 to halve the
-bytes) and the site's local round, which runs ``medsyn train``'s own trainer in a subprocess (so
-DeepSpeed's and the signal handlers' process-global state stays out of the Flower node).
-
-``python -m medsyn_site.federated.task`` is that subprocess's entry point."""
+bytes) and the site's local round: ``medsyn train``'s own Trainer, driven in the ClientApp's process
+(Flower starts one flwr-clientapp process per message, and it watches the SuperNode: a killed
+SuperNode takes its training with it)."""
 from __future__ import annotations
 
-import argparse
-import csv
-import ctypes
-import json
 import logging
-import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +13,7 @@ import numpy as np
 import torch
 import yaml
 
-from medsyn_site.atomic import atomic_write_text
-from medsyn_site.config import Config, ConfigError, load_config
+from medsyn_site.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -85,69 +75,34 @@ def site_config(config_text: str, overrides: dict) -> Config:
         raise ConfigError(f"federation config with site overrides {overrides}: {e}") from e
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the Flower process that started it dies (Linux), so a killed
-    SuperNode leaves no trainer behind."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def proximal_term(anchor: dict[str, torch.Tensor], mu: float):
+    """FedProx's mu/2 * ||w - w_global||^2, as the trainer's ``extra_loss`` hook."""
+    def term(engine) -> torch.Tensor:
+        return mu / 2 * sum((p.float() - anchor[n]).pow(2).sum() for n, p in engine.module.named_parameters())
+    return term
 
 
 def run_local_round(cfg: Config, cohort: str | Path, work_dir: str | Path, weights: dict[str, torch.Tensor],
-                    local_steps: int, prox_mu: float = 0.0, timeout: float | None = None) -> LocalResult:
-    """Train ``local_steps`` steps from ``weights`` on the site's cohort in a fresh process, with the
+                    local_steps: int, prox_mu: float = 0.0) -> LocalResult:
+    """Train ``local_steps`` steps from ``weights`` on the site's cohort, in this process, with the
     trainer of ``medsyn train`` resuming the site's local run dir (optimizer state, data order, RNG)."""
+    from medsyn_site.diffusion.rundir import RunDir
+    from medsyn_site.diffusion.train import Trainer
+
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    init, out, res, cfg_path = (work / n for n in ("global_in.pt", "local_out.pt", "local_out.json", "round.yaml"))
-    torch.save(weights, init)
-    atomic_write_text(cfg_path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    for f in (out, res):
-        f.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "medsyn_site.federated.task", "--config", str(cfg_path), "--cohort", str(cohort),
-           "--run", str(work / LOCAL_RUN), "--init", str(init), "--out", str(out), "--steps", str(local_steps),
-           "--prox-mu", str(prox_mu)]
-    with open(work / "local.log", "a") as logf:
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                              timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode != 0 or not res.is_file():
-        tail = (work / "local.log").read_text().splitlines()[-5:]
-        raise RuntimeError(f"local round failed (exit {proc.returncode}); see {work / 'local.log'}: {' | '.join(tail)}")
-    info = json.loads(res.read_text())
-    return LocalResult(torch.load(out, map_location="cpu"), info["num_examples"], info["loss"], info["steps"],
-                       info["seconds"])
-
-
-def _local_main(argv: list[str] | None = None) -> None:
-    """The subprocess: resume (or start) the site's run dir, run K more steps from the global weights."""
-    from medsyn_site.data.cohort import Cohort
-    from medsyn_site.diffusion.rundir import RunDir
-    from medsyn_site.diffusion.train import train
-
-    ap = argparse.ArgumentParser(description=_local_main.__doc__)
-    for name in ("--config", "--cohort", "--run", "--init", "--out"):
-        ap.add_argument(name, required=True)
-    ap.add_argument("--steps", type=int, required=True)
-    ap.add_argument("--prox-mu", type=float, default=0.0)
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run = RunDir(a.run)
+    run = RunDir(work / LOCAL_RUN)
     resume = run.latest() is not None
-    start = int(torch.load(run.latest_weights(), map_location="cpu")["step"]) if resume else 0
-    cfg = load_config(a.config, {"train.steps": start + a.steps,
-                                 "train.log_every": 1})  # every local step's loss goes to metrics.csv
     t0 = time.perf_counter()
-    train(cfg, a.cohort, a.run, resume=resume, force=not resume, init_weights=torch.load(a.init, map_location="cpu"),
-          prox_mu=a.prox_mu, weights_out=Path(a.out))
-    seconds = time.perf_counter() - t0
-    with open(run.root / "metrics.csv") as f:
-        losses = [float(r["loss"]) for r in csv.DictReader(f) if int(r["step"]) > start]
-    n = len(Cohort(a.cohort).split("train"))
-    atomic_write_text(Path(a.out).with_suffix(".json"), json.dumps(
-        {"num_examples": n, "loss": float(np.mean(losses)) if losses else float("nan"), "steps": a.steps,
-         "seconds": seconds}))
-
-
-if __name__ == "__main__":
-    _local_main()
+    trainer = Trainer(cfg, cohort, run.root, resume=resume, force=not resume)
+    try:
+        trainer.set_weights(weights)
+        if prox_mu:
+            trainer.extra_loss = proximal_term({k: v.to(trainer.dev) for k, v in weights.items()}, prox_mu)
+        losses = trainer.run_steps(local_steps)
+        trainer.save()
+        out = trainer.weights()
+    finally:
+        trainer.close()
+    return LocalResult(out, len(trainer.cohort.split("train")), float(np.mean(losses)) if losses else float("nan"),
+                       local_steps, time.perf_counter() - t0)

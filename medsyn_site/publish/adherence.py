@@ -22,6 +22,7 @@ import torch
 from scipy import ndimage
 
 from medsyn_site.errors import MedsynError
+from medsyn_site.imaging import label_nodules
 from medsyn_site.quality import dice, nodule_contrasts
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class Segmenter:
 
 def neighbourhood_dice(pred: np.ndarray, mask: np.ndarray, grow: int = NEIGHBOURHOOD) -> float | None:
     """Dice of ``pred`` and ``mask`` inside the union of the mask components' grown boxes."""
-    labels, n = ndimage.label(mask > 0, structure=np.ones((3, 3, 3)))
+    labels, n = label_nodules(mask)
     if n == 0:
         return None
     roi = np.zeros(mask.shape, bool)

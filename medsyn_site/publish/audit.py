@@ -40,6 +40,7 @@ from scipy import fft, ndimage, stats
 
 from medsyn_site.config import usable_cores
 from medsyn_site.errors import MedsynError
+from medsyn_site.imaging import lungs_convex
 
 log = logging.getLogger(__name__)
 VERSION = 4  # 3: patch search on an exact (no wrap-around) grid; 4: the cache file is a bank file (params in meta)
@@ -64,28 +65,11 @@ class AuditParams:
 
 # -- features ------------------------------------------------------------------------------------
 
-def lungs_filled(hu: np.ndarray) -> np.ndarray:
-    """Air-density voxels inside the convex hull of each axial slice's dense tissue, vessels and
-    nodules included (holes filled). The hull, unlike hole filling, still encloses lungs that a shifted
-    or cropped copy cuts open at the edge of the field."""
-    from skimage.filters import threshold_otsu
-    from skimage.morphology import convex_hull_image
-
-    t = threshold_otsu(hu) if hu.min() < hu.max() else float(hu.min())  # air/lung vs tissue, follows a
-    dense = ndimage.binary_opening(hu > t, iterations=1)                  # rescaled copy's intensities
-    air = hu <= t
-    out = np.zeros(hu.shape, bool)
-    for k, sl in enumerate(dense):
-        if sl.sum() > 16:
-            out[k] = ndimage.binary_fill_holes(air[k] & convex_hull_image(sl))
-    return out
-
-
 def feature(hu: np.ndarray, spacing_zyx, mm: float, p: AuditParams = AuditParams()) -> np.ndarray:
     """Band-passed lung interior on an isotropic ``mm`` grid, cropped to the lungs, zero outside them,
     zero mean and unit variance inside (float32, z y x)."""
     hu = np.clip(hu.astype(np.float32), *p.hu_clip)
-    lungs = lungs_filled(hu)
+    lungs = lungs_convex(hu)
     factors = [s / mm for s in spacing_zyx]
     hu = ndimage.zoom(hu, factors, order=1, grid_mode=True, mode="nearest")
     lungs = ndimage.zoom(lungs.astype(np.float32), factors, order=1, grid_mode=True, mode="nearest") > 0.5

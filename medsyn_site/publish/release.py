@@ -22,9 +22,9 @@ from tqdm import tqdm
 from medsyn_site import __version__, provenance
 from medsyn_site.atomic import atomic_write_text, refuse_existing, sha256_file, staged_dir
 from medsyn_site.data.cohort import Cohort, CohortWriter, image_path, mask_path
-from medsyn_site.data.prepare import DEFAULT_SITE_KEY, load_site_key
 from medsyn_site.errors import MedsynError
 from medsyn_site.publish import audit
+from medsyn_site.sitekey import DEFAULT_SITE_KEY, load_site_key
 
 log = logging.getLogger(__name__)
 
