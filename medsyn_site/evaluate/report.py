@@ -252,6 +252,7 @@ def _markdown(rows: list[dict], missing, targeted: list[str], curve: list[dict])
 
 
 def _figures(ws: Path, out: Path, done: dict, real: Cohort, targeted: list[str], curve: list[dict]) -> None:
+    """The report's figures, each written atomically into ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,6 +265,16 @@ def _figures(ws: Path, out: Path, done: dict, real: Cohort, targeted: list[str],
             plt.close(fig)
 
     arms = [a for a in ARMS if a in done]
+    save(_dice_per_training(plt, done, arms), "dice_per_training.png")
+    other = "real+targeted" if "real+targeted" in done else "real+synthetic" if "real+synthetic" in done else None
+    if "real" in done and other:
+        save(_dice_change(plt, done, other, targeted), "dice_change.png")
+    save(_examples(plt, done, arms, real), "examples.png")
+    if curve:
+        save(_low_data_curve(plt, curve), "low_data_curve.png")
+
+
+def _dice_per_training(plt, done: dict, arms: list[str]):
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for i, arm in enumerate(arms):
         vals = [np.mean(list(case_dice(r, "test").values())) for r in done[arm]]
@@ -272,29 +283,31 @@ def _figures(ws: Path, out: Path, done: dict, real: Cohort, targeted: list[str],
     ax.set_xticks(range(len(arms)), arms, fontsize=8)
     ax.set_ylabel("test Dice (mean per training)")
     fig.tight_layout()
-    save(fig, "dice_per_training.png")
+    return fig
 
-    other = "real+targeted" if "real+targeted" in done else "real+synthetic" if "real+synthetic" in done else None
-    if "real" in done and other:
-        # The targeted cases' masks conditioned the targeted training data: their own Dice is no
-        # measure of improvement (shown hollow, not counted); the gain is the test split's.
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        groups = [("targeted val (masks in training:\nnot counted)", "val", list(targeted)),
-                  ("other val", "val", [c for c in mean_case_dice(done["real"], "val") if c not in targeted]),
-                  ("test (the gain)", "test", list(mean_case_dice(done["real"], "test")))]
-        for i, (name, split, cases) in enumerate(groups):
-            base, new = mean_case_dice(done["real"], split), mean_case_dice(done[other], split)
-            d = [new[c] - base[c] for c in cases if c in base and c in new]
-            x = np.full(len(d), i) + np.linspace(-0.15, 0.15, len(d) or 1)[: len(d)]
-            ax.scatter(x, d, s=12, facecolors="none" if i == 0 else None, edgecolors="gray" if i == 0 else None)
-            if d and i > 0:
-                ax.hlines(np.mean(d), i - 0.25, i + 0.25, color="k")
-        ax.axhline(0, color="gray", lw=0.5)
-        ax.set_xticks(range(3), [g[0] for g in groups], fontsize=8)
-        ax.set_ylabel(f"Dice({other}) - Dice(real)")
-        fig.tight_layout()
-        save(fig, "dice_change.png")
 
+def _dice_change(plt, done: dict, other: str, targeted: list[str]):
+    # The targeted cases' masks conditioned the targeted training data: their own Dice is no
+    # measure of improvement (shown hollow, not counted); the gain is the test split's.
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    groups = [("targeted val (masks in training:\nnot counted)", "val", list(targeted)),
+              ("other val", "val", [c for c in mean_case_dice(done["real"], "val") if c not in targeted]),
+              ("test (the gain)", "test", list(mean_case_dice(done["real"], "test")))]
+    for i, (name, split, cases) in enumerate(groups):
+        base, new = mean_case_dice(done["real"], split), mean_case_dice(done[other], split)
+        d = [new[c] - base[c] for c in cases if c in base and c in new]
+        x = np.full(len(d), i) + np.linspace(-0.15, 0.15, len(d) or 1)[: len(d)]
+        ax.scatter(x, d, s=12, facecolors="none" if i == 0 else None, edgecolors="gray" if i == 0 else None)
+        if d and i > 0:
+            ax.hlines(np.mean(d), i - 0.25, i + 0.25, color="k")
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set_xticks(range(3), [g[0] for g in groups], fontsize=8)
+    ax.set_ylabel(f"Dice({other}) - Dice(real)")
+    fig.tight_layout()
+    return fig
+
+
+def _examples(plt, done: dict, arms: list[str], real: Cohort):
     test = [c.id for c in real.split("test")]
     show = sorted(test, key=lambda c: -int(real.arrays(c)[1].sum()))[:3]
     fig, axes = plt.subplots(1, len(show), figsize=(3.2 * len(show), 3.4), squeeze=False)
@@ -316,22 +329,23 @@ def _figures(ws: Path, out: Path, done: dict, real: Cohort, targeted: list[str],
               [plt.Line2D([], [], color=COLORS[a], label=a) for a in arms]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    save(fig, "examples.png")
+    return fig
 
-    if curve:
-        fig, ax = plt.subplots(figsize=(5, 3.4))
-        for key, arm in (("real", "real"), ("synthetic", "real+synthetic")):
-            pts = [c for c in curve if f"{key}_dice" in c]
-            n = [c["n"] for c in pts]
-            ax.errorbar(n, [c[f"{key}_dice"] for c in pts], yerr=[c[f"{key}_std"] for c in pts], marker="o",
-                        capsize=3, color=COLORS[arm], label=arm if key == "real" else "real + synthetic set")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([c["n"] for c in curve], [str(c["n"]) for c in curve])
-        ax.set_xlabel("real training cases")
-        ax.set_ylabel("test Dice (mean ± SD over trainings)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        save(fig, "low_data_curve.png")
+
+def _low_data_curve(plt, curve: list[dict]):
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for key, arm in (("real", "real"), ("synthetic", "real+synthetic")):
+        pts = [c for c in curve if f"{key}_dice" in c]
+        n = [c["n"] for c in pts]
+        ax.errorbar(n, [c[f"{key}_dice"] for c in pts], yerr=[c[f"{key}_std"] for c in pts], marker="o",
+                    capsize=3, color=COLORS[arm], label=arm if key == "real" else "real + synthetic set")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([c["n"] for c in curve], [str(c["n"]) for c in curve])
+    ax.set_xlabel("real training cases")
+    ax.set_ylabel("test Dice (mean ± SD over trainings)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def write_report(ws: str | Path) -> dict:
