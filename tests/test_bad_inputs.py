@@ -177,9 +177,9 @@ def row_sample_missing_key(c):
 
 
 def row_sample_default_key_missing(c):
-    import medsyn_site.data.prepare as prep
+    import medsyn_site.sitekey as sitekey
 
-    c.mp.setattr(prep, "DEFAULT_SITE_KEY", c.tmp / "home" / "site.key")
+    c.mp.setattr(sitekey, "DEFAULT_SITE_KEY", c.tmp / "home" / "site.key")
     return ["sample", "--run", str(c.run), "--masks", f"cohort:{c.cohort}", "--out", str(c.tmp / "s")], \
         str(c.tmp / "home" / "site.key"), None
 

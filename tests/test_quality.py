@@ -106,6 +106,7 @@ def phantom64(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # minutes: the shipped model samples whole volumes (CI runs it; the fast tier leaves it)
 def test_shipped_model_samples_chest_ct_with_nodules_at_their_masks(phantom64, tmp_path):
     from medsyn_site.data.cohort import Cohort
     from medsyn_site.diffusion.masks import mask_jobs

@@ -64,6 +64,7 @@ def _run(args, **kw):
                           timeout=600, **kw)
 
 
+@pytest.mark.slow  # a real `medsyn train` process killed with SIGKILL and resumed: integration, ~1 min
 def test_kill9_then_resume_matches_uninterrupted(phantom_cohort, tmp_path):
     steps = "200"
     ref = tmp_path / "ref"
