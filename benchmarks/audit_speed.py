@@ -38,7 +38,7 @@ def measure(scale: float, bank_n: int, p: audit.AuditParams) -> dict:
     bank = audit.Bank([f"t{i}" for i in range(bank_n)], feats[1:], p)
     bank.coarse_spectra(bank.coarse_shape(feats[0].coarse.shape))  # once per audit, not per volume
     t = time.process_time()
-    coarse_p = audit.AuditParams(**{**p.__dict__, "candidates": 0})  # the coarse search alone
+    coarse_p = p.model_copy(update={"candidates": 0})  # the coarse search alone
     audit.nearest(feats[0], audit.Bank(bank.ids, bank.feats, coarse_p, bank._spec))
     coarse_s = (time.process_time() - t) / bank_n
     t = time.process_time()

@@ -215,11 +215,13 @@ def train_cmd(cohort, out, resume, steps, device, precision, config_path, force)
 @click.option("--request-cohort", type=click.Path(exists=True, file_okay=False), default=None,
               help="The cohort holding the cases of --masks request:FILE (default: the one the request names).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic cohort to write.")
-@click.option("--per-mask", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Volumes per mask (a request says its own number).")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default=SAMPLE.sampler, show_default=True,
-              help="ddpm (stochastic, strided: closest to the data at 50 steps) or ddim (deterministic).")
-@click.option("--steps", type=click.IntRange(min=1), default=SAMPLE.steps, show_default=True, help="Denoising steps.")
+@click.option("--per-mask", type=click.IntRange(min=1), default=None,
+              help=f"Volumes per mask (a request says its own number) [default: the config's sample.per_mask, {SAMPLE.per_mask}].")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default=None,
+              help="ddpm (stochastic, strided: closest to the data at 50 steps) or ddim (deterministic) "
+                   f"[default: the config's sample.sampler, {SAMPLE.sampler}].")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help=f"Denoising steps [default: the config's sample.steps, {SAMPLE.steps}].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
@@ -229,16 +231,20 @@ def train_cmd(cohort, out, resume, steps, device, precision, config_path, force)
                    "on the device and the rest in host memory: for volumes too large for the GPU.")
 @click.option("--shard", default=None, metavar="I/N",
               help="Only every N-th volume, from the I-th (0-based): one Slurm array task; join with sample-merge.")
+@config_option
 @site_key_option
 @force_option
 @friendly
 def sample_cmd(run_dir, masks, request_cohort, out, per_mask, sampler, steps, seed, device, precision, batch_size, stream_gb,
-               shard, site_key, force):
-    """Sample whole synthetic CT volumes from masks (resumable: a rerun skips finished cases)."""
+               shard, config_path, site_key, force):
+    """Sample whole synthetic CT volumes from masks (resumable: a rerun skips finished cases).
+
+    Sampler, steps and volumes per mask come from the config's sample section; the flags override."""
     from medsyn_site.diffusion.sample import sample_cohort
     from medsyn_site.diffusion.shards import parse_shard
 
-    sample_cohort(run_dir, masks, out, per_mask=per_mask, sampler=sampler, steps=steps, seed=seed,
+    cfg = load_config(config_path, {"sample.sampler": sampler, "sample.steps": steps, "sample.per_mask": per_mask}).sample
+    sample_cohort(run_dir, masks, out, per_mask=cfg.per_mask, sampler=cfg.sampler, steps=cfg.steps, seed=seed,
                   device=device, precision=precision, force=force, site_key=_site_key(site_key),
                   batch_size=batch_size, stream_gb=stream_gb, shard=parse_shard(shard) if shard else None,
                   request_cohort=request_cohort)
@@ -265,11 +271,12 @@ def sample_merge_cmd(shards, out, site_key, force):
 @click.option("--training-cohort", required=True, type=click.Path(exists=True, file_okay=False),
               help="The real cohort the model was trained on (train split) with held-out val/test cases.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Release folder to write.")
-@click.option("--format", "fmt", type=click.Choice(["nifti", "dicom", "both"]), default="both", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["nifti", "dicom", "both"]), default=None,
+              help="[default: the config's publish.format, both]")
 @click.option("--override", "overrides", multiple=True, metavar="CASE=REASON",
               help="Release a case the audit flagged, with a written reason (recorded).")
 @click.option("--allow-verbatim-masks", is_flag=True, help="Allow samples conditioned on verbatim real masks.")
-@click.option("--licence", default="CC-BY-4.0", show_default=True)
+@click.option("--licence", default=None, help="[default: the config's publish.licence, CC-BY-4.0]")
 @click.option("--min-contrast", type=float, default=None, metavar="HU",
               help="Refuse cases whose faintest nodule is less than HU brighter than a shell around it.")
 @click.option("--segmenter", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -279,12 +286,16 @@ def sample_merge_cmd(shards, out, site_key, force):
 @click.option("--workers", type=click.IntRange(1), default=None,
               help="Processes for the memorization audit [default: one per CPU core]; each holds the training "
                    "cohort's features (~4 MB per scan at 256x256x128).")
+@config_option
 @site_key_option
 @force_option
 @friendly
 def publish_cmd(synth, training_cohort, out, fmt, overrides, allow_verbatim_masks, licence, min_contrast, segmenter,
-                min_dice, workers, site_key, force):
-    """Release only provenance-checked, memorization-audited synthetic data (NIfTI and/or DICOM)."""
+                min_dice, workers, config_path, site_key, force):
+    """Release only provenance-checked, memorization-audited synthetic data (NIfTI and/or DICOM).
+
+    Defaults, the memorization audit's settings included, come from the config's publish section;
+    the flags override them."""
     from medsyn_site.publish.release import publish
 
     parsed = {}
@@ -293,9 +304,12 @@ def publish_cmd(synth, training_cohort, out, fmt, overrides, allow_verbatim_mask
         if not sep or not reason.strip():
             raise click.BadParameter(f"{item!r}: use CASE=REASON with a non-empty reason", param_hint="--override")
         parsed[case] = reason.strip()
-    report = publish(synth, training_cohort, out, fmt=fmt, overrides=parsed, allow_verbatim=allow_verbatim_masks,
-                     licence=licence, force=force, site_key=_site_key(site_key), min_contrast=min_contrast,
-                     min_dice=min_dice, segmenter=segmenter, workers=workers)
+    cfg = load_config(config_path, {"publish.format": fmt, "publish.licence": licence,
+                                    "publish.min_contrast": min_contrast, "publish.min_dice": min_dice,
+                                    "publish.workers": workers}).publish
+    report = publish(synth, training_cohort, out, fmt=cfg.format, overrides=parsed, allow_verbatim=allow_verbatim_masks,
+                     licence=cfg.licence, force=force, site_key=_site_key(site_key), min_contrast=cfg.min_contrast,
+                     min_dice=cfg.min_dice, segmenter=segmenter, workers=cfg.workers, audit_params=cfg.audit)
     refused = [c for c in report["cases"] if c["reasons"]]
     for c in refused:
         click.echo(f"REFUSED {c['case']}: {'; '.join(c['reasons'])}", err=True)

@@ -180,6 +180,32 @@ class SampleConfig(Strict):
 SAMPLE = SampleConfig()  # the sampling defaults of the library and the CLI: one place
 
 
+class AuditConfig(Strict):
+    """The memorization audit's settings (medsyn_site.publish.audit; all recorded in the privacy report)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    fine_mm: float = Field(2.5, gt=0)  # feature grid of the fine search (vessels and airways resolved)
+    coarse_mm: float = Field(5.0, gt=0)  # feature grid of the retrieval search over all training scans
+    candidates: int = Field(3, ge=0)  # training scans per synthetic volume that get the fine search
+    patch_mm: float = Field(25.0, gt=0)  # side of the local patches
+    rotations_deg: float = Field(6.0, ge=0)  # +- this angle about each axis
+    scales: tuple[float, ...] = (0.92, 1.08)
+    false_alarm: float = Field(0.01, gt=0, lt=1)  # per real unseen scan
+    margin: float = Field(0.05, ge=0)  # added to the fitted quantile
+    hu_clip: tuple[float, float] = (-1024.0, 400.0)
+
+
+class PublishConfig(Strict):
+    """What ``medsyn publish`` releases and how it gates (its flags override these)."""
+
+    format: Literal["nifti", "dicom", "both"] = "both"
+    licence: str = "CC-BY-4.0"
+    min_contrast: float | None = None  # HU: refuse cases whose faintest nodule is fainter
+    min_dice: float | None = Field(None, ge=0, le=1)  # refuse below this segmenter Dice (needs a segmenter)
+    workers: int | None = Field(None, ge=1)  # audit processes (None: one per core)
+    audit: AuditConfig = AuditConfig()
+
+
 class EvaluateConfig(Strict):
     """The nnU-Net utility test as the demo runs it (``medsyn evaluate`` takes the same as flags)."""
 
@@ -203,6 +229,7 @@ class Config(Strict):
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
+    publish: PublishConfig = PublishConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")

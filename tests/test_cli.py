@@ -51,6 +51,40 @@ def test_bad_config_names_file_and_field(tmp_path, text, expect):
     assert res.exit_code == 1 and str(path) in res.output and not (tmp_path / "o").exists()
 
 
+def test_sample_and_publish_read_their_config_sections_and_flags_override(tmp_path, monkeypatch):
+    """`medsyn sample` / `medsyn publish` take their defaults (the audit's settings included) from the
+    config's sample / publish sections; a flag wins over the config; a misspelt audit key is an error."""
+    import medsyn_site.diffusion.sample as sample_mod
+    import medsyn_site.publish.release as release_mod
+    from medsyn_site.publish.audit import AuditParams
+
+    calls = {}
+    monkeypatch.setattr(sample_mod, "sample_cohort", lambda *a, **kw: calls.setdefault("sample", kw))
+    monkeypatch.setattr(release_mod, "publish", lambda *a, **kw: calls.setdefault("publish", kw) and {"cases": []})
+    key, run, cohort = tmp_path / "site.key", tmp_path / "run", tmp_path / "cohort"
+    key.write_text("0" * 64)
+    for d in (run, cohort, tmp_path / "s"):
+        d.mkdir()
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text("sample: {sampler: ddim, steps: 20}\n"
+                   "publish: {format: nifti, licence: CC0-1.0, audit: {candidates: 5, false_alarm: 0.05}}\n")
+    r = CliRunner()
+    res = r.invoke(main, ["sample", "--run", str(run), "--masks", f"relocate:{cohort}", "--out", str(tmp_path / "s"),
+                          "--config", str(cfg), "--steps", "7", "--site-key", str(key)])
+    assert res.exit_code == 0, res.output
+    assert (calls["sample"]["sampler"], calls["sample"]["steps"], calls["sample"]["per_mask"]) == ("ddim", 7, 1)
+    res = r.invoke(main, ["publish", str(tmp_path / "s"), "--training-cohort", str(cohort), "--out",
+                          str(tmp_path / "rel"), "--config", str(cfg), "--licence", "CC-BY-4.0", "--site-key", str(key)])
+    assert res.exit_code == 0, res.output
+    kw = calls["publish"]
+    assert (kw["fmt"], kw["licence"], kw["workers"]) == ("nifti", "CC-BY-4.0", None)
+    assert kw["audit_params"] == AuditParams(candidates=5, false_alarm=0.05)
+    assert kw["audit_params"] != AuditParams()  # the defaults are the audit's own: one place
+    cfg.write_text("publish: {audit: {candidatess: 5}}\n")
+    with pytest.raises(ConfigError, match="publish.audit.candidatess: Extra inputs"):
+        load_config(cfg)
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

@@ -32,13 +32,13 @@ import multiprocessing
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import fft, ndimage, stats
 
-from medsyn_site.config import usable_cores
+from medsyn_site.config import AuditConfig, usable_cores
 from medsyn_site.errors import MedsynError
 from medsyn_site.imaging import lungs_convex
 
@@ -48,19 +48,7 @@ FLIPS = [tuple(a for a, f in zip(range(3), bits) if f) for bits in itertools.pro
 CACHE_DIR = ".medsyn-audit"
 
 
-@dataclass(frozen=True)
-class AuditParams:
-    """The audit's settings (all recorded in the report)."""
-
-    fine_mm: float = 2.5  # feature grid of the fine search (vessels and airways resolved)
-    coarse_mm: float = 5.0  # feature grid of the retrieval search over all training scans
-    candidates: int = 3  # training scans per synthetic volume that get the fine search
-    patch_mm: float = 25.0  # side of the local patches
-    rotations_deg: float = 6.0  # +- this angle about each axis
-    scales: tuple[float, ...] = (0.92, 1.08)
-    false_alarm: float = 0.01  # per real unseen scan
-    margin: float = 0.05  # added to the fitted quantile
-    hu_clip: tuple[float, float] = (-1024.0, 400.0)
+AuditParams = AuditConfig  # the settings live in the config (``publish.audit``), defaults included
 
 
 # -- features ------------------------------------------------------------------------------------
@@ -282,7 +270,7 @@ _BANK: Bank | None = None  # a worker process's copy of the bank
 def save_bank(bank: Bank, fh, **meta) -> None:
     """The bank as an .npz (to a path or an open file), with ``meta`` (JSON) beside its ids and settings."""
     arrays = {f"{kind}_{i}": getattr(f, kind) for i, f in enumerate(bank.feats) for kind in ("coarse", "fine")}
-    meta = json.dumps({"ids": bank.ids, "params": asdict(bank.p), **meta}, default=_jsonable)
+    meta = json.dumps({"ids": bank.ids, "params": bank.p.model_dump(), **meta}, default=_jsonable)
     np.savez(fh, meta=np.array(meta), **arrays)
 
 
@@ -381,7 +369,7 @@ def flagged(score: dict, calibration: dict) -> list[str]:
 
 def cohort_key(cohort, p: AuditParams) -> str:
     """Identity of (cohort content, audit settings): the sha256s of its cases and the parameters."""
-    body = {"version": VERSION, "params": asdict(p),
+    body = {"version": VERSION, "params": p.model_dump(),
             "cases": sorted((c.id, c.split, c.sha256["image"]) for c in cohort.cases)}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +100,7 @@ def run_audit(synth: Path, training_cohort: str | Path, decisions: dict[str, Dec
     train_cohort = Cohort(training_cohort)
     bank, null, cache = audit.training_bank(train_cohort, params, progress=tqdm, workers=workers)
     log.info("audit features of %s: %s", training_cohort, cache or "not cached")
-    calibration = audit.calibrate(null, params) | {"null_scores": null, "params": asdict(params)}
+    calibration = audit.calibrate(null, params) | {"null_scores": null, "params": params.model_dump()}
     cohort = Cohort(synth)
     todo = [rec for rec in cohort.cases if not decisions[rec.id].reasons]
     jobs = [(audit.CaseFeatures(str(cohort.root), rec.id, params), None) for rec in todo]
@@ -253,9 +253,10 @@ def _nothing_released(synth: Path, out, refused: list[Decision], report: dict | 
 def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt: str = "both",
             overrides: dict[str, str] | None = None, allow_verbatim: bool = False, licence: str = "CC-BY-4.0",
             force: bool = False, site_key: Path = DEFAULT_SITE_KEY, min_contrast: float | None = None,
-            min_dice: float | None = None, segmenter: Path | None = None, workers: int | None = None) -> dict:
-    """Gate, audit (on ``workers`` processes, default one per core) and write a release; returns the
-    audit report."""
+            min_dice: float | None = None, segmenter: Path | None = None, workers: int | None = None,
+            audit_params: audit.AuditParams = audit.AuditParams()) -> dict:
+    """Gate, audit (``audit_params``: the config's ``publish.audit``; on ``workers`` processes, default
+    one per core) and write a release; returns the audit report."""
     synth, overrides = Path(synth), overrides or {}
     refuse_existing(out, force)  # before the audit's long work
     key = load_site_key(site_key)
@@ -263,7 +264,7 @@ def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt
     provenance.check_training_cohort(header, training_cohort, synth)
     if all(d.reasons for d in decisions.values()):  # before the audit, which caches features by the cohort
         raise _nothing_released(synth, out, list(decisions.values()))
-    calibration = run_audit(synth, training_cohort, decisions, overrides, workers=workers)
+    calibration = run_audit(synth, training_cohort, decisions, overrides, audit_params, workers=workers)
     cohort = Cohort(synth)
     adherence_summary = check_adherence(cohort, decisions, min_contrast, min_dice, segmenter)
     released = [d for d in decisions.values() if not d.reasons]
