@@ -174,6 +174,8 @@ def test_resume_trains_on_from_the_checkpoint(evaluated, tmp_path):
     (log,) = set(fold.glob("training_log*.txt")) - before
     text = log.read_text()
     assert f"Epoch {epochs}" in text and "Epoch 0" not in text
+    # the schedule reached the trainer object (set_budget): one more epoch of 3 iterations of 4
+    assert f"Epoch {epochs + 1}" not in text and "'batch_size': 4" in text
     result = json.loads((run_dir(ws, "real", 0) / "result.json").read_text())
     assert result["epochs"] == epochs + 1 and result["test"] and result["detection"]
 

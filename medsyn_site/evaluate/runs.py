@@ -4,6 +4,7 @@ a finished one (result.json) is skipped."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 from medsyn_site.atomic import atomic_write_text
 from medsyn_site.evaluate.datasets import EvaluationError, apply_env, dataset_name, load_workspace, nnunet_env
 
+log = logging.getLogger(__name__)
 RESULT = "result.json"
 
 
@@ -65,25 +67,27 @@ def train_one(ws: str | Path, arm: str, seed: int, trainer: str = "nnUNetTrainer
     if (out / RESULT).exists() and not (force or resume):
         return out / RESULT
     apply_env(nnunet_env(ws, out / "nnUNet_results"))
-    os.environ.update({"MEDSYN_NNUNET_EPOCHS": str(epochs), "MEDSYN_NNUNET_ITERS": str(iterations),
-                       "MEDSYN_NNUNET_VAL_ITERS": str(max(1, iterations // 5)),
-                       "MEDSYN_NNUNET_MIRRORING": "1" if mirroring else "0"})
-    os.environ.pop("MEDSYN_NNUNET_BATCH", None)
-    if batch_size:
-        os.environ["MEDSYN_NNUNET_BATCH"] = str(batch_size)
     if device == "cpu":  # augmentation in the training process: faster on a few cores, and seeded runs repeat
         os.environ.setdefault("nnUNet_n_proc_DA", "0")
     import torch
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.run.run_training import run_training
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     name, config = dataset_name(arm), state["configuration"]
     t0 = time.time()
-    run_training(name, config, 0, trainer_class_name=trainer, device=torch.device(device), continue_training=resume)
+    # nnU-Net's run_training (one process), with the schedule set on the trainer object in between
+    nnunet = get_trainer_from_args(name, config, 0, trainer, continue_training=resume, device=torch.device(device))
+    if hasattr(nnunet, "set_budget"):
+        nnunet.set_budget(epochs, iterations, batch_size, mirroring)
+    else:
+        log.warning("%s has its own schedule: --epochs/--iterations/--batch-size do not apply", trainer)
+    maybe_load_checkpoint(nnunet, resume, False)
+    nnunet.run_training()
+    nnunet.perform_actual_validation(False)
     model = out / "nnUNet_results" / name / f"{trainer}__nnUNetPlans__{config}"
     predictor = nnUNetPredictor(use_mirroring=mirroring, perform_everything_on_device=False,
                                 device=torch.device(device), allow_tqdm=False)

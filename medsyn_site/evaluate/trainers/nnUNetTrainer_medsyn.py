@@ -1,13 +1,13 @@
-"""A short nnU-Net trainer for CPU tests and the demo, found by nnU-Net through nnUNet_extTrainer.
+"""A short nnU-Net trainer for CPU tests, the demo and the benchmarks, found by nnU-Net through
+nnUNet_extTrainer.
 
-As nnU-Net's own nnUNetTrainer_5epochs etc., it only overrides the schedule: epochs, iterations per
-epoch and validation iterations come from MEDSYN_NNUNET_EPOCHS / _ITERS / _VAL_ITERS (set by
-``medsyn evaluate train``), so one class serves every size; it checkpoints every epoch; and its final
-validation predicts without test-time mirroring when MEDSYN_NNUNET_MIRRORING=0 (``--no-mirroring``,
-as the test predictions; training augmentation keeps its mirroring).
+As nnU-Net's own nnUNetTrainer_5epochs etc., it only changes the schedule, not the method; one class
+serves every budget because the schedule is set on the trainer object before it trains
+(``set_budget``, called by ``medsyn evaluate train``): epochs, iterations per epoch, the plans' batch
+size and whether the final validation predicts with test-time mirroring (training augmentation keeps
+its mirroring). It checkpoints every epoch. Run by ``nnUNetv2_train -tr nnUNetTrainer_medsyn`` it
+trains the smoke-test schedule below.
 """
-import os
-
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -16,14 +16,19 @@ class nnUNetTrainer_medsyn(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = int(os.environ.get("MEDSYN_NNUNET_EPOCHS", "2"))
-        self.num_iterations_per_epoch = int(os.environ.get("MEDSYN_NNUNET_ITERS", "5"))
-        self.num_val_iterations_per_epoch = int(os.environ.get("MEDSYN_NNUNET_VAL_ITERS", "2"))
-        if os.environ.get("MEDSYN_NNUNET_BATCH"):  # plans' batch size, overridden (the budget, not the method)
-            self.configuration_manager.configuration["batch_size"] = int(os.environ["MEDSYN_NNUNET_BATCH"])
         self.save_every = 1  # checkpoint_latest every epoch, so `medsyn evaluate train --resume` loses little
+        self.set_budget(epochs=2, iterations=5)
+
+    def set_budget(self, epochs: int, iterations: int, batch_size: int | None = None, mirroring: bool = True) -> None:
+        """The schedule; before ``initialize`` (which reads the batch size), i.e. before a checkpoint loads."""
+        self.num_epochs = epochs
+        self.num_iterations_per_epoch = iterations
+        self.num_val_iterations_per_epoch = max(1, iterations // 5)
+        if batch_size:  # the plans' batch size, overridden (the budget, not the method)
+            self.configuration_manager.configuration["batch_size"] = batch_size
+        self.validation_mirroring = mirroring
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        if os.environ.get("MEDSYN_NNUNET_MIRRORING", "1") == "0":
+        if not self.validation_mirroring:
             self.inference_allowed_mirroring_axes = None  # checkpoint_final is already written
         super().perform_actual_validation(save_probabilities)
