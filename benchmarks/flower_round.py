@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,12 +28,6 @@ CONFIG = HERE.parent / "tests" / "configs" / "federated_test.yaml"
 MEDSYN = [sys.executable, "-m", "medsyn_site.cli"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -43,6 +36,7 @@ def main() -> None:
     a = ap.parse_args()
     import medsyn_site
     from medsyn_site.config import PhantomConfig, SplitConfig
+    from medsyn_site.diffusion.engine import free_port
     from medsyn_site.data.phantom import write_phantom_cohort
 
     tmp = Path(tempfile.mkdtemp(prefix="flower_round_"))
@@ -51,12 +45,12 @@ def main() -> None:
     try:
         write_phantom_cohort(PhantomConfig(cases=3, seed=21, shape=(48, 48, 32), max_nodules=4),
                              SplitConfig(train=0.67, val=0.33), tmp / "cohort")
-        link = f"127.0.0.1:{_port()}"
+        link = f"127.0.0.1:{free_port()}"
         for name, args in (("superlink", ["fl", "superlink", "--insecure", "--host", "127.0.0.1", "--port",
                                           link.split(":")[1]]),
                            ("supernode", ["fl", "supernode", "--insecure", "--superlink", link, "--cohort",
                                           str(tmp / "cohort"), "--work-dir", str(tmp / "work"), "--port",
-                                          str(_port()), "--threads", "1"])):
+                                          str(free_port()), "--threads", "1"])):
             log = open(tmp / f"{name}.log", "w")
             procs.append(subprocess.Popen(MEDSYN + args, stdout=log, stderr=subprocess.STDOUT, env=env,
                                           start_new_session=True))

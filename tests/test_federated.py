@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 
 from medsyn_site.config import PhantomConfig, SplitConfig, load_config
 from medsyn_site.data.phantom import write_phantom_cohort
+from medsyn_site.diffusion.engine import free_port
 from medsyn_site.diffusion.model import build_unet
 from medsyn_site.federated import deploy
 from medsyn_site.federated.server import GlobalRun, Settings
@@ -179,12 +179,6 @@ def test_insecure_needs_the_flag_and_warns(tmp_path):
 
 
 # -- a real federation on 127.0.0.1 ------------------------------------------------------------------
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _until(cond, timeout: float, what: str, poll: float = 2.0):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -273,7 +267,7 @@ def test_federation_tls_auth_two_sites_drop_and_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))  # this test's flwr CLI connection
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     fed = Federation(tmp_path, env)
-    link_port, ports = _port(), {"a": _port(), "b": _port(), "rogue": _port()}
+    link_port, ports = free_port(), {"a": free_port(), "b": free_port(), "rogue": free_port()}
     marks = [str(tmp_path), *(f"127.0.0.1:{p}" for p in (link_port, *ports.values()))]
     link = f"127.0.0.1:{link_port}"
     run_dir = tmp_path / "global"

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from medsyn_site.data.cohort import Cohort, validate_cohort
+from medsyn_site.diffusion.engine import free_port
 from medsyn_site.publish.release import publish
 
 pytestmark = pytest.mark.slow
@@ -35,12 +35,6 @@ def _ensure_installed() -> None:
     subprocess.run(sudo + ["apt-get", "update", "-q"], check=True, env=env, capture_output=True)
     subprocess.run(sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES], check=True,
                    env=env, capture_output=True)
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -76,8 +70,8 @@ SlurmUser=root
 AuthType=auth/munge
 AuthInfo=socket={sock},cred_expire=20
 CredType=cred/munge
-SlurmctldPort={_port()}
-SlurmdPort={_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 StateSaveLocation={root / 'state'}
 SlurmdSpoolDir={root / 'spool'}
 SlurmctldPidFile={root / 'slurmctld.pid'}
@@ -258,7 +252,7 @@ def test_superlink_and_a_sites_supernode_run_as_jobs(cluster, phantom_cohort, tm
     names = {subprocess.run(["hostname", *f], capture_output=True, text=True).stdout.strip() for f in ([], ["-f"])}
     deploy.make_pki(tmp_path / "pki", tuple(n for n in names if n))  # as the README: --host "$(hostname -f)"
     key, pub = deploy.make_node_key(tmp_path / "site-a")
-    port = _port()
+    port = free_port()
     env = _job_env() | {"MEDSYN_PKI": "pki", "MEDSYN_FL_PORT": str(port), "FLWR_HOME": str(tmp_path / "operator")}
     link = cluster.sbatch("superlink.sh", "--cpus-per-task=1", cwd=tmp_path, env=env)
     address = tmp_path / "superlink.address"
@@ -281,7 +275,7 @@ def test_superlink_and_a_sites_supernode_run_as_jobs(cluster, phantom_cohort, tm
     node_id = re.search(r"SuperNode (\d+)", reg.stdout)[1]
 
     site = env | {"MEDSYN_COHORT": str(phantom_cohort), "MEDSYN_FL_CA": "pki/ca.pem", "MEDSYN_FL_KEY": str(key),
-                  "MEDSYN_FL_NODE_PORT": str(_port()), "MEDSYN_DEVICE": "cpu", "FLWR_HOME": ""}
+                  "MEDSYN_FL_NODE_PORT": str(free_port()), "MEDSYN_DEVICE": "cpu", "FLWR_HOME": ""}
     node = cluster.sbatch("supernode.sh", "--cpus-per-task=1", cwd=tmp_path, env=site)
 
     def online():

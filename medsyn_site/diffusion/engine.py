@@ -18,7 +18,8 @@ from medsyn_site.errors import MedsynError
 log = logging.getLogger(__name__)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a process group's rendezvous, a test's service)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -63,7 +64,7 @@ def init_distributed() -> None:
     if "RANK" not in os.environ or os.environ.get("MEDSYN_SOLO_DIST") == "1":
         # No launcher (or only our own defaults, inherited by a child process): a fresh port.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()), MEDSYN_SOLO_DIST="1")
+                          MASTER_PORT=str(free_port()), MEDSYN_SOLO_DIST="1")
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
