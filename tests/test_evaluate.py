@@ -32,8 +32,9 @@ def real(tmp_path_factory) -> Path:
     return out
 
 
-pytestmark = [pytest.mark.slow,  # real nnU-Net trainings, from the whole demo's evaluation (the `demo` fixture)
-              pytest.mark.timeout(3000)]  # the first test may run the whole demo
+def on_the_demo(test):
+    """Slow tier: real nnU-Net trainings, from the whole demo's evaluation (the first such test runs the demo)."""
+    return pytest.mark.timeout(3000)(pytest.mark.slow(test))
 
 
 def copy_ws(ws: Path, dst: Path, keep_checkpoints_of: str | None = None) -> Path:
@@ -56,6 +57,7 @@ def evaluated(demo) -> Path:
     return ws
 
 
+@on_the_demo
 def test_end_to_end_all_arms(evaluated):
     ws = evaluated
     real = ws.parent / "phantom"
@@ -117,6 +119,7 @@ def test_end_to_end_all_arms(evaluated):
             assert list(run_dir(ws, arm, seed).rglob("checkpoint_final.pth"))
 
 
+@on_the_demo
 def test_report_says_what_is_missing(evaluated, tmp_path):
     ws = copy_ws(evaluated, tmp_path / "ws")
     (run_dir(ws, "synthetic", 0) / "result.json").unlink()
@@ -157,6 +160,7 @@ def test_refuses_a_dataset_that_fails_nnunet_integrity(real, synth, tmp_path):
         prepare_workspace(tmp_path / "ws", real, bad, configuration="2d", arms=["synthetic"])
 
 
+@on_the_demo
 def test_resume_trains_on_from_the_checkpoint(evaluated, tmp_path):
     """`medsyn evaluate train --resume`: nnU-Net continues from its checkpoint (here: a finished
     training taken on by one more epoch) instead of starting again."""
