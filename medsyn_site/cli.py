@@ -322,17 +322,29 @@ def evaluate() -> None:
 
 
 ws_option = click.option("--ws", required=True, type=click.Path(file_okay=False), help="Evaluation workspace.")
-trainer_options = [
-    click.option("--trainer", default="nnUNetTrainer_medsyn", show_default=True,
-                 help="nnU-Net trainer class (nnUNetTrainer for full nnU-Net schedules)."),
-    click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True, help="Epochs (nnUNetTrainer_medsyn)."),
-    click.option("--iterations", type=click.IntRange(min=1), default=5, show_default=True, help="Iterations per epoch (nnUNetTrainer_medsyn)."),
+trainer_options = [  # their defaults: the config's evaluate section (--config), else config.EvaluateConfig
+    click.option("--trainer", default=None, help="nnU-Net trainer class (nnUNetTrainer for full nnU-Net schedules) "
+                                                  "[default: nnUNetTrainer_medsyn]."),
+    click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (nnUNetTrainer_medsyn) [default: 2]."),
+    click.option("--iterations", type=click.IntRange(min=1), default=None,
+                 help="Iterations per epoch (nnUNetTrainer_medsyn) [default: 5]."),
     click.option("--batch-size", type=click.IntRange(min=1), default=None,
                  help="Replace the plans' batch size (nnUNetTrainer_medsyn; default: nnU-Net's plans)."),
-    click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
-    click.option("--mirroring/--no-mirroring", default=True, show_default=True,
-                 help="nnU-Net's test-time mirroring when predicting the test cases."),
+    click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: cpu]"),
+    click.option("--mirroring/--no-mirroring", default=None,
+                 help="nnU-Net's test-time mirroring when predicting the test cases [default: on]."),
+    config_option,
 ]
+
+
+def _evaluate_cfg(config_path, **flags):
+    """The evaluate settings: the config's evaluate section (the library's defaults without --config),
+    each flag given overriding it."""
+    from medsyn_site.config import EvaluateConfig
+
+    if config_path is None:
+        return EvaluateConfig(**{k: v for k, v in flags.items() if v is not None})
+    return load_config(config_path, {f"evaluate.{k}": v for k, v in flags.items()}).evaluate
 
 
 def _trainer_opts(fn):
@@ -362,17 +374,20 @@ def _arm(ctx, param, value):
 @click.option("--real", required=True, type=click.Path(exists=True, file_okay=False), help="Real cohort (train/val/test).")
 @click.option("--synthetic", type=click.Path(exists=True, file_okay=False), default=None, help="Synthetic cohort.")
 @click.option("--targeted", type=click.Path(exists=True, file_okay=False), default=None, help="Targeted synthetic cohort.")
-@click.option("--configuration", default="3d_fullres", show_default=True, help="nnU-Net configuration (3d_fullres, 2d, ...).")
-@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="Trainings per arm (K).")
+@click.option("--configuration", default=None, help="nnU-Net configuration (3d_fullres, 2d, ...) [default: 3d_fullres].")
+@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Trainings per arm (K) [default: 5].")
 @real_sizes_option
+@config_option
 @friendly
-def evaluate_prepare(ws, real, synthetic, targeted, configuration, seeds, real_sizes):
-    """Write the arms' nnU-Net datasets and split; plan and preprocess (integrity-checked)."""
+def evaluate_prepare(ws, real, synthetic, targeted, configuration, seeds, real_sizes, config_path):
+    """Write the arms' nnU-Net datasets and split; plan and preprocess (integrity-checked). Defaults:
+    the config's evaluate section; flags override."""
     from medsyn_site.evaluate.datasets import prepare_workspace
     from medsyn_site.evaluate.pipeline import set_seeds
 
-    arms = prepare_workspace(ws, real, synthetic, targeted, configuration, real_sizes=real_sizes)
-    set_seeds(Path(ws), seeds)
+    cfg = _evaluate_cfg(config_path, configuration=configuration, seeds=seeds)
+    arms = prepare_workspace(ws, real, synthetic, targeted, cfg.configuration, real_sizes=real_sizes)
+    set_seeds(Path(ws), cfg.seeds)
     click.echo(f"prepared arms {', '.join(arms)} in {ws}; next: `medsyn evaluate train --ws {ws} --arm ARM --seed K`")
 
 
@@ -386,11 +401,13 @@ def evaluate_prepare(ws, real, synthetic, targeted, configuration, seeds, real_s
               help="Continue from nnU-Net's latest checkpoint (after a kill, or to train to more --epochs).")
 @force_option
 @friendly
-def evaluate_train(ws, arm, seed, trainer, epochs, iterations, batch_size, device, mirroring, resume, force):
+def evaluate_train(ws, arm, seed, trainer, epochs, iterations, batch_size, device, mirroring, config_path, resume, force):
     """One nnU-Net training of one arm and seed, then its test predictions and Dice (one Slurm array task)."""
     from medsyn_site.evaluate.runs import train_one
 
-    click.echo(f"wrote {train_one(ws, arm, seed, trainer, epochs, iterations, device, force, resume, mirroring, batch_size)}")
+    c = _evaluate_cfg(config_path, trainer=trainer, epochs=epochs, iterations=iterations, batch_size=batch_size,
+                      device=device, mirroring=mirroring)
+    click.echo(f"wrote {train_one(ws, arm, seed, c.trainer, c.epochs, c.iterations, c.device, force, resume, c.mirroring, c.batch_size)}")
 
 
 per_mask_option = click.option("--per-mask", type=click.IntRange(min=1), default=1, show_default=True,
@@ -437,19 +454,19 @@ def evaluate_report(ws):
                    "(adds the real+targeted arm; site outputs in WS/site).")
 @click.option("--training-cohort", type=click.Path(exists=True, file_okay=False), default=None,
               help="The run's training cohort, for the site's `publish` (default: the one the run recorded).")
-@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Trainings per arm (K) [default: 5].")
 @click.option("--steps", type=click.IntRange(min=1), default=SAMPLE.steps, show_default=True,
               help="Denoising steps for targeted samples.")
 @per_mask_option
 @verbatim_option
 @_trainer_opts
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Trainings at once (processes; on a CPU they split its cores, on a GPU they share it).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Trainings at once (processes; on a CPU they split its cores, on a GPU they share it) [default: 1].")
 @real_sizes_option
 @site_key_option
 @friendly
 def evaluate_run(ws, real, synthetic, run_dir, training_cohort, seeds, steps, per_mask, verbatim_masks, trainer, epochs,
-                 iterations, batch_size, device, mirroring, jobs, real_sizes, site_key):
+                 iterations, batch_size, device, mirroring, config_path, jobs, real_sizes, site_key):
     """Everything: prepare, K trainings per arm, the targeted request (sampled and published as a site
     would, with --run), report."""
     import functools
@@ -459,8 +476,11 @@ def evaluate_run(ws, real, synthetic, run_dir, training_cohort, seeds, steps, pe
 
     site = functools.partial(answer_request, run=run_dir, out=Path(ws) / "site", training_cohort=training_cohort,
                              steps=steps, site_key=_site_key(site_key), allow_verbatim=verbatim_masks) if run_dir else None
-    run_all(real, synthetic, ws, seeds, trainer, epochs, iterations, device, site=site, per_mask=per_mask,
-            verbatim_masks=verbatim_masks, mirroring=mirroring, jobs=jobs, real_sizes=real_sizes, batch_size=batch_size)
+    c = _evaluate_cfg(config_path, seeds=seeds, trainer=trainer, epochs=epochs, iterations=iterations,
+                      batch_size=batch_size, device=device, mirroring=mirroring, jobs=jobs)
+    run_all(real, synthetic, ws, c.seeds, c.trainer, c.epochs, c.iterations, c.device, c.configuration, site=site,
+            per_mask=per_mask, verbatim_masks=verbatim_masks, mirroring=c.mirroring, jobs=c.jobs, real_sizes=real_sizes,
+            batch_size=c.batch_size)
     click.echo((Path(ws) / "report" / "report.md").read_text())
 
 

@@ -51,9 +51,9 @@ def test_bad_config_names_file_and_field(tmp_path, text, expect):
     assert res.exit_code == 1 and str(path) in res.output and not (tmp_path / "o").exists()
 
 
-def test_sample_and_publish_read_their_config_sections_and_flags_override(tmp_path, monkeypatch):
-    """`medsyn sample` / `medsyn publish` take their defaults (the audit's settings included) from the
-    config's sample / publish sections; a flag wins over the config; a misspelt audit key is an error."""
+def test_sample_publish_evaluate_read_their_config_sections_and_flags_override(tmp_path, monkeypatch):
+    """`medsyn sample` / `publish` / `evaluate train` take their defaults (the audit's settings included)
+    from the config's sample / publish / evaluate sections; a flag wins over the config; a misspelt audit key is an error."""
     import medsyn_site.diffusion.sample as sample_mod
     import medsyn_site.publish.release as release_mod
     from medsyn_site.publish.audit import AuditParams
@@ -80,6 +80,17 @@ def test_sample_and_publish_read_their_config_sections_and_flags_override(tmp_pa
     assert (kw["fmt"], kw["licence"], kw["workers"]) == ("nifti", "CC-BY-4.0", None)
     assert kw["audit_params"] == AuditParams(candidates=5, false_alarm=0.05)
     assert kw["audit_params"] != AuditParams()  # the defaults are the audit's own: one place
+    # evaluate: the config's evaluate section, a flag wins; without --config the library's defaults
+    import medsyn_site.evaluate.runs as runs_mod
+
+    monkeypatch.setattr(runs_mod, "train_one", lambda *a: calls.__setitem__("train", a) or "result.json")
+    cfg.write_text("evaluate: {epochs: 3, iterations: 11, batch_size: 2, mirroring: false}\n")
+    ws = ["evaluate", "train", "--ws", str(tmp_path / "ws"), "--arm", "real", "--seed", "0"]
+    assert r.invoke(main, [*ws, "--config", str(cfg), "--epochs", "7"]).exit_code == 0
+    ws_, arm, seed, trainer, epochs, iterations, device, force, resume, mirroring, batch = calls["train"]
+    assert (trainer, epochs, iterations, device, mirroring, batch) == ("nnUNetTrainer_medsyn", 7, 11, "cpu", False, 2)
+    assert r.invoke(main, ws).exit_code == 0
+    assert calls["train"][3:7] + calls["train"][9:] == ("nnUNetTrainer_medsyn", 2, 5, "cpu", True, None)
     cfg.write_text("publish: {audit: {candidatess: 5}}\n")
     with pytest.raises(ConfigError, match="publish.audit.candidatess: Extra inputs"):
         load_config(cfg)
