@@ -192,7 +192,7 @@ def conclusion(rows: list[dict]) -> str:
     return " ".join(said) or "Nothing to compare yet: only the real-only arm has finished."
 
 
-def _markdown(rows: list[dict], missing, targeted: list[str], curve: list[dict]) -> str:
+def _markdown(rows: list[dict], missing, targeted: list[str], curve: list[dict], figures: list[str]) -> str:
     main = [r for r in rows if parse_arm(r["arm"])[1] is None]
     lines = ["# Synthetic data utility (nnU-Net v2)", "", "**Conclusion.** " + conclusion(main), "",
              "Table 1 (as arXiv 2410.12542): test Dice on the real test cases.", "",
@@ -239,8 +239,8 @@ def _markdown(rows: list[dict], missing, targeted: list[str], curve: list[dict])
               "Their masks conditioned the targeted training data, so their own validation Dice is not counted "
               "as an improvement; the gain of real+targeted is the test split's (its row above: Δ per test case "
               "against real, with its CI).", "",
-              "Figures: `dice_per_training.png`, `dice_change.png` (as the paper's Fig. 3), `examples.png`"
-              + (", `low_data_curve.png`" if curve else "") + ".", ""]
+              "Figures: " + ", ".join(f"`{f}`" + (" (as the paper's Fig. 3)" if f == "dice_change.png" else "")
+                                      for f in figures) + ".", ""]
     gain = next((r for r in main if r["arm"] == "real+targeted" and "diff_vs_real_ci95" in r), None)
     if gain:
         lo, hi = gain["diff_vs_real_ci95"]
@@ -251,16 +251,19 @@ def _markdown(rows: list[dict], missing, targeted: list[str], curve: list[dict])
     return "\n".join(lines) + "\n"
 
 
-def _figures(ws: Path, out: Path, done: dict, real: Cohort, targeted: list[str], curve: list[dict]) -> None:
-    """The report's figures, each written atomically into ``out``."""
+def _figures(ws: Path, out: Path, done: dict, real: Cohort, targeted: list[str], curve: list[dict]) -> list[str]:
+    """The report's figures, each written atomically into ``out``; returns their names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    written = []
+
     def save(fig, name):
         try:
             atomic_write(out / name, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+            written.append(name)
         finally:
             plt.close(fig)
 
@@ -272,6 +275,7 @@ def _figures(ws: Path, out: Path, done: dict, real: Cohort, targeted: list[str],
     save(_examples(plt, done, arms, real), "examples.png")
     if curve:
         save(_low_data_curve(plt, curve), "low_data_curve.png")
+    return written
 
 
 def _dice_per_training(plt, done: dict, arms: list[str]):
@@ -370,6 +374,6 @@ def write_report(ws: str | Path) -> dict:
               "conclusion": conclusion([r for r in rows if parse_arm(r["arm"])[1] is None]),
               "p_value_test": "Welch's t-test over the per-training mean test Dice (as arXiv 2410.12542)"}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=float))
-    atomic_write_text(out / "report.md", _markdown(rows, missing, targeted, curve))
-    _figures(ws, out, {a: r for a, r in done.items() if parse_arm(a)[1] is None}, real, targeted, curve)
+    figures = _figures(ws, out, {a: r for a, r in done.items() if parse_arm(a)[1] is None}, real, targeted, curve)
+    atomic_write_text(out / "report.md", _markdown(rows, missing, targeted, curve, figures))
     return report
