@@ -332,7 +332,7 @@ def _examples(plt, done: dict, arms: list[str], real: Cohort):
     handles = [plt.Line2D([], [], color="lime", label="ground truth")] + \
               [plt.Line2D([], [], color=COLORS[a], label=a) for a in arms]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 0.96))  # room for the legend below and the titles above
     return fig
 
 
