@@ -103,6 +103,35 @@ def test_local_round_in_process_resumes_and_fedprox_pulls_to_the_global_model(tm
     assert _distance(near, glob) < 0.6 * _distance(far, glob)
 
 
+def test_clientapp_ends_when_its_superexec_dies_even_unreaped_and_blocked(tmp_path):
+    """The ClientApp's process must not outlive the Flower process that started it: here its main
+    thread is blocked (as in a call to a dead SuperNode) and its parent is left an unreaped zombie
+    (which passes Flower's kill(pid, 0) test)."""
+    from medsyn_site.federated.client_app import _alive
+
+    child = ("from medsyn_site.federated.client_app import exit_with_parent; exit_with_parent(2.0, 0.2); "
+             "print('ready', flush=True); import time; time.sleep(600)")
+    middle = ("import subprocess, sys, time; "
+              f"p = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, text=True); "
+              "print(p.pid, p.stdout.readline().strip(), flush=True); time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", middle], stdout=subprocess.PIPE, text=True)
+    try:
+        pid, state = parent.stdout.readline().split()
+        pid = int(pid)
+        assert state == "ready"
+        time.sleep(1.5)
+        assert _alive(pid), "the watch must not end a process whose parent lives"
+        os.kill(parent.pid, signal.SIGKILL)  # not reaped: a zombie parent
+        time.sleep(0.5)
+        assert not _alive(parent.pid)
+        t0 = time.monotonic()
+        _until(lambda: not _alive(pid), 20, "the orphaned ClientApp process to end", poll=0.2)
+        print(f"ended {time.monotonic() - t0:.1f} s after its parent")
+    finally:
+        parent.kill()
+        parent.wait()
+
+
 def test_global_run_saves_each_round_resumes_and_samples(tmp_path):
     from medsyn_site.diffusion.sample import Sampler, resolve_weights
 
@@ -162,6 +191,7 @@ def test_certificates_and_node_keys(tmp_path):
     secure = deploy.superlink_command(tmp_path / "pki")
     assert "--enable-supernode-auth" in secure and "--insecure" not in secure
     assert "--disable-runtime-dependency-installation" in secure
+    assert deploy.flower_env()["FLWR_TELEMETRY_ENABLED"] == "0"  # nothing reported to a third party
     with pytest.raises(deploy.DeployError, match="--insecure"):
         deploy.superlink_command(None)
     with pytest.raises(deploy.DeployError, match="not found"):
@@ -357,8 +387,8 @@ def test_federation_tls_auth_two_sites_drop_and_resume(tmp_path, monkeypatch):
         assert [str(s) for s in blob["federation"]["sites"]] == [node_ids["a"]]
         assert "resuming federation" in (run_dir / "federation.log").read_text()
         # the killed site left nothing running (its trainer dies with its Flower process)
-        _until(lambda: not _ours([str(tmp_path / "work_b"), f"127.0.0.1:{ports['b']}"]), 120,
-               "site b's processes to end")
+        left = _sweep([str(tmp_path / "work_b"), f"127.0.0.1:{ports['b']}"], grace=60)
+        assert not left, f"site b's processes outlived its SuperNode by 60 s: {left}"
         mark("site b's processes ended")
         # site b comes back (after the SuperLink has seen it go) and joins the next round
         _until(lambda: node_ids["b"] not in fed.online(), 180, "the SuperLink to see site b gone")

@@ -125,8 +125,11 @@ BIN = Path(sys.executable).parent  # this environment's scripts (flower-superlin
 def flower_env() -> dict[str, str]:
     """The environment for Flower's processes: this environment's scripts first on PATH, because
     Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name, and a
-    virtual environment need not be activated (e.g. `.venv/bin/medsyn fl superlink`)."""
-    return {**os.environ, "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
+    virtual environment need not be activated (e.g. `.venv/bin/medsyn fl superlink`). Flower's
+    telemetry is off: a hospital's processes do not report to a third party (and a blocked network
+    must not hold up their exit)."""
+    return {**os.environ, "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+            "FLWR_TELEMETRY_ENABLED": "0"}
 
 
 def _exe(name: str) -> str:
