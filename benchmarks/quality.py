@@ -4,8 +4,9 @@ against the untrained model (a benchmark, not a test: tens of minutes to hours o
 
   realism        tissue fractions by HU (air, lung, soft tissue, bone), 1-D Wasserstein distance of
                  the HU distribution, body and lung shape (Dice with the best-matching real scan), a
-                 classifier two-sample test (a small 3-D CNN told to separate real from synthetic
-                 patches; held-out accuracy, 0.5 = indistinguishable)
+                 classifier two-sample test (realism.cnn_c2st: a 3-D CNN trained to convergence on
+                 patches of half the volumes, tested on the other half's; 0.5 = indistinguishable;
+                 benchmarks/realism.py has every realism measure with its real-vs-real baseline)
   adherence      nodule contrast (mean HU in the conditioning mask minus a 2-voxel shell) per nodule
                  type, and the Dice at the masks of a MONAI UNet segmenter trained on real scans only
   samplers       DDIM 10/20/50 against DDPM with every training step, at the final checkpoint
@@ -35,7 +36,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from medsyn_site import quality  # noqa: E402
+from medsyn_site import quality, realism  # noqa: E402
 from medsyn_site.config import SplitConfig, load_config  # noqa: E402
 from medsyn_site.data.cohort import Cohort  # noqa: E402
 from medsyn_site.imaging import label_nodules  # noqa: E402
@@ -162,39 +163,6 @@ def seg_dice(ref: Reference, volumes) -> float | None:
     return float(np.mean(segs)) if segs else None
 
 
-def c2st(real: list[np.ndarray], synth: list[np.ndarray], patch: int = 24, steps: int = 300, seed: int = 0) -> float:
-    """Classifier two-sample test: a small 3-D CNN trained on patches of the first half of each set,
-    accuracy on patches of the second half (0.5: it cannot tell them apart)."""
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-
-    def patches(vols, n):
-        out = []
-        for _ in range(n):
-            v = vols[rng.integers(len(vols))]
-            s = [rng.integers(0, d - patch + 1) for d in v.shape]
-            out.append(v[s[0]:s[0] + patch, s[1]:s[1] + patch, s[2]:s[2] + patch])
-        return torch.from_numpy(np.clip(np.stack(out), -1024, 1024)[:, None] / 1024.0).float()
-
-    hr, hs = max(1, len(real) // 2), max(1, len(synth) // 2)
-    net = torch.nn.Sequential(
-        torch.nn.Conv3d(1, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv3d(8, 16, 3, stride=2), torch.nn.ReLU(),
-        torch.nn.Conv3d(16, 32, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(),
-        torch.nn.Linear(32, 1))
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    for _ in range(steps):
-        x = torch.cat([patches(real[:hr], 8), patches(synth[:hs], 8)])
-        y = torch.cat([torch.ones(8), torch.zeros(8)])
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x)[:, 0], y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        xr, xs = patches(real[hr:] or real, 200), patches(synth[hs:] or synth, 200)
-        acc = ((net(xr)[:, 0] > 0).float().mean() + (net(xs)[:, 0] <= 0).float().mean()) / 2
-    return float(acc)
-
-
 def sample(weights: Path, held: Path, n: int, sampler: str = "ddim", steps: int = 20) -> tuple[list, float]:
     from medsyn_site.diffusion.masks import mask_jobs
     from medsyn_site.diffusion.sample import Sampler
@@ -224,7 +192,9 @@ def evaluate(ref: Reference, weights: Path, held: Path, out: Path, label: str, n
     np.savez_compressed(out / "samples" / f"{label}.npz", hu=np.stack([v for v, _ in vols]),
                         mask=np.stack([m for _, m in vols]))
     m = measure(ref, [(v.astype(np.float32), mk) for v, mk in vols])
-    m["c2st"] = c2st([a for a, _ in ref.arrays], [v for v, _ in vols])
+    spacing = tuple(Cohort(held).cases[0].spacing)
+    m["c2st"] = realism.cnn_c2st([realism.Volume(a, mk, spacing) for a, mk in ref.arrays],
+                                 [realism.Volume(v, mk, spacing) for v, mk in vols])["accuracy"]
     m["seconds_per_volume"] = sec
     results = json.loads(res_file.read_text()) if res_file.exists() else {}
     results[label] = m

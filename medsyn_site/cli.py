@@ -309,7 +309,8 @@ def publish_cmd(synth, training_cohort, out, fmt, overrides, allow_verbatim_mask
                                     "publish.workers": workers}).publish
     report = publish(synth, training_cohort, out, fmt=cfg.format, overrides=parsed, allow_verbatim=allow_verbatim_masks,
                      licence=cfg.licence, force=force, site_key=_site_key(site_key), min_contrast=cfg.min_contrast,
-                     min_dice=cfg.min_dice, segmenter=segmenter, workers=cfg.workers, audit_params=cfg.audit)
+                     min_dice=cfg.min_dice, segmenter=segmenter, workers=cfg.workers, audit_params=cfg.audit,
+                     realism=cfg.realism)
     refused = [c for c in report["cases"] if c["reasons"]]
     for c in refused:
         click.echo(f"REFUSED {c['case']}: {'; '.join(c['reasons'])}", err=True)

@@ -195,6 +195,15 @@ class AuditConfig(Strict):
     hu_clip: tuple[float, float] = (-1024.0, 400.0)
 
 
+class RealismConfig(Strict):
+    """The realism section of a release's card (medsyn_site/realism.py): the released volumes against
+    the training cohort's train scans, beside its val scans against the same (the real-vs-real baseline)."""
+
+    enabled: bool = True
+    cnn_steps: int = Field(600, ge=10)  # the CNN two-sample test's training steps per fold
+    max_volumes: int = Field(8, ge=2)  # per set (a random subset of larger ones: memory and time)
+
+
 class PublishConfig(Strict):
     """What ``medsyn publish`` releases and how it gates (its flags override these)."""
 
@@ -204,6 +213,7 @@ class PublishConfig(Strict):
     min_dice: float | None = Field(None, ge=0, le=1)  # refuse below this segmenter Dice (needs a segmenter)
     workers: int | None = Field(None, ge=1)  # audit processes (None: one per core)
     audit: AuditConfig = AuditConfig()
+    realism: RealismConfig = RealismConfig()
 
 
 class EvaluateConfig(Strict):

@@ -88,9 +88,11 @@ def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
         _say(3, line)
 
     release = out / "release"
-    report = publish(synth, cohort, release, fmt="both", force=True, site_key=key)
+    report = publish(synth, cohort, release, fmt="both", force=True, site_key=key, realism=cfg.publish.realism)
     n_out = sum(not c["reasons"] for c in report["cases"])
     _say(4, f"released {n_out}/{len(report['cases'])} synthetic cases to {release} (card, audit, NIfTI, DICOM)")
+    for line in (report["realism"] or {}).get("lines", []):
+        _say(4, line)
 
     ev, ws = cfg.evaluate, out / "evaluation"
     if ws.exists():

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from medsyn_site import provenance
+from medsyn_site.config import RealismConfig
 from medsyn_site.data.cohort import Cohort, image_path, mask_path, validate_cohort
 from medsyn_site.data.readers import read_dicom_series, read_seg
 from medsyn_site.diffusion import sample as sample_mod
@@ -185,7 +186,7 @@ def test_release_contents_dicom_valid_and_readable(synth, phantom_cohort, key, t
     if shutil.which("dciodvfy") is None:
         pytest.fail("dciodvfy (Debian dicom3tools) is required; scripts/test.sh installs it")
     out = tmp_path / "release"
-    report = publish(synth, phantom_cohort, out, fmt="both", site_key=key)
+    report = publish(synth, phantom_cohort, out, fmt="both", site_key=key, realism=RealismConfig(cnn_steps=20))
     cases = {r.id for r in Cohort(synth).cases}
     assert all(not c["reasons"] for c in report["cases"])
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
@@ -198,6 +199,12 @@ def test_release_contents_dicom_valid_and_readable(synth, phantom_cohort, key, t
     assert validate_cohort(out / "nifti") == []
     card = json.loads((out / "dataset_card.json").read_text())
     assert card["counts"] == {"released": len(cases), "refused": 0} and card["verbatim_real_masks"] is False
+    # realism against the 3 training scans (1 val scan: too few for the real-vs-real baseline); the
+    # 10-step model's samples are noise, which both classifiers must tell from CT
+    realism = card["realism"]
+    assert realism["synthetic_volumes"] == len(cases) and realism["real_volumes"] == 3 and realism["real_vs_real"] is None
+    assert realism["synthetic"]["feature_c2st"] > 0.8 and realism["synthetic"]["cnn_c2st"] > 0.7, realism["synthetic"]
+    assert "CNN two-sample test accuracy" in (out / "dataset_card.md").read_text()
     for case in cases:
         folder = out / "dicom" / case
         for f in [*sorted((folder / "CT").glob("*.dcm"))[:3], folder / "SEG.dcm"]:
