@@ -11,6 +11,7 @@ Stages keep their outputs in --out and are skipped when they exist (stop and re-
       --model shipped=medsyn_site/pretrained/phantom-tiny.pt \\
       --model long3000=benchmarks/out/realism/run_long/checkpoints/step_00003000/ema.pt
   python benchmarks/realism.py --out benchmarks/out/realism --export long3000 medsyn_site/pretrained/phantom-tiny.pt
+  python benchmarks/realism.py --out benchmarks/out/realism --pair utility=/tmp/u22/cohort:/tmp/u22/synthetic
 
 The training runs it measures are made with `medsyn train` (their configs in benchmarks/configs/);
 the command of each is in benchmarks/RESULTS.md ("Realism").
@@ -156,6 +157,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=6)
     ap.add_argument("--cnn-steps", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pair", action="append", default=[], metavar="LABEL=REAL:SYNTHETIC",
+                    help="an existing synthetic cohort against its real cohort's train split (types by voxel "
+                         "count), beside the real test split against the same (LABEL real-vs-real)")
     ap.add_argument("--export", nargs=2, metavar=("LABEL", "PATH"), help="ship LABEL's weights as PATH")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -179,6 +183,12 @@ def main() -> None:
         d = np.load(npz)
         sets[label] = [realism.Volume(h, m, real[0].spacing, types) for h, m in zip(d["hu"], d["mask"])]
         measure(out, label, real, sets[label], a.cnn_steps, made.get(label))
+    for spec in a.pair:  # e.g. the utility benchmark's task: its real cohort and its generator's samples
+        label, _, pair = spec.partition("=")
+        real_root, _, synth_root = pair.partition(":")
+        train = realism.cohort_volumes(real_root, "train")
+        measure(out, f"{label} real-vs-real", train, realism.cohort_volumes(real_root, "test"), a.cnn_steps)
+        measure(out, label, train, realism.cohort_volumes(synth_root, types=realism.nodule_types(train)), a.cnn_steps)
     results = json.loads((out / "results.json").read_text())
     if sets:
         figures(out, real, sets)

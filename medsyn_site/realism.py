@@ -401,16 +401,23 @@ def summarize(real: list[Volume], synth: list[Volume], real_other: list[Volume] 
            "synthetic": _short(compare(real, synth, cnn_steps, seed, desc)),
            "real_vs_real": _short(compare(real, real_other, cnn_steps, seed, desc))
            if real_other and len(real_other) >= 2 else None}
+    for part in (out["synthetic"], out["real_vs_real"]):
+        if part:  # a realism claim is only as good as the strongest classifier tried
+            part["strongest_c2st"] = max(part["cnn_c2st"], part["feature_c2st"])
     s, b = out["synthetic"], out["real_vs_real"] or {}
 
-    def f(key, p=2):
+    def f(key, unit=""):
         v, w = s.get(key), b.get(key)
-        return (f"{v:.{p}f}" if v is not None else "-") + (f" (real {w:.{p}f})" if w is not None else "")
+        return ((f"{v:.2f}{unit}" if v is not None else "-")
+                + (f" (real-vs-real {w:.2f}{unit})" if w is not None else ""))
+    converged = "" if s["cnn_train_accuracy"] >= 0.9 else (
+        f"; its training accuracy {s['cnn_train_accuracy']:.2f}: not converged, more publish.realism.cnn_steps")
     types = ", ".join(f"{t} {r:.2f}x" for t, r in s["contrast_ratio_by_type"].items()) or "no typed nodules"
     out["lines"] = [
-        f"realism, {len(synth)} synthetic vs {len(real)} real volumes (real-vs-real baseline in brackets): "
-        f"CNN two-sample test accuracy {f('cnn_c2st')}, feature classifier {f('feature_c2st')} (0.5: cannot tell); "
-        f"lung vessel density {f('vessel_density_ratio')}x real, high-frequency lung power {f('lung_high_frequency_power_ratio')}x, "
-        f"body outline sharpness {f('outline_sharpness_ratio')}x",
-        f"nodule contrast against real, by type: {types}"]
+        f"realism, {len(synth)} synthetic vs {len(real)} real volumes: the strongest classifier tells synthetic "
+        f"from real patches with accuracy {f('strongest_c2st')} (0.5: cannot tell); CNN {f('cnn_c2st')}"
+        f"{converged}; feature classifier {f('feature_c2st')}",
+        f"realism against real: lung vessel density {f('vessel_density_ratio', 'x')}, high-frequency lung power "
+        f"{f('lung_high_frequency_power_ratio', 'x')}, body outline sharpness {f('outline_sharpness_ratio', 'x')}; "
+        f"nodule contrast by type: {types}"]
     return out
