@@ -105,12 +105,7 @@ class Reference:
         self.lungs = [quality.lung_region(a, b) for (a, _), b in zip(self.arrays, self.bodies)]
         self.types = {}  # voxel count of a nodule -> type (relocation flips and moves, keeps the count)
         for rec, (_, m) in zip(c.cases, self.arrays):
-            labels, _ = label_nodules(m)
-            for n in rec.nodules:
-                x, y, z = n.center_voxel
-                lab = labels[z, y, x]
-                if lab:
-                    self.types[int((labels == lab).sum())] = n.type
+            self.types |= realism.record_types(rec, m)
         self.segmenter = segmenter
         self.segmenter_id = hashlib.sha256(segmenter.path.read_bytes()).hexdigest()[:16]
         self.metrics = measure(self, [(a.astype(np.float32), m) for a, m in self.arrays], real=True)

@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import quality as quality_bench  # noqa: E402  (benchmarks/quality.py: the same relocated-mask sampling)
 from medsyn_site import realism  # noqa: E402
 from medsyn_site.config import SplitConfig, load_config  # noqa: E402
 from medsyn_site.data.phantom import write_phantom_cohort  # noqa: E402
@@ -49,21 +50,6 @@ def cohorts(out: Path) -> dict[str, Path]:
         if not (out / name / "cohort.json").exists():
             write_phantom_cohort(ph.model_copy(update={"cases": cases, "seed": seed}), ALL_TRAIN, out / name, force=True)
     return {name: out / name for name in paths}
-
-
-def sample(weights: Path, held: Path, n: int, sampler: str, steps: int) -> tuple[np.ndarray, np.ndarray, float]:
-    from medsyn_site.diffusion.masks import mask_jobs
-    from medsyn_site.diffusion.sample import Sampler
-    import SimpleITK as sitk
-
-    jobs = mask_jobs(f"relocate:{held}", per_mask=1)[:n]
-    gen = Sampler(weights, sampler, steps, device="cpu")
-    hus, masks, t0 = [], [], time.perf_counter()
-    for i, j in enumerate(jobs):
-        m = j.mask(0)
-        hus.append(np.rint(sitk.GetArrayFromImage(gen.volumes([m], [1000 + i])[0])).astype(np.int16))
-        masks.append(sitk.GetArrayFromImage(m))
-    return np.stack(hus), np.stack(masks), (time.perf_counter() - t0) / len(jobs)
 
 
 def measure(out: Path, label: str, real: list, other: list, cnn_steps: int, extra: dict | None = None) -> dict:
@@ -176,7 +162,8 @@ def main() -> None:
         label, _, weights = spec.partition("=")
         npz = out / "samples" / f"{label}.npz"
         if not npz.exists():
-            hu, mask, sec = sample(Path(weights), paths["heldout"], a.samples, sampler, int(steps))
+            vols, sec = quality_bench.sample(Path(weights), paths["heldout"], a.samples, sampler, int(steps))
+            hu, mask = np.stack([v for v, _ in vols]), np.stack([m for _, m in vols])
             np.savez_compressed(npz, hu=hu, mask=mask)
             made[label] = {"weights": weights, "sampler": a.sampler, "seconds_per_volume": round(sec, 1)}
             (out / "models.json").write_text(json.dumps(made, indent=1))

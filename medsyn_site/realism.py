@@ -247,7 +247,7 @@ def lung_spectrum(v: Volume, window: int = 8) -> np.ndarray | None:
     step = window // 2
     for z in range(v.hu.shape[0]):
         inside = ndimage.binary_erosion(v.cavity[z], np.ones((window, window)), border_value=0)  # window fits
-        for y, x in np.argwhere(inside)[::1]:
+        for y, x in np.argwhere(inside):
             y0, x0 = y - window // 2, x - window // 2
             if y0 % step or x0 % step:
                 continue
@@ -362,11 +362,12 @@ def cohort_volumes(root, split: str | None = None, types: dict | None = None, on
         if (split and rec.split != split) or (only is not None and rec.id not in only):
             continue
         hu, mask = c.arrays(rec.id)
-        out.append(Volume(hu, mask, tuple(rec.spacing), dict(types or {}) | _record_types(rec, mask)))
+        out.append(Volume(hu, mask, tuple(rec.spacing), dict(types or {}) | record_types(rec, mask)))
     return out
 
 
-def _record_types(rec, mask: np.ndarray) -> dict[int, str]:
+def record_types(rec, mask: np.ndarray) -> dict[int, str]:
+    """Voxel count -> type of a case record's nodules, found in its mask at their centre voxels."""
     labels, _ = label_nodules(mask)
     out = {}
     for n in rec.nodules:
