@@ -12,6 +12,8 @@ Stages keep their outputs in --out and are skipped when they exist (stop and re-
       --model long3000=benchmarks/out/realism/run_long/checkpoints/step_00003000/ema.pt
   python benchmarks/realism.py --out benchmarks/out/realism --export long3000 medsyn_site/pretrained/phantom-tiny.pt
   python benchmarks/realism.py --out benchmarks/out/realism --pair utility=/tmp/u22/cohort:/tmp/u22/synthetic
+  python benchmarks/realism.py --out benchmarks/out/realism --samples 4 \
+      --model dpm++10=medsyn_site/pretrained/phantom-tiny.pt@dpm++:10   # a sampler on the shipped weights
 
 The training runs it measures are made with `medsyn train` (their configs in benchmarks/configs/);
 the command of each is in benchmarks/RESULTS.md ("Realism").
@@ -138,7 +140,8 @@ def figures(out: Path, real: list, sets: dict[str, list]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/out/realism")
-    ap.add_argument("--model", action="append", default=[], help="LABEL=WEIGHTS (an ema.pt or a pretrained .pt)")
+    ap.add_argument("--model", action="append", default=[],
+                    help="LABEL=WEIGHTS (an ema.pt or a pretrained .pt), optionally @SAMPLER:STEPS (default --sampler)")
     ap.add_argument("--sampler", default="ddpm:50")
     ap.add_argument("--samples", type=int, default=6)
     ap.add_argument("--cnn-steps", type=int, default=1500)
@@ -157,15 +160,17 @@ def main() -> None:
     types = realism.nodule_types(real)
     measure(out, BASELINE, real, realism.cohort_volumes(paths["heldout2"]), a.cnn_steps)
     sets, made = {}, json.loads((out / "models.json").read_text()) if (out / "models.json").exists() else {}
-    sampler, _, steps = a.sampler.partition(":")
     for spec in a.model:
         label, _, weights = spec.partition("=")
+        weights, _, how = weights.partition("@")
+        sampler, _, steps = (how or a.sampler).partition(":")
         npz = out / "samples" / f"{label}.npz"
         if not npz.exists():
             vols, sec = quality_bench.sample(Path(weights), paths["heldout"], a.samples, sampler, int(steps))
             hu, mask = np.stack([v for v, _ in vols]), np.stack([m for _, m in vols])
             np.savez_compressed(npz, hu=hu, mask=mask)
-            made[label] = {"weights": weights, "sampler": a.sampler, "seconds_per_volume": round(sec, 1)}
+            made[label] = {"weights": weights, "sampler": f"{sampler}:{steps}", "seconds_per_volume": round(sec, 1),
+                           "samples": len(vols)}
             (out / "models.json").write_text(json.dumps(made, indent=1))
         d = np.load(npz)
         sets[label] = [realism.Volume(h, m, real[0].spacing, types) for h, m in zip(d["hu"], d["mask"])]

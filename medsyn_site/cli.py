@@ -217,8 +217,9 @@ def train_cmd(cohort, out, resume, steps, device, precision, config_path, force)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic cohort to write.")
 @click.option("--per-mask", type=click.IntRange(min=1), default=None,
               help=f"Volumes per mask (a request says its own number) [default: the config's sample.per_mask, {SAMPLE.per_mask}].")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default=None,
-              help="ddpm (stochastic, strided: closest to the data at 50 steps) or ddim (deterministic) "
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm++", "sde-dpm++"]), default=None,
+              help="ddpm (ancestral), ddim, or a multistep solver: dpm++ (DPM-Solver++ 2M), sde-dpm++ (its "
+                   "stochastic form) "
                    f"[default: the config's sample.sampler, {SAMPLE.sampler}].")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help=f"Denoising steps [default: the config's sample.steps, {SAMPLE.steps}].")
@@ -505,7 +506,7 @@ def _insecure(insecure: bool) -> None:
         click.secho(INSECURE_WARNING, fg="red", bold=True, err=True)
 
 
-def _exec(cmd: list[str]) -> None:
+def _exec(cmd: list[str], helpers: Path | None = None) -> None:
     """Replace this process with the Flower one (signals and exit status go straight to it)."""
     import os
 
@@ -513,7 +514,7 @@ def _exec(cmd: list[str]) -> None:
 
     click.echo(" ".join(cmd), err=True)
     sys.stdout.flush()
-    os.execvpe(cmd[0], cmd, flower_env())
+    os.execvpe(cmd[0], cmd, flower_env(helpers))
 
 
 @fl.command("init")
@@ -601,7 +602,10 @@ def fl_supernode(superlink, ca, key, cohort, work_dir, port, device, precision, 
 
     _insecure(insecure)
     hardware = {k: v for k, v in {"device": device, "precision": precision, "threads": threads}.items() if v is not None}
-    _exec(supernode_command(superlink, cohort, work_dir, ca, key, port, hardware, insecure))
+    from medsyn_site.federated.lifeline import clientapp_shim
+
+    cmd = supernode_command(superlink, cohort, work_dir, ca, key, port, hardware, insecure)
+    _exec(cmd, clientapp_shim(Path(work_dir) / ".flower-bin"))  # the trainer's process ends with the SuperNode
 
 
 @fl.command("run")

@@ -172,7 +172,7 @@ class TrainConfig(Strict):
 class SampleConfig(Strict):
     """Whole-volume sampling as the demo runs it (``medsyn sample`` takes the same as flags)."""
 
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    sampler: Literal["ddpm", "ddim", "dpm++", "sde-dpm++"] = "ddpm"
     steps: int = Field(50, ge=1)
     per_mask: int = Field(1, ge=1)
 

@@ -5,10 +5,12 @@ refused, a node killed mid-round, a restarted ServerApp continuing from its last
 rejoining the next round)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,31 +105,39 @@ def test_local_round_in_process_resumes_and_fedprox_pulls_to_the_global_model(tm
     assert _distance(near, glob) < 0.6 * _distance(far, glob)
 
 
-def test_clientapp_ends_when_its_superexec_dies_even_unreaped_and_blocked(tmp_path):
-    """The ClientApp's process must not outlive the Flower process that started it: here its main
-    thread is blocked (as in a call to a dead SuperNode) and its parent is left an unreaped zombie
-    (which passes Flower's kill(pid, 0) test)."""
-    from medsyn_site.federated.client_app import _alive
+def test_clientapp_ends_when_its_superexec_dies_even_unreaped(tmp_path):
+    """A site's flwr-clientapp must not outlive the flower-superexec that started it, whatever it is
+    doing. Here, as in a container whose PID 1 does not reap: the superexec is killed and left an
+    unreaped zombie (which passes Flower's kill(pid, 0) test) while the ClientApp, just started,
+    retries a dead SuperNode. Flower's own flwr-clientapp stays (the control); the one `medsyn fl
+    supernode` puts on the SuperNode's PATH ends."""
+    from medsyn_site.federated.deploy import BIN, flower_env
+    from medsyn_site.federated.lifeline import _alive, clientapp_shim
 
-    child = ("from medsyn_site.federated.client_app import exit_with_parent; exit_with_parent(2.0, 0.2); "
-             "print('ready', flush=True); import time; time.sleep(600)")
-    middle = ("import subprocess, sys, time; "
-              f"p = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, text=True); "
-              "print(p.pid, p.stdout.readline().strip(), flush=True); time.sleep(600)")
-    parent = subprocess.Popen([sys.executable, "-c", middle], stdout=subprocess.PIPE, text=True)
+    path = flower_env(clientapp_shim(tmp_path / ".flower-bin"))["PATH"]
+    ours = shutil.which("flwr-clientapp", path=path)
+    assert ours == str(tmp_path / ".flower-bin" / "flwr-clientapp")
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens: the SuperNode is gone
+    apps = [[exe, "--runtime-api-address", dead, "--token", "t" * 64, "--insecure"]
+            for exe in (ours, str(BIN / "flwr-clientapp"))]
+    superexec = ("import os, subprocess, sys, time; "
+                 f"ps = [subprocess.Popen(a + ['--parent-pid', str(os.getpid())], stderr=subprocess.DEVNULL) "
+                 f"for a in {apps!r}]; print(*(p.pid for p in ps), flush=True); time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", superexec], stdout=subprocess.PIPE, text=True)
     try:
-        pid, state = parent.stdout.readline().split()
-        pid = int(pid)
-        assert state == "ready"
-        time.sleep(1.5)
-        assert _alive(pid), "the watch must not end a process whose parent lives"
+        pid_ours, pid_flower = map(int, parent.stdout.readline().split())
+        time.sleep(4)  # both started and retrying
+        assert _alive(pid_ours) and _alive(pid_flower), "no ClientApp may end while its parent lives"
+        assert "flwr-clientapp" in " ".join(psutil.Process(pid_ours).cmdline())  # as `ps` shows Flower's
         os.kill(parent.pid, signal.SIGKILL)  # not reaped: a zombie parent
-        time.sleep(0.5)
-        assert not _alive(parent.pid)
         t0 = time.monotonic()
-        _until(lambda: not _alive(pid), 20, "the orphaned ClientApp process to end", poll=0.2)
-        print(f"ended {time.monotonic() - t0:.1f} s after its parent")
+        _until(lambda: not _alive(pid_ours), 30, "our flwr-clientapp to end with its parent", poll=0.2)
+        print(f"ours ended {time.monotonic() - t0:.1f} s after its parent")
+        assert _alive(pid_flower), "control: Flower's own flwr-clientapp was expected to stay here"
     finally:
+        for pid in (pid_ours, pid_flower):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         parent.kill()
         parent.wait()
 
@@ -232,6 +242,16 @@ def _ours(marks: list[str]) -> list[psutil.Process]:
     return found
 
 
+def _adopt_orphans_unreaped(on: bool) -> None:
+    """Make this test process the adopter of its descendants' orphans (a Linux child subreaper) and
+    never reap them, as PID 1 in many containers does: the harshest place for Flower's kill(pid, 0)
+    parent monitor (a zombie parent looks alive)."""
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
+
+
 def _sweep(marks: list[str], grace: float = 60) -> list[str]:
     """Wait up to ``grace`` s for this test's processes to end by themselves, then kill those left
     (so that none outlives the test, whatever happened) and name them."""
@@ -301,6 +321,7 @@ def test_federation_tls_auth_two_sites_drop_and_resume(tmp_path, monkeypatch):
     marks = [str(tmp_path), *(f"127.0.0.1:{p}" for p in (link_port, *ports.values()))]
     link = f"127.0.0.1:{link_port}"
     run_dir = tmp_path / "global"
+    _adopt_orphans_unreaped(True)  # as PID 1 of a CI container: a killed SuperNode's helpers stay zombies
     base = f'run-dir="{run_dir}" config="{CONFIG}" local-steps=2 transfer="bf16"'
     t0 = time.monotonic()
 
@@ -402,5 +423,6 @@ def test_federation_tls_auth_two_sites_drop_and_resume(tmp_path, monkeypatch):
     finally:
         fed.stop()
         left = _sweep(marks)
+        _adopt_orphans_unreaped(False)
     assert not left, f"processes left behind after the federation stopped: {left}"
     mark("all processes ended")

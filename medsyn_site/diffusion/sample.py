@@ -70,6 +70,7 @@ class Sampler:
         cond = torch.cat([m, coords], 1).to(self.device)  # whole mask + whole grid, extended into the pad
         noise = torch.cat([torch.randn((1, 1, *padded), generator=torch.Generator().manual_seed(s)) for s in seeds])
         torch.manual_seed(seeds[0])  # the schedulers' per-step noise
+        self.scheduler.set_timesteps(self.steps)  # a multistep solver starts each batch without history
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         try:
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):

@@ -3,62 +3,22 @@ trainer from the global weights. Node config (``flower-supernode --node-config``
 and optionally device, precision, threads, deepspeed-config (this site's hardware)."""
 from __future__ import annotations
 
-import os
 import re
-import signal
-import threading
-import time
 from pathlib import Path
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from medsyn_site.federated.lifeline import exit_with_parent
 from medsyn_site.federated.task import decode, encode, run_local_round, site_config
 
 app = ClientApp()
-_watching: list[int] = []
-
-
-def _alive(pid: int) -> bool:
-    """The process exists and is not a zombie (exited, not yet reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (not Linux): existence only
-        try:
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
-
-
-def exit_with_parent(grace: float = 10.0, poll: float = 1.0) -> None:
-    """End this process when the Flower process that started it (the SuperExec) is gone, even if
-    the main thread is blocked. Flower's own monitor is not enough: it raises SIGINT from a thread,
-    whose handler runs only when the main thread returns to Python (not while a call to the dead
-    SuperNode blocks or backs off), and it tests the parent with kill(pid, 0), which an unreaped
-    zombie passes. Here: Flower's graceful exit first (SIGINT), then os._exit after ``grace`` s."""
-    if _watching:
-        return
-    parent = os.getppid()
-    _watching.append(parent)
-
-    def watch() -> None:
-        while os.getppid() == parent and _alive(parent):
-            time.sleep(poll)
-        signal.raise_signal(signal.SIGINT)
-        time.sleep(grace)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="medsyn-exit-with-parent", daemon=True).start()
 HARDWARE = {"device": str, "precision": str, "threads": int, "deepspeed-config": str}
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    exit_with_parent()  # a killed SuperNode leaves nothing of this site running
+    exit_with_parent()  # already watching when started through `medsyn fl supernode` (lifeline.py)
     node, conf = context.node_config, msg.content["config"]
     for key in ("cohort", "work-dir"):
         if key not in node:

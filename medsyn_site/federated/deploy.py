@@ -122,13 +122,15 @@ def _need(path: Path, what: str) -> str:
 BIN = Path(sys.executable).parent  # this environment's scripts (flower-superlink, flwr, ...)
 
 
-def flower_env() -> dict[str, str]:
-    """The environment for Flower's processes: this environment's scripts first on PATH, because
+def flower_env(helpers: str | Path | None = None) -> dict[str, str]:
+    """The environment for Flower's processes: ``helpers`` (lifeline.clientapp_shim) then this
+    environment's scripts first on PATH, because
     Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name, and a
     virtual environment need not be activated (e.g. `.venv/bin/medsyn fl superlink`). Flower's
     telemetry is off: a hospital's processes do not report to a third party (and a blocked network
     must not hold up their exit)."""
-    return {**os.environ, "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+    first = [str(helpers)] if helpers else []
+    return {**os.environ, "PATH": os.pathsep.join([*first, str(BIN), os.environ.get("PATH", "")]),
             "FLWR_TELEMETRY_ENABLED": "0"}
 
 
