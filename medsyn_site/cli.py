@@ -213,7 +213,12 @@ def train_cmd(cohort, out, resume, steps, device, precision, config_path, force)
 @click.option("--masks", required=True,
               help="cohort:DIR (train masks, verbatim), request:FILE (targeted), relocate:DIR (privacy-preserving).")
 @click.option("--request-cohort", type=click.Path(exists=True, file_okay=False), default=None,
-              help="The cohort holding the cases of --masks request:FILE (default: the one the request names).")
+              help="The cohort holding the cases of --masks request:FILE (required with it: the site chooses its "
+                   "folder, never the request).")
+@click.option("--max-volumes", type=click.IntRange(min=1), default=None,
+              help=f"The most volumes a request may ask for; a larger one is refused before sampling "
+                   f"[default: the config's sample.max_volumes, {SAMPLE.max_volumes}].")
+@click.option("--dry-run", is_flag=True, help="Show what would be sampled (volumes, masks, sampler) and write nothing.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic cohort to write.")
 @click.option("--per-mask", type=click.IntRange(min=1), default=None,
               help=f"Volumes per mask (a request says its own number) [default: the config's sample.per_mask, {SAMPLE.per_mask}].")
@@ -236,19 +241,32 @@ def train_cmd(cohort, out, resume, steps, device, precision, config_path, force)
 @site_key_option
 @force_option
 @friendly
-def sample_cmd(run_dir, masks, request_cohort, out, per_mask, sampler, steps, seed, device, precision, batch_size, stream_gb,
-               shard, config_path, site_key, force):
+def sample_cmd(run_dir, masks, request_cohort, max_volumes, dry_run, out, per_mask, sampler, steps, seed, device, precision,
+               batch_size, stream_gb, shard, config_path, site_key, force):
     """Sample whole synthetic CT volumes from masks (resumable: a rerun skips finished cases).
 
     Sampler, steps and volumes per mask come from the config's sample section; the flags override."""
     from medsyn_site.diffusion.sample import sample_cohort
     from medsyn_site.diffusion.shards import parse_shard
 
-    cfg = load_config(config_path, {"sample.sampler": sampler, "sample.steps": steps, "sample.per_mask": per_mask}).sample
+    cfg = load_config(config_path, {"sample.sampler": sampler, "sample.steps": steps, "sample.per_mask": per_mask,
+                                    "sample.max_volumes": max_volumes}).sample
+    if dry_run:
+        from medsyn_site.diffusion.masks import mask_jobs
+        from medsyn_site.diffusion.shards import shard_jobs
+
+        jobs = shard_jobs(mask_jobs(masks, cfg.per_mask, request_cohort, cfg.max_volumes),
+                          parse_shard(shard) if shard else None)
+        sources = sorted({j.source_id for j in jobs})
+        modes = sorted({j.mode for j in jobs})
+        click.echo(f"dry run: would sample {len(jobs)} volume(s) ({cfg.sampler}, {cfg.steps} steps) from the "
+                   f"{'/'.join(modes)} masks of {len(sources)} case(s) of {jobs[0].cohort.root}: "
+                   f"{', '.join(sources[:10])}{', ...' if len(sources) > 10 else ''}; into {out}; nothing written")
+        return
     sample_cohort(run_dir, masks, out, per_mask=cfg.per_mask, sampler=cfg.sampler, steps=cfg.steps, seed=seed,
                   device=device, precision=precision, force=force, site_key=_site_key(site_key),
                   batch_size=batch_size, stream_gb=stream_gb, shard=parse_shard(shard) if shard else None,
-                  request_cohort=request_cohort)
+                  request_cohort=request_cohort, max_volumes=cfg.max_volumes)
     click.echo(f"wrote synthetic cohort {out} (provenance.json beside it)")
 
 

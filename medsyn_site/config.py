@@ -175,6 +175,7 @@ class SampleConfig(Strict):
     sampler: Literal["ddpm", "ddim", "dpm++", "sde-dpm++"] = "ddpm"
     steps: int = Field(50, ge=1)
     per_mask: int = Field(1, ge=1)
+    max_volumes: int = Field(500, ge=1)  # the most volumes a request (central -> site) may ask for; more is refused
 
 
 SAMPLE = SampleConfig()  # the sampling defaults of the library and the CLI: one place
@@ -188,6 +189,7 @@ class AuditConfig(Strict):
     coarse_mm: float = Field(5.0, gt=0)  # feature grid of the retrieval search over all training scans
     candidates: int = Field(3, ge=0)  # training scans per synthetic volume that get the fine search
     patch_mm: float = Field(25.0, gt=0)  # side of the local patches
+    patch_radius_mm: float = Field(30.0, ge=0)  # a patch is sought this far around where the whole-lung match puts it
     rotations_deg: float = Field(6.0, ge=0)  # +- this angle about each axis
     scales: tuple[float, ...] = (0.92, 1.08)
     false_alarm: float = Field(0.01, gt=0, lt=1)  # per real unseen scan

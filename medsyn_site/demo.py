@@ -99,7 +99,7 @@ def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
         shutil.rmtree(ws)
     _say(5, f"nnU-Net ({ev.configuration}, {ev.trainer}) on real / synthetic / real+synthetic / real+targeted, "
             f"{ev.seeds} training(s) each, in {ws}")
-    site = functools.partial(answer_request, run=run, out=out / "targeted", training_cohort=cohort,
+    site = functools.partial(answer_request, run=run, out=out / "targeted", training_cohort=cohort, request_cohort=cohort,
                              sampler=sc.sampler, steps=sc.steps, site_key=key)  # the site answers the request
     run_all(cohort, release / "nifti", ws, seeds=ev.seeds, trainer=ev.trainer, epochs=ev.epochs,
             iterations=ev.iterations, device=ev.device, configuration=ev.configuration, site=site,

@@ -7,7 +7,8 @@ the site samples from it (``medsyn sample --masks request:FILE``) and publishes 
   per_mask   volumes per mask
   mask_mode  relocated (default: each mask's nodules flipped and moved inside the lungs) or verbatim
              (the masks as they are; `medsyn publish` then needs --allow-verbatim-masks)
-  cohort     optional: where the cases live, when the central side knows the site's folder (the demo)
+  cohort     optional, for the record only: the site never follows it (it names its own folder with
+             --request-cohort; a request must not choose which of a site's folders is read)
   reason     why these cases (for the record)
 """
 from __future__ import annotations

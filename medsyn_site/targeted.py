@@ -36,7 +36,7 @@ def answer_request(request_file: str | Path, run: str | Path, out: str | Path,
     out = Path(out)
     req = request.read(request_file)
     training_cohort = Path(training_cohort) if training_cohort else recorded_training_cohort(run)
-    request_cohort = request_cohort or req.cohort or training_cohort
+    request_cohort = request_cohort or training_cohort  # the site's choice, never the request's (request.py)
     progress.info(f"[site] request {request_file}: {len(req.cases)} case(s) x {req.per_mask}, {req.mask_mode} masks "
                f"({req.reason or 'no reason given'})")
     synth = sample_cohort(run, f"request:{request_file}", out / "synthetic", sampler=sampler, steps=steps, seed=seed,

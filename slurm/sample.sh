@@ -12,7 +12,10 @@
 #   MEDSYN_RUN        run dir or EMA weights file [runs/site]
 #   MEDSYN_MASKS      mask source: relocate:DIR, cohort:DIR or request:FILE [relocate:cohorts/site]
 #   MEDSYN_OUT        the merged synthetic cohort [synth/site]
-#   MEDSYN_SAMPLER    ddpm | ddim [ddpm];  MEDSYN_STEPS [50];  MEDSYN_PER_MASK [1];  MEDSYN_SEED [0]
+#   MEDSYN_SAMPLER    ddpm | ddim | dpm++ | sde-dpm++;  MEDSYN_STEPS  [the config's sample section]
+#   MEDSYN_PER_MASK [1];  MEDSYN_SEED [0]
+#   MEDSYN_REQUEST_COHORT  the cohort holding a request's cases (with MEDSYN_MASKS=request:FILE)
+#   MEDSYN_MAX_VOLUMES     the most volumes a request may ask for [the config's sample.max_volumes]
 #   MEDSYN_PRECISION  fp32 | bf16 | fp16 [fp32];  MEDSYN_DEVICE auto | cpu | cuda [auto]
 #   MEDSYN_STREAM_GB  z-slab streaming budget in GiB for volumes too large for the GPU [off]
 #   MEDSYN_SITE_KEY   the site key (must exist: it signs the provenance) [~/.config/medsyn/site.key]
@@ -64,7 +67,8 @@ submit_after_array medsyn-sample-merge "MEDSYN_SHARDS=$count bash $SLURM_DIR/sam
 
 args=(sample --run "${MEDSYN_RUN:-runs/site}" --masks "${MEDSYN_MASKS:-relocate:cohorts/site}"
       --out "$shards/$task" --shard "$task/$count" --site-key "$key"
-      --sampler "${MEDSYN_SAMPLER:-ddpm}" --steps "${MEDSYN_STEPS:-50}" --per-mask "${MEDSYN_PER_MASK:-1}"
+      ${MEDSYN_SAMPLER:+--sampler "$MEDSYN_SAMPLER"} ${MEDSYN_STEPS:+--steps "$MEDSYN_STEPS"} --per-mask "${MEDSYN_PER_MASK:-1}"
+      ${MEDSYN_REQUEST_COHORT:+--request-cohort "$MEDSYN_REQUEST_COHORT"} ${MEDSYN_MAX_VOLUMES:+--max-volumes "$MEDSYN_MAX_VOLUMES"}
       --seed "${MEDSYN_SEED:-0}" --precision "${MEDSYN_PRECISION:-fp32}" --device "${MEDSYN_DEVICE:-auto}"
       ${MEDSYN_STREAM_GB:+--stream-gb "$MEDSYN_STREAM_GB"})
 say "medsyn ${args[*]}"

@@ -211,3 +211,32 @@ def test_evaluator_does_not_import_the_generator():
             "print([m for m in sys.modules if m.startswith('medsyn_site.diffusion')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_a_hostile_request_is_bounded_by_the_site(run, phantom_cohort, key, tmp_path):
+    """A request is another party's input: it cannot ask for a million volumes, and it cannot pick which
+    of the site's folders is read; `--dry-run` shows what it would make. Through the CLI, as a site runs it."""
+    val = Cohort(phantom_cohort).split("val")[0].id
+    other = tmp_path / "private"  # a folder of the site the request must not reach
+    shutil.copytree(phantom_cohort, other)
+    medsyn = [sys.executable, "-m", "medsyn_site.cli"]
+
+    def sample(req: request.Request, *extra):
+        path = request.write(tmp_path / "req.json", req)
+        return subprocess.run([*medsyn, "sample", "--run", str(run), "--masks", f"request:{path}", "--out",
+                               str(tmp_path / "out"), "--site-key", str(key), *extra], capture_output=True, text=True)
+
+    huge = sample(request.Request(cases=[val], per_mask=1_000_000), "--request-cohort", str(phantom_cohort))
+    assert huge.returncode != 0 and not (tmp_path / "out").exists()
+    last = huge.stderr.strip().splitlines()[-1]
+    assert "req.json: asks for 1000000 volumes" in last and "limit of 500 per request (--max-volumes)" in last, last
+    assert sample(request.Request(cases=[val], per_mask=3), "--request-cohort", str(phantom_cohort),
+                  "--max-volumes", "2").returncode != 0
+    # the request names a folder; the site did not: refused, and the named folder is never read
+    named = sample(request.Request(cases=[val], cohort=str(other)))
+    assert named.returncode != 0 and "--request-cohort DIR" in named.stderr and not (tmp_path / "out").exists()
+    dry = sample(request.Request(cases=[val], per_mask=2, cohort=str(other)), "--request-cohort", str(phantom_cohort),
+                 "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would sample 2 volume(s)" in dry.stdout and str(phantom_cohort) in dry.stdout and str(other) not in dry.stdout
+    assert val in dry.stdout and not (tmp_path / "out").exists()

@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from medsyn_site import request as request_contract
+from medsyn_site.config import SAMPLE
 from medsyn_site.data.cohort import Cohort, CohortError
 from medsyn_site.imaging import label_nodules, lung_mask
 
@@ -68,17 +69,23 @@ def relocate_nodules(mask: np.ndarray, hu: np.ndarray, rng: np.random.Generator)
     return out
 
 
-def mask_jobs(source: str, per_mask: int, request_cohort: str | Path | None = None) -> list[MaskJob]:
+def mask_jobs(source: str, per_mask: int, request_cohort: str | Path | None = None,
+              max_volumes: int = SAMPLE.max_volumes) -> list[MaskJob]:
     """The conditioning jobs for ``source`` (see the module doc), ``per_mask`` replicates each (a
-    request says its own number). A request's cases are found in ``request_cohort``, else in the
-    cohort the request names."""
+    request says its own number). A request is input from another party: its cases are found in
+    ``request_cohort``, the folder the SITE names (the request's own ``cohort`` field is never
+    followed), and it may ask for at most ``max_volumes`` volumes (refused before any sampling)."""
     kind, _, where = source.partition(":") if ":" in source else ("cohort", "", source)
     if kind == "request":
         req = request_contract.read(where)
-        if request_cohort is None and req.cohort is None:
-            raise CohortError(f"{where}: the request names no cohort; give the cohort that holds its cases "
-                              "(--request-cohort DIR)")
-        cohort = Cohort(request_cohort or req.cohort)
+        if len(req.cases) * req.per_mask > max_volumes:
+            raise request_contract.RequestError(
+                f"{where}: asks for {len(req.cases) * req.per_mask} volumes ({len(req.cases)} case(s) x per_mask "
+                f"{req.per_mask}), above this site's limit of {max_volumes} per request (--max-volumes)")
+        if request_cohort is None:
+            raise CohortError(f"{where}: give the cohort that holds the request's cases (--request-cohort DIR); "
+                              "the site chooses it, never the request")
+        cohort = Cohort(request_cohort)
         ids = [cohort.case(c).id for c in req.cases]
         mode, per_mask = req.mask_mode, req.per_mask
     elif kind in ("cohort", "relocate"):

@@ -99,14 +99,15 @@ def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 
                   steps: int = SAMPLE.steps, seed: int = 0, device: str = "auto", precision: str = "fp32",
                   force: bool = False, site_key: Path = DEFAULT_SITE_KEY, batch_size: int = 1,
                   stream_gb: float | None = None, shard: tuple[int, int] | None = None,
-                  request_cohort: str | Path | None = None) -> Path:
+                  request_cohort: str | Path | None = None, max_volumes: int = SAMPLE.max_volumes) -> Path:
     """Sample a synthetic cohort (source=synthetic) and its signed provenance.json. ``shard=(i, n)``:
     only every n-th volume from the i-th (a Slurm array task); ``merge_shards`` joins the n parts.
-    ``request_cohort``: the cohort holding a request's cases (``masks="request:FILE"``)."""
+    ``request_cohort``: the cohort holding a request's cases (``masks="request:FILE"``), which may ask
+    for at most ``max_volumes``."""
     ResumableCohortWriter.would_replace(Path(out), force)  # before long work
     key = load_site_key(site_key)  # an existing key only: provenance signed with a new key is useless
     weights = resolve_weights(run)
-    jobs = shard_jobs(mask_jobs(masks, per_mask, request_cohort), shard)  # fails early on a bad mask source
+    jobs = shard_jobs(mask_jobs(masks, per_mask, request_cohort, max_volumes), shard)  # fails early: bad mask source
     gen = Sampler(weights, sampler, steps, device, precision, stream_gb)
     header = {"checkpoint_sha256": gen.sha256, "sampler": sampler, "steps": steps, "seed": seed,
               "mask_source": masks.partition(":")[0] if ":" in masks else "cohort",

@@ -43,7 +43,8 @@ from medsyn_site.errors import MedsynError
 from medsyn_site.imaging import lungs_convex
 
 log = logging.getLogger(__name__)
-VERSION = 4  # 3: patch search on an exact (no wrap-around) grid; 4: the cache file is a bank file (params in meta)
+VERSION = 5  # 3: patch search on an exact (no wrap-around) grid; 4: the cache file is a bank file (params in meta);
+# 5: patches searched coarse to fine near the whole-lung alignment
 FLIPS = [tuple(a for a, f in zip(range(3), bits) if f) for bits in itertools.product((0, 1), repeat=3)]
 CACHE_DIR = ".medsyn-audit"
 
@@ -157,28 +158,74 @@ def _warp(a: np.ndarray, m: np.ndarray) -> np.ndarray:
     return ndimage.affine_transform(a, m, offset=c - m @ c, order=1, mode="constant")
 
 
-def patch_scores(a: np.ndarray, b: np.ndarray, side: int) -> np.ndarray:
+def box_sums(x: np.ndarray, k: int) -> np.ndarray:
+    """Sum of ``x`` over the k^3 cube at every corner where it fits (summed-area table: linear)."""
+    c = np.zeros(tuple(n + 1 for n in x.shape), np.float64)
+    c[1:, 1:, 1:] = x.astype(np.float64).cumsum(0).cumsum(1).cumsum(2)
+    out = np.zeros(tuple(n - k + 1 for n in x.shape), np.float64)
+    for bits in itertools.product((0, 1), repeat=3):
+        sl = tuple(slice(k, None) if f else slice(0, -k) for f in bits)
+        out += (-1) ** (3 - sum(bits)) * c[sl]
+    return out
+
+
+def _halve(x: np.ndarray) -> np.ndarray:
+    """2x2x2 block means (the grid of the coarse patch match)."""
+    x = x[: x.shape[0] // 2 * 2, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2]
+    return x.reshape(x.shape[0] // 2, 2, x.shape[1] // 2, 2, x.shape[2] // 2, 2).mean((1, 3, 5))
+
+
+class _Grid:
+    """b zero-padded by a patch side all round (so a patch may hang over b's edge), with the energy and
+    lung count of b under a patch at every corner."""
+
+    def __init__(self, b: np.ndarray, k: int):
+        self.k, self.pad = k, k
+        self.b = np.pad(b, k)
+        self.energy = np.sqrt(np.maximum(box_sums(self.b * self.b, k), 1e-6))
+        self.support = box_sums(self.b != 0, k)
+
+    def best(self, patch: np.ndarray, n: int, corner, radius: int, top: int = 1) -> list[tuple[float, tuple]]:
+        """The ``top`` best normalized correlations of ``patch`` with b at corners within ``radius`` of
+        ``corner`` (b's unpadded coordinates), where b holds at least half as much lung as the patch."""
+        lo = [min(max(0, c + self.pad - radius), m - 1) for c, m in zip(corner, self.energy.shape)]
+        hi = [min(m, max(1, c + self.pad + radius + 1)) for c, m in zip(corner, self.energy.shape)]
+        if any(h <= l for l, h in zip(lo, hi)):
+            return [(-1.0, tuple(corner))]
+        win = self.b[lo[0]:hi[0] + self.k - 1, lo[1]:hi[1] + self.k - 1, lo[2]:hi[2] + self.k - 1]
+        views = np.lib.stride_tricks.sliding_window_view(win, patch.shape)
+        c = np.einsum("abcijk,ijk->abc", views, patch, optimize=True)
+        box = tuple(slice(l, h) for l, h in zip(lo, hi))
+        c = np.where(self.support[box] > 0.5 * n, c / self.energy[box], -np.inf) / max(float(np.linalg.norm(patch)), 1e-6)
+        order = np.argsort(c, axis=None)[::-1][:top]
+        return [(float(c.flat[i]), tuple(int(j) + l - self.pad for j, l in zip(np.unravel_index(i, c.shape), lo)))
+                for i in order]
+
+
+def patch_scores(a: np.ndarray, b: np.ndarray, side: int, shift=(0, 0, 0), radius: int = 12) -> np.ndarray:
     """For each patch (side^3, half-overlapping, mostly lung) of ``a``: its best normalized correlation
-    with any position of ``b`` (template matching by FFT on a grid of b's size + side - 1, so every
-    position where a patch overlaps b is computed without wrap-around; positions where b is mostly
-    outside the lungs are skipped, so a near-empty window cannot score by chance)."""
-    side = max(4, min(side, *a.shape))
+    with b anywhere within ``radius`` voxels of where the whole-lung alignment (``shift``: a at x sits
+    on b at x + shift) puts it. Coarse to fine, so each patch costs the same whatever the volume's
+    size (the search is linear in voxels): the patch's 2x-downsampled copy is matched at every
+    position of the window on b's 2x-downsampled grid; the 2 best positions are refined on the full
+    grid (+-2 voxels). Positions where b is mostly outside the lungs are skipped, so a near-empty
+    window cannot score by chance."""
+    side = max(4, min(side, *a.shape)) // 2 * 2
     step = max(2, side // 2)
-    shape = tuple(fft.next_fast_len(n + side - 1) for n in b.shape)
-    fb = spectra_of(b, shape)
-    window = np.ones((side,) * 3, np.float32)
-    energy = xcorr(spectrum(window, shape), fb[1], shape)
-    support = xcorr(spectrum(window, shape), fb[2], shape)
-    denom = np.sqrt(np.maximum(energy, 1e-6))
+    fine, coarse, ac = _Grid(b, side), _Grid(_halve(b), side // 2), _halve(a)
     scores = []
     for z, y, x in itertools.product(*[range(0, max(1, n - side + 1), step) for n in a.shape]):
         patch = a[z:z + side, y:y + side, x:x + side]
-        norm = float(np.linalg.norm(patch))
         n = np.count_nonzero(patch)
-        if n < 0.15 * patch.size or norm == 0:
+        if n < 0.15 * patch.size or not patch.any():
             continue
-        c = xcorr(spectrum(patch, shape), fb[0], shape)
-        scores.append(float(np.max(np.where(support > 0.5 * n, c / denom, -1.0))) / norm)
+        pc = ac[z // 2:z // 2 + side // 2, y // 2:y // 2 + side // 2, x // 2:x // 2 + side // 2]
+        target = [(c + s) // 2 for c, s in zip((z, y, x), shift)]
+        best = -1.0
+        if pc.shape == (side // 2,) * 3 and pc.any():
+            for _, q in coarse.best(pc, np.count_nonzero(pc), target, -(-radius // 2), top=2):
+                best = max(best, fine.best(patch, n, [2 * c for c in q], 2)[0][0])
+        scores.append(best)
     return np.array(scores)
 
 
@@ -239,7 +286,8 @@ def nearest(f: Features, bank: Bank, exclude: str | None = None) -> dict:
         tried = [(global_ncc(w, fb, fshape), name, w) for name, m in transforms(p)
                  for w in [_warp(a, m)]]
         (g, shift), name, w = max(tried, key=lambda t: t[0][0])
-        loc = local_score(patch_scores(w, b, int(round(p.patch_mm / p.fine_mm))))
+        loc = local_score(patch_scores(w, b, int(round(p.patch_mm / p.fine_mm)), shift,
+                                       int(round(p.patch_radius_mm / p.fine_mm))))
         if max(g, loc) > max(best["global"], best.get("local", -1.0)):
             flip_name = "+".join("zyx"[k] for k in fl) or "none"
             best = {"global": g, "local": loc, "nearest": bank.ids[i], "coarse": score_c,
