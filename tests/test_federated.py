@@ -142,6 +142,31 @@ def test_clientapp_ends_when_its_superexec_dies_even_unreaped(tmp_path):
         parent.wait()
 
 
+def test_update_checks_name_what_is_wrong():
+    """Each site's update against the global model: keys, shapes, dtypes, finiteness (oracle: edits
+    made by hand), and the norm bound (analytic: norms set by hand)."""
+    from medsyn_site.federated.server import check_update, norm_outliers, update_norm
+
+    g = {"w": torch.zeros(3, 4), "b": torch.zeros(4), "n": torch.tensor(7)}
+    ok = {"w": torch.ones(3, 4), "b": torch.zeros(4), "n": torch.tensor(7)}
+    assert check_update(ok, g) is None and update_norm(ok, g) == pytest.approx(12 ** 0.5)
+    assert "1 missing" in check_update({"w": ok["w"], "n": ok["n"]}, g)
+    assert "1 unexpected" in check_update({**ok, "evil": torch.zeros(1)}, g)
+    assert "w: shape (4, 3)" in check_update({**ok, "w": torch.zeros(4, 3)}, g)
+    assert "b: dtype torch.float64" in check_update({**ok, "b": torch.zeros(4, dtype=torch.float64)}, g)
+    for bad in (float("nan"), float("inf")):
+        w = ok["w"].clone()
+        w[1, 2] = bad
+        assert "w: non-finite" in check_update({**ok, "w": w}, g)
+    # two sites, one 1000x: the lower median keeps the bar at the honest norm
+    assert set(norm_outliers({"a": 1.0, "b": 1000.0}, [], 10)) == {"b"}
+    # an attacker sending no change cannot get the honest site dropped once there is history
+    assert norm_outliers({"a": 1.2, "b": 0.0}, [1.0, 1.1, 0.9, 1.0], 10) == {}
+    assert norm_outliers({"a": 1.0, "b": 2.0, "c": 3.0}, [], 10) == {}
+    assert "max-update-norm 2" in norm_outliers({"a": 1.0, "b": 3.0}, [], 0, limit=2.0)["b"]
+    assert norm_outliers({"a": 1.0, "b": 1e6}, [], 0) == {}  # ratio 0: off
+
+
 def test_global_run_saves_each_round_resumes_and_samples(tmp_path):
     from medsyn_site.diffusion.sample import Sampler, resolve_weights
 
@@ -426,3 +451,90 @@ def test_federation_tls_auth_two_sites_drop_and_resume(tmp_path, monkeypatch):
         _adopt_orphans_unreaped(False)
     assert not left, f"processes left behind after the federation stopped: {left}"
     mark("all processes ended")
+
+
+POISON = """
+import sys
+if sys.argv[0].endswith("flwr-clientapp"):  # only the site's trainer process
+    import pathlib, torch
+    from medsyn_site.federated import task
+    honest = task.run_local_round
+
+    def run_local_round(cfg, cohort, work_dir, weights, steps, prox_mu=0.0):
+        r = honest(cfg, cohort, work_dir, weights, steps, prox_mu=prox_mu)
+        out = pathlib.Path(work_dir).parent / "poison"
+        out.mkdir(exist_ok=True)
+        n = len(list(out.glob("round_*.pt"))) + 1
+        if n == 1:  # a GPU that returned NaN
+            r.weights = {k: v.float() * float("nan") if v.is_floating_point() else v for k, v in r.weights.items()}
+        else:  # a stolen key: the update scaled 1000x
+            r.weights = {k: weights[k] + 1000 * (v - weights[k]) if v.is_floating_point() else v
+                         for k, v in r.weights.items()}
+        torch.save({"weights": r.weights, "num_examples": r.num_examples}, out / f"round_{n}.pt")
+        return r
+
+    task.run_local_round = run_local_round
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_poisoned_site_cannot_move_the_global_model(tmp_path, monkeypatch):
+    """A real SuperLink and two SuperNodes; site b's trainer is modified (sitecustomize on its PATH):
+    round 1 it sends NaN, round 2 its update scaled 1000x. Both are refused with their reasons in
+    rounds.csv, the rounds go on with site a, the global model stays finite and equal to the honest
+    average, and the operator is told site b was refused twice in a row. Printed: how far plain
+    FedAvg would have pushed the global model."""
+    from medsyn_site.federated.server import update_norm
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    fed = Federation(tmp_path, env)
+    link_port, ports = free_port(), {"a": free_port(), "b": free_port()}
+    marks = [str(tmp_path), *(f"127.0.0.1:{p}" for p in (link_port, *ports.values()))]
+    link, run_dir = f"127.0.0.1:{link_port}", tmp_path / "global"
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "sitecustomize.py").write_text(POISON)
+    try:
+        for site, seed in (("a", 31), ("b", 32)):
+            write_phantom_cohort(PhantomConfig(cases=3, seed=seed, shape=(48, 48, 32), max_nodules=2),
+                                 SplitConfig(train=0.67, val=0.33), tmp_path / f"cohort_{site}")
+        fed.start("superlink", ["fl", "superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port)])
+        assert fed.cli("fl", "connect", "--superlink", link, "--insecure").returncode == 0
+        for site in ("a", "b"):
+            if site == "b":
+                fed.env = {**env, "PYTHONPATH": str(tmp_path / "evil")}
+            fed.start(f"supernode_{site}", ["fl", "supernode", "--insecure", "--superlink", link,
+                                            "--cohort", str(tmp_path / f"cohort_{site}"), "--work-dir",
+                                            str(tmp_path / f"work_{site}"), "--port", str(ports[site]), "--threads", "1"])
+        fed.env = env
+        def both_online() -> bool:
+            try:
+                return len(fed.online()) == 2
+            except deploy.DeployError:  # the SuperLink still starting
+                return False
+        _until(both_online, 180, "both sites online")
+        done = fed.cli("fl", "run", "--run-config", f'run-dir="{run_dir}" config="{CONFIG}" local-steps=2 rounds=2 '
+                       f'min-sites=1 round-timeout=600.0', timeout=800)
+        assert done.returncode == 0, done.stdout + done.stderr + fed.log("superlink")[-3000:]
+        rows = {(r["round"], r["status"].split(":")[0]) for r in _rows(run_dir)}
+        assert sorted(rows) == [("1", "ok"), ("1", "refused"), ("2", "ok"), ("2", "refused")], rows
+        reasons = {r["round"]: r["status"] for r in _rows(run_dir) if r["status"] != "ok"}
+        assert "non-finite values" in reasons["1"] and "above 10 x the round's reference" in reasons["2"], reasons
+        honest_norm = [float(r["update_norm"]) for r in _rows(run_dir) if r["round"] == "2" and r["status"] == "ok"][0]
+        g1, g2 = (torch.load(run_dir / "checkpoints" / f"round_{n:05d}" / "global.pt") for n in (1, 2))
+        assert all(torch.isfinite(v).all() for g in (g1, g2) for v in g.values() if v.is_floating_point())
+        # with site b refused, the global model IS site a's update (the honest average); plain FedAvg would
+        # have moved it by n_b / (n_a + n_b) x |poisoned - honest|
+        poison = torch.load(tmp_path / "work_b" / "poison" / "round_2.pt")
+        n_a = [int(r["num_examples"]) for r in _rows(run_dir) if r["round"] == "2" and r["status"] == "ok"][0]
+        pushed = poison["num_examples"] / (n_a + poison["num_examples"]) * update_norm(poison["weights"], g2)
+        print(f"round 2: honest update norm {honest_norm:.4g}; plain FedAvg would have put the global model "
+              f"{pushed:.4g} away from the honest average ({pushed / honest_norm:.0f}x the honest update); "
+              f"with validation: 0")
+        assert pushed > 100 * honest_norm
+        assert "refused in the last 2 rounds in a row" in (run_dir / "federation.log").read_text()
+    finally:
+        fed.stop()
+        left = _sweep(marks)
+    assert not left, f"processes left behind: {left}"

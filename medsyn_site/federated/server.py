@@ -2,7 +2,13 @@
 `medsyn publish` read, one checkpoint per round, resumable) and a strategy wrapper that records each
 round (per-site loss, bytes each way, round time), keeps the global EMA and writes the checkpoint.
 
-Aggregation itself is Flower's (FedAvg / FedProx, optionally inside Flower's DP wrapper)."""
+Every site's update is input from another party and is validated before aggregation
+(``check_update``, ``norm_outliers``): exactly the global model's keys, shapes and dtypes, finite,
+and not too far from the global model; a bad one is dropped for the round, with its reason in
+rounds.csv, and a site dropped in ``alert-after`` rounds in a row is reported. Aggregation itself is
+Flower's: FedAvg / FedProx, or the robust FedMedian / FedTrimmedAvg, optionally inside Flower's DP
+wrapper. (Krum is not offered: it needs more than 2f + 2 sites to outvote f attackers, so the 2-4
+sites of a hospital consortium leave it f = 0.)"""
 from __future__ import annotations
 
 import csv
@@ -25,7 +31,9 @@ log = logging.getLogger(__name__)
 GLOBAL_FILE = "global.pt"  # the aggregated (not averaged-over-rounds) weights: what the next round starts from
 ROUNDS_CSV = "rounds.csv"
 FIELDS = ["round", "node_id", "status", "loss", "steps", "seconds", "num_examples", "bytes_down", "bytes_up",
-          "round_seconds"]
+          "round_seconds", "update_norm"]
+STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg")
+REFUSED = "refused: "  # the status of an update that failed validation
 
 
 class FederationError(RuntimeError):
@@ -48,6 +56,10 @@ class Settings:
     transfer: str = "fp32"
     dp_noise: float = 0.0
     dp_clip: float = 1.0
+    trim_beta: float = 0.2  # fedtrimmedavg: the fraction cut at each end
+    update_norm_ratio: float = 10.0  # an update farther than this x the round's reference norm is refused (0: off)
+    max_update_norm: float = 0.0  # the operator's absolute bound on an update's L2 distance (0: none)
+    alert_after: int = 2  # report a site refused in this many rounds in a row
     name: str = ""
 
     @classmethod
@@ -60,8 +72,8 @@ class Settings:
         s = cls(**known)
         if s.transfer not in TRANSFERS:
             raise ConfigError(f"run config transfer={s.transfer!r}: use one of {', '.join(TRANSFERS)}")
-        if s.strategy not in ("fedavg", "fedprox"):
-            raise ConfigError(f"run config strategy={s.strategy!r}: use fedavg or fedprox")
+        if s.strategy not in STRATEGIES:
+            raise ConfigError(f"run config strategy={s.strategy!r}: use one of {', '.join(STRATEGIES)}")
         if s.min_sites < 1 or s.rounds < 1 or s.local_steps < 1:
             raise ConfigError("run config: min-sites, rounds and local-steps must be >= 1")
         if not s.run_dir:
@@ -71,6 +83,45 @@ class Settings:
     def medsyn_config(self) -> Config:
         path = Path(self.config)
         return load_config(path if path.is_absolute() or path.exists() else CONFIG_DIR / path)
+
+
+def check_update(update: dict, reference: dict) -> str | None:
+    """Why a site's weights cannot be aggregated with the global model ``reference``, or None: they
+    must have exactly its keys, shapes and dtypes, and finite values."""
+    missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
+    if missing or extra:
+        return (f"keys differ from the global model's ({len(missing)} missing, e.g. {missing[:2]}; "
+                f"{len(extra)} unexpected, e.g. {extra[:2]})")
+    for k, ref in reference.items():
+        v = update[k]
+        if tuple(v.shape) != tuple(ref.shape):
+            return f"{k}: shape {tuple(v.shape)}, the global model's is {tuple(ref.shape)}"
+        if v.dtype != ref.dtype:
+            return f"{k}: dtype {v.dtype}, the global model's is {ref.dtype}"
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return f"{k}: non-finite values (NaN or inf)"
+    return None
+
+
+def update_norm(update: dict, reference: dict) -> float:
+    """The L2 distance of a site's weights from the global model it started from."""
+    return float(sum(((update[k] - v) ** 2).sum() for k, v in reference.items() if v.is_floating_point()) ** 0.5)
+
+
+def norm_outliers(norms: dict, history: list[float], ratio: float, limit: float = 0.0) -> dict:
+    """{site: reason} for updates too far from the global model: above the operator's ``limit``
+    (0: none), or above ``ratio`` x the reference, the LOWER median of this round's norms and the
+    accepted norms of earlier rounds. The lower median, so that with two sites a huge update cannot
+    raise the bar for itself (but a site that sends nothing cannot lower it below its own history)."""
+    pool = sorted(list(norms.values()) + list(history))
+    ref = pool[(len(pool) - 1) // 2] if pool else 0.0
+    out = {}
+    for node, n in norms.items():
+        if limit > 0 and n > limit:
+            out[node] = f"update norm {n:.4g} above the operator's max-update-norm {limit:g}"
+        elif ratio > 0 and ref > 0 and n > ratio * ref:
+            out[node] = f"update norm {n:.4g} above {ratio:g} x the round's reference {ref:.4g}"
+    return out
 
 
 class GlobalRun:
@@ -83,6 +134,7 @@ class GlobalRun:
         self.root = self.run.root
         if self.run.tags():
             self.run.check_resume(cfg)  # same model, diffusion and recipe, or a clear error
+            self._upgrade_rounds_csv()
             tag = self.run.resume_tag  # the newest intact round (checksums)
             blob = torch.load(self.run.ckpt / tag / EMA_FILE, map_location="cpu")
             self.round = int(blob["round"])
@@ -114,6 +166,36 @@ class GlobalRun:
     @property
     def name(self) -> str:
         return self.s.name or self.root.name
+
+    def rows(self) -> list[dict]:
+        """rounds.csv as written so far."""
+        with open(self.root / ROUNDS_CSV, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def _upgrade_rounds_csv(self) -> None:  # a run dir from before the update_norm column
+        rows = self.rows()
+        if rows and set(rows[0]) != set(FIELDS):
+            text = [",".join(FIELDS)] + [",".join(str(r.get(k) or "") for k in FIELDS) for r in rows]
+            atomic_write_text(self.root / ROUNDS_CSV, "\n".join(text) + "\n")
+
+    def accepted_norms(self, rounds: int = 3) -> list[float]:
+        """The update norms aggregated in the last ``rounds`` rounds (the norm check's history)."""
+        rows = [r for r in self.rows() if r["status"] == "ok" and r.get("update_norm")]
+        last = sorted({int(r["round"]) for r in rows})[-rounds:]
+        return [float(r["update_norm"]) for r in rows if int(r["round"]) in last]
+
+    def refused_streak(self, node) -> int:
+        """In how many of the last rounds in a row this site's update was refused."""
+        by_round = {}
+        for r in self.rows():
+            if str(r["node_id"]) == str(node):
+                by_round[int(r["round"])] = r["status"]
+        n = 0
+        for rnd in sorted(by_round, reverse=True):
+            if not by_round[rnd].startswith(REFUSED):
+                break
+            n += 1
+        return n
 
     def save_round(self, rnd: int, weights: dict, rows: list[dict]) -> Path:
         """EMA update, then the round's checkpoint (the run dir's one checkpoint writer)."""
@@ -196,21 +278,41 @@ class Recorder(Strategy):
         replies = list(replies)
         rows, good, answered = [], [], set()
         to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
+        candidates = []  # (message, fp32 weights, row) of the replies that passed the checks so far
         for m in replies:
             # an error reply (e.g. Node Unavailable) comes from the SuperLink: name the site it was for
             node = to_node.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
             answered.add(node)
             row = {"node_id": node, "bytes_down": self.down.get(node, 0), "bytes_up": 0, "loss": "", "steps": "",
-                   "seconds": "", "num_examples": ""}
+                   "seconds": "", "num_examples": "", "update_norm": ""}
             if m.has_error():
                 rows.append({**row, "status": f"error: {m.error.reason}"})
                 log.warning("round %d: site %s failed: %s", rnd, node, m.error.reason)
                 continue
-            arrays, metrics = m.content["arrays"], m.content["metrics"]
-            row.update(status="ok", bytes_up=nbytes(arrays), loss=float(metrics["loss"]), steps=int(metrics["steps"]),
-                       seconds=float(metrics["seconds"]), num_examples=int(metrics["num-examples"]))
-            m.content["arrays"] = ArrayRecord(decode(arrays))  # fp32 for the aggregation
-            rows.append(row)
+            try:  # everything a site sends is untrusted input
+                arrays, metrics = m.content["arrays"], m.content["metrics"]
+                row.update(bytes_up=nbytes(arrays), loss=float(metrics["loss"]), steps=int(metrics["steps"]),
+                           seconds=float(metrics["seconds"]), num_examples=int(metrics["num-examples"]))
+                weights = decode(arrays)
+                reason = check_update(weights, self.run.weights)
+                if not reason and not row["num_examples"] > 0:
+                    reason = f"num-examples {row['num_examples']} (must be > 0)"
+            except Exception as e:  # noqa: BLE001 (a malformed reply of any kind)
+                weights, reason = None, f"malformed reply ({type(e).__name__}: {e})"[:300]
+            if reason:
+                self._refuse(rnd, row, reason, rows)
+                continue
+            row["update_norm"] = update_norm(weights, self.run.weights)
+            candidates.append((m, weights, row))
+        s = self.run.s
+        far = norm_outliers({row["node_id"]: row["update_norm"] for _, _, row in candidates},
+                            self.run.accepted_norms(), s.update_norm_ratio, s.max_update_norm)
+        for m, weights, row in candidates:
+            if row["node_id"] in far:
+                self._refuse(rnd, row, far[row["node_id"]], rows)
+                continue
+            m.content["arrays"] = ArrayRecord(weights)  # fp32 for the aggregation
+            rows.append({**row, "status": "ok"})
             good.append(m)
         for node in sorted(set(self.down) - answered):
             rows.append({"node_id": node, "status": "no reply within round-timeout", "bytes_down": self.down[node],
@@ -220,14 +322,24 @@ class Recorder(Strategy):
         elapsed = time.perf_counter() - self.t0
         for r in rows:
             r["round_seconds"] = round(elapsed, 3)
-        if len(good) < self.run.s.min_sites:
+        if len(good) < s.min_sites:
             self.run._record(rnd, rows)
             raise FederationError(f"round {rnd}: {len(good)} site(s) replied, fewer than min-sites="
                                   f"{self.run.s.min_sites}; the global model stays at round {rnd - 1} in "
                                   f"{self.run.root}; start the run again to retry")
         arrays, metrics = self.inner.aggregate_train(server_round, good)
         self.run.save_round(rnd, {k: v.clone() for k, v in decode(arrays).items()}, rows)
+        for r in rows:
+            streak = self.run.refused_streak(r["node_id"]) if r["status"].startswith(REFUSED) else 0
+            if streak >= s.alert_after:
+                log.error("site %s: its update was refused in the last %d rounds in a row (now: %s); check that "
+                          "site (its software, its data, its key) before the next run", r["node_id"], streak,
+                          r["status"][len(REFUSED):])
         return arrays, metrics
+
+    def _refuse(self, rnd: int, row: dict, reason: str, rows: list[dict]) -> None:
+        rows.append({**row, "status": REFUSED + reason, "update_norm": row.get("update_norm", "")})
+        log.warning("round %d: site %s's update refused (dropped this round): %s", rnd, row["node_id"], reason)
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         return []
@@ -237,15 +349,18 @@ class Recorder(Strategy):
 
 
 def build_strategy(s: Settings):
-    """Flower's FedAvg or FedProx (weighted by examples), inside Flower's server-side DP wrapper
+    """Flower's FedAvg or FedProx (weighted by examples), or its robust FedMedian (coordinate-wise
+    median) or FedTrimmedAvg (``trim-beta`` cut at each end), inside Flower's server-side DP wrapper
     (fixed clipping + Gaussian noise) when dp-noise > 0."""
-    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedProx
+    from flwr.serverapp import strategy as fl
 
     common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=s.min_sites,
                   min_available_nodes=s.min_sites, min_evaluate_nodes=0)
-    inner = FedProx(proximal_mu=s.proximal_mu, **common) if s.strategy == "fedprox" else FedAvg(**common)
+    inner = {"fedavg": lambda: fl.FedAvg(**common), "fedprox": lambda: fl.FedProx(proximal_mu=s.proximal_mu, **common),
+             "fedmedian": lambda: fl.FedMedian(**common),
+             "fedtrimmedavg": lambda: fl.FedTrimmedAvg(beta=s.trim_beta, **common)}[s.strategy]()
     if s.dp_noise > 0:
-        inner = DifferentialPrivacyServerSideFixedClipping(inner, noise_multiplier=s.dp_noise, clipping_norm=s.dp_clip,
+        inner = fl.DifferentialPrivacyServerSideFixedClipping(inner, noise_multiplier=s.dp_noise, clipping_norm=s.dp_clip,
                                                            num_sampled_clients=s.min_sites)
     return inner
 
