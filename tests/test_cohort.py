@@ -151,3 +151,51 @@ def test_force_replaces_atomically(tmp_path):
         (d / "b").write_text("2")
     assert [p.name for p in out.iterdir()] == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_a_hostile_release_is_refused_before_any_voxel_is_read(cohort_copy, tmp_path):
+    """What the central side checks in a release before reading voxels (release_problems), each
+    attack made by hand: a header claiming 2.7 x 10^13 voxels, a gzip bomb (a valid 16-voxel header whose
+    stream inflates to 64 MB), a wrong voxel type, a shape unlike cohort.json's, an unlisted file.
+    `medsyn evaluate prepare` refuses such a release in one line."""
+    import gzip
+    import tracemalloc
+
+    import nibabel as nib
+
+    from medsyn_site.data.cohort import release_problems
+    from medsyn_site.evaluate.datasets import EvaluationError, prepare_workspace
+
+    assert release_problems(cohort_copy) == []
+    c = Cohort(cohort_copy).cases
+    huge = nib.load(image_path(cohort_copy, c[0].id))
+    hdr = huge.header.copy()
+    hdr.set_data_shape((30_000, 30_000, 30_000))
+    raw = gzip.decompress(image_path(cohort_copy, c[0].id).read_bytes())
+    image_path(cohort_copy, c[0].id).write_bytes(gzip.compress(hdr.binaryblock + raw[348:]))
+    small = nib.Nifti1Image(np.zeros(tuple(c[1].shape), np.int16), np.eye(4))
+    bomb = small.header.binaryblock + b"\0" * 4 + b"\0" * (64 << 20)
+    image_path(cohort_copy, c[1].id).write_bytes(gzip.compress(bomb, 9))
+    nib.save(nib.Nifti1Image(np.zeros(tuple(c[2].shape), np.float64), np.eye(4)), image_path(cohort_copy, c[2].id))
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), mask_path(cohort_copy, c[3].id))
+    shutil.copy(mask_path(cohort_copy, c[4].id), cohort_copy / "masks" / "extra.nii.gz")
+    tracemalloc.start()
+    problems = [str(p) for p in release_problems(cohort_copy)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print("\n".join(problems), f"\npeak Python memory {peak / 2 ** 20:.1f} MiB")
+    expect = [(image_path(cohort_copy, c[0].id), "header claims 30000x30000x30000 voxels"),
+              (image_path(cohort_copy, c[1].id), "gzip stream expands beyond"),
+              (image_path(cohort_copy, c[2].id), "image voxels are float64, expected int16"),
+              (mask_path(cohort_copy, c[3].id), "shape (4, 4, 4) differs from cohort.json's"),
+              (cohort_copy / "masks" / "extra.nii.gz", "file is not listed in cohort.json")]
+    for path, what in expect:
+        assert any(m.startswith(str(path)) and what in m for m in problems), (path, what, problems)
+    assert len(problems) == len(expect)
+    assert peak < 16 * 2 ** 20  # the bomb was never inflated in memory, nor the huge volume allocated
+    # validate_cohort (the site's own check) does not read the unsafe files either
+    assert any("gzip stream expands beyond" in str(p) for p in validate_cohort(cohort_copy))
+    with pytest.raises(EvaluationError) as e:
+        prepare_workspace(tmp_path / "ws", cohort_copy, synthetic=cohort_copy)
+    assert "header claims" in str(e.value) and "4 more problem(s)" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "ws").exists()

@@ -28,6 +28,8 @@ INDEX = "cohort.json"
 SPLITS = ("train", "val", "test")
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 GEOMETRY_TOL = 1e-3  # mm (spacing, origin) and cosine (direction)
+MAX_VOXELS = 2 ** 29  # per volume (1 GiB of int16): a 512 x 512 x 2048 CT; a header claiming more is refused unread
+DTYPES = {"image": np.dtype("int16"), "mask": np.dtype("uint8")}
 
 
 class NoduleRecord(BaseModel):
@@ -71,6 +73,7 @@ class Problem:
 
     path: Path
     message: str
+    unsafe: bool = False  # reading the file's voxels could exhaust memory: they are not read
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}"
@@ -300,9 +303,57 @@ def _voxels(path: Path, problems: list[Problem], what: str) -> np.ndarray | None
         return None
 
 
+def header_problems(path: Path, what: str, rec: CaseRecord, max_voxels: int = MAX_VOXELS) -> list[Problem]:
+    """What is wrong with a NIfTI file, found without reading its voxels: the header's voxel count,
+    voxel type and shape against cohort.json, and the gzip stream's decompressed size against what the
+    header says (a small file that would expand to gigabytes is refused after reading at most that
+    many bytes, never held in memory). Empty: the voxels may be read."""
+    import gzip
+    import zlib
+
+    if not path.is_file():
+        return [Problem(path, f"missing {what} file", unsafe=True)]
+    try:
+        img = nib.load(path)  # the header only (348 bytes and any extensions); voxels stay on disk
+        shape, dtype, offset = tuple(int(n) for n in img.header.get_data_shape()), img.get_data_dtype(), int(img.dataobj.offset)
+    except Exception as e:  # noqa: BLE001 (anything unreadable)
+        return [Problem(path, f"unreadable {what} header ({' '.join(str(e).split())[:200]})", unsafe=True)]
+    n = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    if len(shape) != 3 or n > max_voxels:
+        return [Problem(path, f"header claims {'x'.join(map(str, shape))} voxels (over the limit of {max_voxels:,} "
+                              "per volume, or not 3-D); not read", unsafe=True)]
+    out = []
+    if dtype.newbyteorder("=") != DTYPES[what]:
+        out.append(Problem(path, f"{what} voxels are {dtype}, expected {DTYPES[what]}"))
+    if shape != tuple(rec.shape):
+        out.append(Problem(path, f"shape {shape} differs from cohort.json's {tuple(rec.shape)}"))
+    expected = offset + n * dtype.itemsize
+    if path.name.endswith(".gz"):
+        size, inflate = 0, zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    size += len(inflate.decompress(chunk, expected + 1 - size))
+                    while inflate.unconsumed_tail and size <= expected:
+                        size += len(inflate.decompress(inflate.unconsumed_tail, expected + 1 - size))
+                    if size > expected:
+                        break
+        except (zlib.error, gzip.BadGzipFile, OSError) as e:
+            out.append(Problem(path, f"corrupt gzip stream ({e})", unsafe=True))
+            return out
+        if size > expected:
+            out.append(Problem(path, f"gzip stream expands beyond the {expected:,} bytes its header implies; not read",
+                               unsafe=True))
+    return out
+
+
 def _case_problems(root: Path, rec: CaseRecord, hu_range: tuple[int, int]) -> list[Problem]:
     problems: list[Problem] = []
     ipath, mpath = image_path(root, rec.id), mask_path(root, rec.id)
+    unsafe = [p for path, what in ((ipath, "image"), (mpath, "mask")) for p in header_problems(path, what, rec)
+              if p.unsafe]
+    if unsafe:  # nothing past the headers is read (the other header problems are found again below)
+        return unsafe
     img, msk = _read(ipath, problems, "image"), _read(mpath, problems, "mask")
     for path, im, key in ((ipath, img, "image"), (mpath, msk, "mask")):
         if im is None:
@@ -366,6 +417,26 @@ def validate_cohort(root: str | Path, hu_range: tuple[int, int] = (-1024, 3071))
                                            f"{', '.join(sorted(names))}"))
     for rec in cohort.cases:
         problems += _case_problems(root, rec, hu_range)
+    listed = {rec.id for rec in cohort.cases}
+    for sub in ("images", "masks"):
+        for f in sorted((root / sub).glob("*")):
+            if re.sub(r"\.nii\.gz$", "", f.name) not in listed:
+                problems.append(Problem(f, "file is not listed in cohort.json"))
+    return problems
+
+
+def release_problems(root: str | Path, max_voxels: int = MAX_VOXELS) -> list[Problem]:
+    """What the central side checks in another party's cohort (a release) BEFORE reading any voxel:
+    the index, files not listed in it, and each file's header (voxel count, voxel type, shape,
+    the gzip stream's size; ``header_problems``). Empty: its voxels may be read."""
+    root = Path(root)
+    try:
+        cohort = Cohort(root)
+    except CohortError as e:
+        return [Problem(root / INDEX, str(e).split(": ", 1)[-1])]
+    problems = [p for rec in cohort.cases for path, what in ((image_path(root, rec.id), "image"),
+                                                               (mask_path(root, rec.id), "mask"))
+                for p in header_problems(path, what, rec, max_voxels)]
     listed = {rec.id for rec in cohort.cases}
     for sub in ("images", "masks"):
         for f in sorted((root / sub).glob("*")):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medsyn_site.atomic import atomic_write_text, sha256_file
-from medsyn_site.data.cohort import Cohort, image_path, mask_path
+from medsyn_site.data.cohort import Cohort, image_path, mask_path, release_problems
 from medsyn_site.errors import MedsynError
 
 ARMS = {"real": 501, "synthetic": 502, "real+synthetic": 503, "real+targeted": 504}
@@ -184,6 +184,11 @@ def prepare_workspace(ws: str | Path, real: str | Path, synthetic: str | Path | 
     """Export, split and preprocess every arm the inputs allow (or those asked for), plus the
     low-data arms at each of ``real_sizes`` (real-only, and real + synthetic when it is given)."""
     ws = Path(ws)
+    for release in (synthetic, targeted):  # another party's files: headers checked before any voxel is read
+        problems = release_problems(release) if release else []
+        if problems:
+            raise EvaluationError(f"{problems[0]}" + (f" (and {len(problems) - 1} more problem(s) in {release})"
+                                                       if len(problems) > 1 else "") + "; the release is not used")
     inputs = Inputs(Cohort(real), Cohort(synthetic) if synthetic else None, Cohort(targeted) if targeted else None)
     for other in (inputs.synthetic, inputs.targeted):
         if other is not None:
