@@ -190,6 +190,7 @@ class AuditConfig(Strict):
     candidates: int = Field(3, ge=0)  # training scans per synthetic volume that get the fine search
     patch_mm: float = Field(25.0, gt=0)  # side of the local patches
     patch_radius_mm: float = Field(30.0, ge=0)  # a patch is sought this far around where the whole-lung match puts it
+    patch_min_lung: float = Field(0.5, gt=0, le=1)  # a patch counts when at least this fraction of it is lung
     rotations_deg: float = Field(6.0, ge=0)  # +- this angle about each axis
     scales: tuple[float, ...] = (0.92, 1.08)
     false_alarm: float = Field(0.01, gt=0, lt=1)  # per real unseen scan

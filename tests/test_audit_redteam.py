@@ -195,3 +195,27 @@ def test_workers_that_cannot_start_give_an_error_not_a_hang(tmp_path):
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert "worker processes ended abruptly" in last and '__name__ == "__main__"' in last and "--workers 1" in last, last
+
+
+def test_box_sums_and_the_patch_search_against_brute_force():
+    """box_sums = the sum over every k^3 cube (brute force); the coarse-to-fine patch search finds a
+    region moved by 10 voxels exactly (score 1) when its radius covers the move, and not when it does
+    not; a region with no copy scores well below 1."""
+    from medsyn_site.publish.audit import box_sums, patch_scores
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(9, 8, 7))
+    bs = box_sums(x, 3)
+    brute = np.array([[[x[i:i + 3, j:j + 3, k:k + 3].sum() for k in range(5)] for j in range(6)] for i in range(7)])
+    np.testing.assert_allclose(bs, brute, atol=1e-9)
+    b = ndimage.gaussian_filter(rng.normal(size=(40, 40, 40)), 1.5).astype(np.float32)
+    b /= b.std()
+    a = ndimage.gaussian_filter(rng.normal(size=(40, 40, 40)), 1.5).astype(np.float32)  # unrelated lungs
+    a /= a.std()
+    a[10:30, 10:30, 10:30] = b[20:40, 10:30, 0:20]  # a copied region, moved by (+10, 0, -10)
+    inside = patch_scores(a[10:30, 10:30, 10:30], b, 10, shift=(20, 10, 0), radius=0)  # the alignment says where
+    assert inside.size and np.allclose(inside, 1.0, atol=1e-4), inside
+    found = patch_scores(a, b, 10, radius=12)
+    missed = patch_scores(a, b, 10, radius=2)
+    assert found.max() > 0.999 and missed.max() < 0.9, (found.max(), missed.max())
+    assert np.sort(found)[: found.size // 2].max() < 0.9  # the unrelated part matches nothing well
