@@ -188,6 +188,7 @@ class AuditConfig(Strict):
     fine_mm: float = Field(2.5, gt=0)  # feature grid of the fine search (vessels and airways resolved)
     coarse_mm: float = Field(5.0, gt=0)  # feature grid of the retrieval search over all training scans
     candidates: int = Field(3, ge=0)  # training scans per synthetic volume that get the fine search
+    retrieval_keep: int = Field(16, ge=1)  # a larger bank is first ranked at 2 x coarse_mm; this many kept
     patch_mm: float = Field(25.0, gt=0)  # side of the local patches
     patch_radius_mm: float = Field(30.0, ge=0)  # a patch is sought this far around where the whole-lung match puts it
     patch_min_lung: float = Field(0.5, gt=0, le=1)  # a patch counts when at least this fraction of it is lung

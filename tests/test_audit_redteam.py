@@ -219,3 +219,20 @@ def test_box_sums_and_the_patch_search_against_brute_force():
     missed = patch_scores(a, b, 10, radius=2)
     assert found.max() > 0.999 and missed.max() < 0.9, (found.max(), missed.max())
     assert np.sort(found)[: found.size // 2].max() < 0.9  # the unrelated part matches nothing well
+
+
+def test_a_large_bank_is_ranked_first_and_the_copy_still_found():
+    """A bank larger than retrieval_keep is ranked on a 2x coarser grid first: a disguised copy's
+    source must survive that ranking (here 2 kept of 6) and score as it does without it."""
+    from medsyn_site.publish import audit
+
+    cases = [make_case(PhantomConfig(shape=(48, 48, 32)), seed) for seed in range(6)]
+    p = audit.AuditParams()
+    feats = [audit.Features.of(c.image, c.spacing, p) for c in cases]
+    copy = _shift(np.flip(cases[4].image.astype(np.float32), 2), (1, 3, -2))
+    f = audit.Features.of(copy, cases[4].spacing, p)
+    ids = [f"t{i}" for i in range(6)]
+    full = audit.nearest(f, audit.Bank(ids, feats, p))
+    ranked = audit.nearest(f, audit.Bank(ids, feats, p.model_copy(update={"retrieval_keep": 2})))
+    assert full["nearest"] == ranked["nearest"] == "t4" and ranked["global"] > 0.6, (full, ranked)
+    assert ranked["global"] == pytest.approx(full["global"], abs=1e-6)

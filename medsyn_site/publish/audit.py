@@ -16,8 +16,10 @@ The search covers the disguises a copy can take:
   still matches patch by patch. Each patch costs the same whatever the volume's size: the search is
   linear in voxels (the earlier search over every position of the scan grew with their square).
 
-Two stages keep it O(synthetic x train) with a small constant: a coarse (``coarse_mm``) search over all
-flips and shifts against every training scan picks ``candidates`` nearest scans; the fine search
+Stages keep it O(synthetic x train) with a small constant: a bank larger than ``retrieval_keep`` is
+first ranked on a grid twice as coarse (all flips and shifts, an eighth of the voxels) and its
+``retrieval_keep`` nearest kept; a coarse (``coarse_mm``) search over all flips and shifts against
+those picks ``candidates`` nearest scans; the fine search
 (rotations, scalings, patches) runs on those only. Scores: ``global`` (best whole-lung NCC; its scan is
 the one named nearest) and ``local`` (mean of the best quarter of patch NCCs), each its best over the
 candidates. Thresholds come from a null distribution of
@@ -121,20 +123,25 @@ def xcorr(fa: np.ndarray, fb: np.ndarray, shape) -> np.ndarray:
     return fft.irfftn(np.conj(fa) * fb, shape, workers=1)
 
 
-def global_ncc(a: np.ndarray, fb: tuple, shape) -> tuple[float, tuple]:
+def template(a: np.ndarray, shape) -> tuple:
+    """What ``global_ncc`` needs of ``a`` on ``shape``: computed once per volume, reused against every scan."""
+    return spectrum(a, shape), spectrum((a != 0).astype(np.float32), shape), np.count_nonzero(a), float(np.linalg.norm(a))
+
+
+def global_ncc(a: np.ndarray, fb: tuple, shape, tmpl: tuple | None = None) -> tuple[float, tuple]:
     """Best normalized correlation of the whole of ``a`` (a template) with b over all shifts, and the
     shift. ``fb``: spectra of b, b**2 and b's lung support (``spectra_of``). b is normalized by its
     energy under a's support, so a copy cut by the field's edge (a part of b) still scores 1; shifts
     where less than a quarter of a's lungs overlap b's are skipped."""
     spec_b, spec_b2, spec_mb = fb
-    spec_ma = spectrum((a != 0).astype(np.float32), shape)
-    c = xcorr(spectrum(a, shape), spec_b, shape)
+    spec_a, spec_ma, count, norm = tmpl or template(a, shape)
+    c = xcorr(spec_a, spec_b, shape)
     energy = xcorr(spec_ma, spec_b2, shape)
     overlap = xcorr(spec_ma, spec_mb, shape)
-    c = np.where(overlap > 0.25 * np.count_nonzero(a), c / np.sqrt(np.maximum(energy, 1e-6)), -1.0)
+    c = np.where(overlap > 0.25 * count, c / np.sqrt(np.maximum(energy, 1e-6)), -1.0)
     i = int(np.argmax(c))
     shift = tuple(int(k) if k <= n // 2 else int(k) - n for k, n in zip(np.unravel_index(i, shape), shape))
-    return float(c.flat[i]) / max(float(np.linalg.norm(a)), 1e-6), shift
+    return float(c.flat[i]) / max(norm, 1e-6), shift
 
 
 def spectra_of(b: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -267,6 +274,18 @@ class Bank:
             self._spec[shape] = [spectra_of(f.coarse, shape) for f in self.feats]
         return self._spec[shape]
 
+    def retrieval(self, extra) -> tuple[tuple[int, ...], list]:
+        """The FFT shape and (spectra, norm) of the bank's coarse features halved again (2 x coarse_mm):
+        the first, cheap ranking of a large bank."""
+        halved = [_halve(f.coarse) for f in self.feats]
+        shape = fft_shape(*[h.shape for h in halved])
+        if not all(n >= 1.25 * e for n, e in zip(shape, extra)):
+            shape = fft_shape(extra, shape)
+        key = ("halved", shape)
+        if key not in self._spec:
+            self._spec[key] = [(*spectra_of(h, shape), max(float(np.linalg.norm(h)), 1e-6)) for h in halved]
+        return shape, self._spec[key]
+
 
 def nearest(f: Features, bank: Bank, exclude: str | None = None) -> dict:
     """The nearest training scan of one volume, over all disguises: scores and the best disguise."""
@@ -274,12 +293,21 @@ def nearest(f: Features, bank: Bank, exclude: str | None = None) -> dict:
     keep = [i for i, cid in enumerate(bank.ids) if cid != exclude]
     if not keep:
         return {"global": 0.0, "local": 0.0, "nearest": None, "disguise": None, "coarse": 0.0}
+    if len(keep) > p.retrieval_keep:  # a large bank: rank it on a grid 2x coarser first, keep the nearest
+        h = _halve(f.coarse)
+        hshape, hspectra = bank.retrieval(h.shape)
+        hflips = [spectrum(np.flip(h, fl) if fl else h, hshape) for fl in FLIPS]
+        # the plain correlation (one inverse FFT per flip; the exact normalized score follows on the kept scans)
+        ranked = sorted(((max(float(xcorr(a, hspectra[i][0], hshape).max()) for a in hflips) / hspectra[i][3], i)
+                         for i in keep), reverse=True)
+        keep = [i for _, i in ranked[: p.retrieval_keep]]
     shape = bank.coarse_shape(f.coarse.shape)
     spectra = bank.coarse_spectra(shape)
     coarse = []  # (score, bank index, flip)
     flipped = {fl: np.flip(f.coarse, fl) if fl else f.coarse for fl in FLIPS}
+    tmpl = {fl: template(a, shape) for fl, a in flipped.items()}  # once per volume, not per training scan
     for i in keep:
-        best = max((global_ncc(flipped[fl], spectra[i], shape)[0], fl) for fl in FLIPS)
+        best = max((global_ncc(flipped[fl], spectra[i], shape, tmpl[fl])[0], fl) for fl in FLIPS)
         coarse.append((best[0], i, best[1]))
     coarse.sort(reverse=True)
     best = {"global": -1.0}
