@@ -8,7 +8,8 @@ that every chest shares does not count. Each feature is cropped to its lungs' bo
 The search covers the disguises a copy can take:
 - all 8 axis-flip combinations, and every shift over the whole field (FFT cross-correlation);
 - intensity affine changes and noise (normalized correlation of band-passed features);
-- small rotations (about each axis) and scalings (a fixed set of resamplings of the synthetic feature);
+- small rotations (about each axis) and scalings (a fixed set of resamplings of the synthetic feature,
+  ranked on the coarse grid, the best scored on the fine grid);
 - local, patch-wise nearest-neighbour matching across the lungs: each patch (half or more of it lung)
   of the synthetic lungs is matched against every position of the candidate scan within
   ``patch_radius_mm`` of where the whole-lung alignment puts it, coarse to fine (2x-downsampled first,
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 VERSION = 5  # 3: patch search on an exact (no wrap-around) grid; 4: the cache file is a bank file (params in meta);
 # 5: patches (half lung) searched coarse to fine near the whole-lung alignment; global and local each their best
 COARSE_TOP, FINE_RADIUS = 2, 2  # the patch search refines the 2 best coarse matches, +-2 fine voxels around each
+TRANSFORMS_FINE = 2  # rotations / scalings scored on the fine grid (the best on the coarse grid)
 FLIPS = [tuple(a for a, f in zip(range(3), bits) if f) for bits in itertools.product((0, 1), repeat=3)]
 CACHE_DIR = ".medsyn-audit"
 
@@ -296,10 +298,12 @@ def nearest(f: Features, bank: Bank, exclude: str | None = None) -> dict:
     if len(keep) > p.retrieval_keep:  # a large bank: rank it on a grid 2x coarser first, keep the nearest
         h = _halve(f.coarse)
         hshape, hspectra = bank.retrieval(h.shape)
-        hflips = [spectrum(np.flip(h, fl) if fl else h, hshape) for fl in FLIPS]
-        # the plain correlation (one inverse FFT per flip; the exact normalized score follows on the kept scans)
-        ranked = sorted(((max(float(xcorr(a, hspectra[i][0], hshape).max()) for a in hflips) / hspectra[i][3], i)
-                         for i in keep), reverse=True)
+        hflips = np.conj(np.stack([spectrum(np.flip(h, fl) if fl else h, hshape) for fl in FLIPS]))
+        # the plain correlation, all flips in one batched inverse FFT (small grids: the per-call overhead
+        # dominates); the exact normalized score follows on the kept scans
+        axes = tuple(range(1, h.ndim + 1))
+        ranked = sorted(((float(fft.irfftn(hflips * hspectra[i][0], hshape, axes=axes, workers=1).max())
+                          / hspectra[i][3], i) for i in keep), reverse=True)
         keep = [i for _, i in ranked[: p.retrieval_keep]]
     shape = bank.coarse_shape(f.coarse.shape)
     spectra = bank.coarse_spectra(shape)
@@ -319,7 +323,15 @@ def nearest(f: Features, bank: Bank, exclude: str | None = None) -> dict:
                               for fl in FLIPS), reverse=True)
         fl = flip_scores[0][1]
         a = np.flip(f.fine, fl) if fl else f.fine
-        tried = [(global_ncc(w, fb, fshape), name, w) for name, m in transforms(p)
+        # rotations and scalings ranked on the coarse grid (an eighth of the voxels); the identity and the
+        # TRANSFORMS_FINE best are scored on the fine grid
+        ac, bc = (np.flip(f.coarse, fl) if fl else f.coarse), bank.feats[i].coarse
+        cshape = fft_shape(ac.shape, bc.shape)
+        fbc = spectra_of(bc, cshape)
+        ranked = sorted(((global_ncc(_warp(ac, m), fbc, cshape)[0], k) for k, (_, m) in enumerate(transforms(p))
+                         if k), reverse=True)
+        chosen = [0] + [k for _, k in ranked[:TRANSFORMS_FINE]]
+        tried = [(global_ncc(w, fb, fshape), name, w) for name, m in (transforms(p)[k] for k in chosen)
                  for w in [_warp(a, m)]]
         (g, shift), name, w = max(tried, key=lambda t: t[0][0])
         loc = local_score(patch_scores(w, b, int(round(p.patch_mm / p.fine_mm)), shift,
