@@ -184,15 +184,14 @@ def prepare_workspace(ws: str | Path, real: str | Path, synthetic: str | Path | 
     """Export, split and preprocess every arm the inputs allow (or those asked for), plus the
     low-data arms at each of ``real_sizes`` (real-only, and real + synthetic when it is given)."""
     ws = Path(ws)
-    for release in (synthetic, targeted):  # another party's files: headers checked before any voxel is read
-        problems = release_problems(release) if release else []
-        if problems:
-            raise EvaluationError(f"{problems[0]}" + (f" (and {len(problems) - 1} more problem(s) in {release})"
-                                                       if len(problems) > 1 else "") + "; the release is not used")
     inputs = Inputs(Cohort(real), Cohort(synthetic) if synthetic else None, Cohort(targeted) if targeted else None)
     for other in (inputs.synthetic, inputs.targeted):
         if other is not None:
-            check_no_test_leak(inputs.real, other)
+            check_no_test_leak(inputs.real, other)  # file hashes only: no voxel decoded
+            problems = release_problems(other.root)  # another party's files: headers before any voxel is read
+            if problems:
+                raise EvaluationError(f"{problems[0]}" + (f" (and {len(problems) - 1} more problem(s) in {other.root})"
+                                                           if len(problems) > 1 else "") + "; the release is not used")
     arms = list(arms or inputs.available_arms())
     arms += [a for a in subset_arms(real_sizes) if parse_arm(a)[0] in inputs.available_arms()]
     for arm in arms:
