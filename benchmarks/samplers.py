@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/realism")
     ap.add_argument("--prefix", default="s-", help="the labels of the sampler runs in realism.py's results")
     ap.add_argument("--figure", default="benchmarks/samplers.png")
+    ap.add_argument("--time", action="store_true",
+                    help="time one volume per sampler on this (idle) machine, 2 threads; DDPM-1000 as 20x DDPM-50")
     a = ap.parse_args()
     out = Path(a.out)
     results = json.loads((out / "results.json").read_text())
@@ -66,9 +68,31 @@ def main() -> None:
     for k in labels:
         d = np.load(out / "samples" / f"{k}.npz")
         sets[k] = [realism.Volume(h, m, real[0].spacing, types) for h, m in zip(d["hu"], d["mask"])]
+    timing_file = out / "samplers_timing.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+    if a.time:
+        import sys
+        import torch
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        import quality as quality_bench
+
+        torch.set_num_threads(2)
+        for k in labels:
+            how = made[k]["sampler"]
+            if how.endswith(":1000") or k in timing:
+                continue
+            sampler, steps = how.split(":")
+            quality_bench.sample(Path(made[k]["weights"]), out / "heldout", 1, sampler, int(steps))  # warm-up
+            timing[k] = round(quality_bench.sample(Path(made[k]["weights"]), out / "heldout", 1, sampler, int(steps))[1], 2)
+            print(k, timing[k], "s/volume", flush=True)
+        timing_file.write_text(json.dumps(timing, indent=1))
+    for k in labels:
+        if made[k]["sampler"].endswith(":1000") and "s-ddpm50" in timing:
+            timing[k] = round(20 * timing["s-ddpm50"], 1)
     rows = {"real (held out)": shape_and_tissue(real[len(real) // 2:], real[: len(real) // 2])}
     rows |= {k: shape_and_tissue(v, real) for k, v in sets.items()}
-    head = ("| sampler | network evaluations | s/volume (CPU) | air / lung / soft / bone | HU W1 | body / lung Dice | "
+    head = ("| sampler | network evaluations | s/volume (CPU, idle) | air / lung / soft / bone | HU W1 | body / lung Dice | "
             "nodule contrast HU | CNN C2ST | feature C2ST | HU W1 lung / wall | lung HF power | vessels | MS-SSIM |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for k, q in rows.items():
@@ -76,7 +100,7 @@ def main() -> None:
         m = results.get(k) or results["real-vs-real"]
         how = made[k]["sampler"] if k in made else "-"
         lines.append(
-            f"| {k} | {how.split(':')[1] if ':' in how else '-'} | {made.get(k, {}).get('seconds_per_volume', '-')} | "
+            f"| {k} | {how.split(':')[1] if ':' in how else '-'} | {timing.get(k, '-')} | "
             f"{t['air']:.3f} / {t['lung']:.3f} / {t['soft']:.3f} / {t['bone']:.3f} | {q['hu_w1']:.0f} | "
             f"{q['body']:.3f} / {q['lung']:.3f} | {q['contrast']:.0f} | {m['cnn_c2st']['accuracy']:.3f} | "
             f"{m['feature_c2st']['accuracy']:.3f} | {m['hu_w1']['lung']:.0f} / {m['hu_w1']['wall']:.0f} | "

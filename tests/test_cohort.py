@@ -163,7 +163,9 @@ def test_a_hostile_release_is_refused_before_any_voxel_is_read(cohort_copy, tmp_
 
     import nibabel as nib
 
+    from medsyn_site.config import PhantomConfig, SplitConfig
     from medsyn_site.data.cohort import release_problems
+    from medsyn_site.data.phantom import write_phantom_cohort
     from medsyn_site.evaluate.datasets import EvaluationError, prepare_workspace
 
     assert release_problems(cohort_copy) == []
@@ -195,7 +197,9 @@ def test_a_hostile_release_is_refused_before_any_voxel_is_read(cohort_copy, tmp_
     assert peak < 16 * 2 ** 20  # the bomb was never inflated in memory, nor the huge volume allocated
     # validate_cohort (the site's own check) does not read the unsafe files either
     assert any("gzip stream expands beyond" in str(p) for p in validate_cohort(cohort_copy))
+    real = write_phantom_cohort(PhantomConfig(cases=2, shape=(32, 32, 24)), SplitConfig(train=1.0, val=0.0),
+                                tmp_path / "real")  # no test split: nothing to leak into
     with pytest.raises(EvaluationError) as e:
-        prepare_workspace(tmp_path / "ws", cohort_copy, synthetic=cohort_copy)
+        prepare_workspace(tmp_path / "ws", real, synthetic=cohort_copy)
     assert "header claims" in str(e.value) and "4 more problem(s)" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "ws").exists()
