@@ -121,7 +121,7 @@ def test_shipped_model_samples_chest_ct_with_nodules_at_their_masks(phantom64, t
     masks = [j.mask(0) for j in jobs]
 
     def samples(weights):
-        gen = Sampler(weights, "ddpm", 50, device="cpu")
+        gen = Sampler(weights, device="cpu")  # the default sampler, as `medsyn sample` runs it
         return [(sitk.GetArrayFromImage(gen.volumes([m], [i])[0]), sitk.GetArrayFromImage(m))
                 for i, m in enumerate(masks)]
 
