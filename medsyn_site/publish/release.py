@@ -10,6 +10,8 @@ the dataset card and the audit, nothing else.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 from dataclasses import dataclass, field
@@ -310,18 +312,18 @@ def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt
         raise _nothing_released(synth, out, refused, report)
     report["realism"] = measure_realism(synth, [d.case for d in released], training_cohort, realism)
     with staged_dir(out, force) as stage:
-        if fmt in ("nifti", "both"):
-            with CohortWriter(stage / "nifti", description="synthetic release") as w:
-                for d in released:
-                    image, mask = cohort.read(d.case)
-                    w.add(d.case, patient=d.case, split="train", source="synthetic",
-                          image=_release_geometry(image), mask=_release_geometry(mask))
-        if fmt in ("dicom", "both"):
-            from medsyn_site.publish.dicom import write_case
+        from medsyn_site.publish.dicom import write_case
 
-            for d in tqdm(released, desc="DICOM", unit="case"):
+        with contextlib.ExitStack() as stack:  # each released volume read once for both formats
+            w = stack.enter_context(CohortWriter(stage / "nifti", description="synthetic release")) \
+                if fmt in ("nifti", "both") else None
+            for d in tqdm(released, desc=f"release ({fmt})", unit="case"):
                 image, mask = cohort.read(d.case)
-                write_case(_release_geometry(image), _release_geometry(mask), stage / "dicom" / d.case, d.case)
+                image, mask = _release_geometry(image), _release_geometry(mask)
+                if w is not None:
+                    w.add(d.case, patient=d.case, split="train", source="synthetic", image=image, mask=mask)
+                if fmt in ("dicom", "both"):
+                    write_case(image, mask, stage / "dicom" / d.case, d.case)
         write_privacy_report(stage / "audit", report)
         md, card = _card(header, released, refused, calibration, fmt, allow_verbatim, licence, entries,
                          adherence_summary, report["realism"])
