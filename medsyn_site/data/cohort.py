@@ -394,6 +394,12 @@ def _case_problems(root: Path, rec: CaseRecord, hu_range: tuple[int, int]) -> li
     return problems
 
 
+def _unlisted(root: Path, cohort: Cohort) -> list[Problem]:
+    listed = {rec.id for rec in cohort.cases}
+    return [Problem(f, "file is not listed in cohort.json") for sub in ("images", "masks")
+            for f in sorted((root / sub).glob("*")) if re.sub(r"\.nii\.gz$", "", f.name) not in listed]
+
+
 def validate_cohort(root: str | Path, hu_range: tuple[int, int] = (-1024, 3071)) -> list[Problem]:
     """Every problem found in a cohort (empty list: valid). Never raises for bad content."""
     root = Path(root)
@@ -417,12 +423,7 @@ def validate_cohort(root: str | Path, hu_range: tuple[int, int] = (-1024, 3071))
                                            f"{', '.join(sorted(names))}"))
     for rec in cohort.cases:
         problems += _case_problems(root, rec, hu_range)
-    listed = {rec.id for rec in cohort.cases}
-    for sub in ("images", "masks"):
-        for f in sorted((root / sub).glob("*")):
-            if re.sub(r"\.nii\.gz$", "", f.name) not in listed:
-                problems.append(Problem(f, "file is not listed in cohort.json"))
-    return problems
+    return problems + _unlisted(root, cohort)
 
 
 def release_problems(root: str | Path, max_voxels: int = MAX_VOXELS) -> list[Problem]:
@@ -437,9 +438,4 @@ def release_problems(root: str | Path, max_voxels: int = MAX_VOXELS) -> list[Pro
     problems = [p for rec in cohort.cases for path, what in ((image_path(root, rec.id), "image"),
                                                                (mask_path(root, rec.id), "mask"))
                 for p in header_problems(path, what, rec, max_voxels)]
-    listed = {rec.id for rec in cohort.cases}
-    for sub in ("images", "masks"):
-        for f in sorted((root / sub).glob("*")):
-            if re.sub(r"\.nii\.gz$", "", f.name) not in listed:
-                problems.append(Problem(f, "file is not listed in cohort.json"))
-    return problems
+    return problems + _unlisted(root, cohort)
