@@ -214,9 +214,9 @@ SAMPLERS = ("ddpm", "ddim", *SolverScheduler.SOLVERS)
 
 
 def sampling_scheduler(cfg: DiffusionConfig, sampler: str, steps: int):
-    """The scheduler ``medsyn sample`` steps through on ``steps`` trailing timesteps (``steps`` must
-    divide the training timesteps): ancestral DDPM, deterministic DDIM, or one of diffusers'
-    multistep solvers (dpm++, sde-dpm++, unipc), each one network evaluation per step."""
+    """The scheduler ``medsyn sample`` steps through, one network evaluation per step: ancestral DDPM
+    or deterministic DDIM on ``steps`` trailing timesteps (``steps`` must divide the training
+    timesteps), or diffusers' DPM-Solver++ (dpm++, sde-dpm++) on log-SNR-uniform ones."""
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     if sampler in SolverScheduler.SOLVERS:
