@@ -324,18 +324,23 @@ class Recorder(Strategy):
             r["round_seconds"] = round(elapsed, 3)
         if len(good) < s.min_sites:
             self.run._record(rnd, rows)
-            raise FederationError(f"round {rnd}: {len(good)} site(s) replied, fewer than min-sites="
+            self._alert(rows)
+            raise FederationError(f"round {rnd}: {len(good)} site update(s) accepted, fewer than min-sites="
                                   f"{self.run.s.min_sites}; the global model stays at round {rnd - 1} in "
                                   f"{self.run.root}; start the run again to retry")
         arrays, metrics = self.inner.aggregate_train(server_round, good)
         self.run.save_round(rnd, {k: v.clone() for k, v in decode(arrays).items()}, rows)
+        self._alert(rows)
+        return arrays, metrics
+
+    def _alert(self, rows: list[dict]) -> None:
+        """Tell the operator about a site whose update was refused ``alert-after`` rounds in a row."""
         for r in rows:
             streak = self.run.refused_streak(r["node_id"]) if r["status"].startswith(REFUSED) else 0
-            if streak >= s.alert_after:
+            if streak >= self.run.s.alert_after:
                 log.error("site %s: its update was refused in the last %d rounds in a row (now: %s); check that "
                           "site (its software, its data, its key) before the next run", r["node_id"], streak,
                           r["status"][len(REFUSED):])
-        return arrays, metrics
 
     def _refuse(self, rnd: int, row: dict, reason: str, rows: list[dict]) -> None:
         rows.append({**row, "status": REFUSED + reason, "update_norm": row.get("update_norm", "")})
