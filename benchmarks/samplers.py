@@ -108,7 +108,7 @@ def main() -> None:
             f"{m['other']['ms_ssim_within']:.3f} |")
     table = "\n".join(lines)
     (out / "samplers.md").write_text(table + "\n")
-    json.dump(rows, open(out / "samplers.json", "w"), indent=1)
+    (out / "samplers.json").write_text(json.dumps(rows, indent=1))
     print(table)
     # the picture: the same relocated mask under each sampler, beside the real scan it came from
     cols = [("real (held out)", real)] + list(sets.items())

@@ -94,6 +94,13 @@ def scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
                          prediction_type=cfg.prediction_type)
 
 
+def predicted_x0(model_output: torch.Tensor, sample: torch.Tensor, abar: torch.Tensor, prediction_type: str):
+    """The network's estimate of the clean volume at a timestep with cumulative alpha ``abar``."""
+    if prediction_type == "epsilon":
+        return (sample - (1 - abar).sqrt() * model_output) / abar.sqrt()
+    return abar.sqrt() * sample - (1 - abar).sqrt() * model_output  # v-prediction
+
+
 class _TrailingSteps:
     """Evenly spaced timesteps T-1, T-1-k, ..., k-1 (k = T // steps, steps dividing T): "trailing"
     spacing (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"), so
@@ -133,10 +140,7 @@ class StridedDDPMScheduler(_TrailingSteps, DDPMScheduler):
         abar_t = self.alphas_cumprod[t]
         abar_prev = self.alphas_cumprod[prev] if prev >= 0 else self.one
         beta = 1 - abar_t / abar_prev
-        if self.prediction_type == "epsilon":
-            x0 = (sample - (1 - abar_t).sqrt() * model_output) / abar_t.sqrt()
-        else:  # v_prediction
-            x0 = abar_t.sqrt() * sample - (1 - abar_t).sqrt() * model_output
+        x0 = predicted_x0(model_output, sample, abar_t, self.prediction_type)
         if self.clip_sample:
             x0 = x0.clamp(*self.clip_sample_values)
         mean = (abar_prev.sqrt() * beta / (1 - abar_t)) * x0 + ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)) * sample
@@ -200,11 +204,10 @@ class SolverScheduler:
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, None]:
         a = self.alphas_cumprod[int(timestep)].to(sample.device)
-        if self.prediction_type == "epsilon":
-            x0 = ((sample - (1 - a).sqrt() * model_output) / a.sqrt()).clamp(-1, 1)
+        x0 = predicted_x0(model_output, sample, a, self.prediction_type).clamp(-1, 1)
+        if self.prediction_type == "epsilon":  # the output that predicts the clipped x0
             model_output = (sample - a.sqrt() * x0) / (1 - a).sqrt()
-        else:  # v_prediction: x0 = sqrt(a) x - sqrt(1 - a) v
-            x0 = (a.sqrt() * sample - (1 - a).sqrt() * model_output).clamp(-1, 1)
+        else:
             model_output = (a.sqrt() * sample - x0) / (1 - a).sqrt()
         extra = {"generator": generator} if self.stochastic else {}
         return self.solver.step(model_output, timestep, sample, **extra).prev_sample, None

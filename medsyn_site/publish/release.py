@@ -312,8 +312,8 @@ def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt
         raise _nothing_released(synth, out, refused, report)
     report["realism"] = measure_realism(synth, [d.case for d in released], training_cohort, realism)
     with staged_dir(out, force) as stage:
-        from medsyn_site.publish.dicom import write_case
-
+        if fmt in ("dicom", "both"):
+            from medsyn_site.publish.dicom import write_case
         with contextlib.ExitStack() as stack:  # each released volume read once for both formats
             w = stack.enter_context(CohortWriter(stage / "nifti", description="synthetic release")) \
                 if fmt in ("nifti", "both") else None
