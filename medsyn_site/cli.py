@@ -303,8 +303,8 @@ def sample_merge_cmd(shards, out, site_key, force):
 @click.option("--min-dice", type=click.FloatRange(0, 1), default=None,
               help="Refuse cases whose segmenter Dice at the masks is below this (needs --segmenter).")
 @click.option("--workers", type=click.IntRange(1), default=None,
-              help="Processes for the memorization audit [default: one per CPU core]; each holds the training "
-                   "cohort's features (~4 MB per scan at 256x256x128).")
+              help="Processes for the audit and release pass [default: one per CPU core]; each holds the "
+                   "training cohort's features (~4 MB per scan at 256x256x128).")
 @config_option
 @site_key_option
 @force_option

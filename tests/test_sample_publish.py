@@ -182,12 +182,19 @@ def test_publish_refuses_real_scans_however_disguised(synth, phantom_cohort, key
     assert card["audit"]["overridden"] == [{"case": cases["insider"], "reason": "test: reviewed by the privacy officer"}]
 
 
-def test_release_contents_dicom_valid_and_readable(synth, phantom_cohort, key, tmp_path):
+def test_release_contents_dicom_valid_and_readable(synth, phantom_cohort, key, tmp_path, monkeypatch):
     if shutil.which("dciodvfy") is None:
         pytest.fail("dciodvfy (Debian dicom3tools) is required; scripts/test.sh installs it")
     out = tmp_path / "release"
-    report = publish(synth, phantom_cohort, out, fmt="both", site_key=key, realism=RealismConfig(cnn_steps=20))
+    reads, read_image = [], sitk.ReadImage
+    monkeypatch.setattr(sitk, "ReadImage", lambda path, *a, **k: (reads.append(Path(path)), read_image(path, *a, **k))[1])
+    report = publish(synth, phantom_cohort, out, fmt="both", site_key=key, realism=RealismConfig(cnn_steps=20),
+                     workers=1)  # in this process, where the reads are counted
+    monkeypatch.undo()
     cases = {r.id for r in Cohort(synth).cases}
+    # every synthetic volume decoded once: audit, adherence, realism and both formats from one read
+    synth_reads = sorted(str(p.relative_to(synth)) for p in reads if p.is_relative_to(synth))
+    assert synth_reads == sorted(f"{d}/{c}.nii.gz" for c in cases for d in ("images", "masks")), synth_reads
     assert all(not c["reasons"] for c in report["cases"])
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     expected_top = {"dataset_card.md", "dataset_card.json", "audit/audit.json", "audit/scores.png", "audit/privacy.md",

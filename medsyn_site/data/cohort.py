@@ -107,6 +107,17 @@ def to_cohort_images(image: sitk.Image, mask: sitk.Image) -> tuple[sitk.Image, s
     return img, msk
 
 
+def write_case_files(root: Path, case_id: str, image: sitk.Image, mask: sitk.Image, *, patient: str, split: str,
+                     source: str, nodules: list[dict] | None = None) -> CaseRecord:
+    """A case's two files under ``root`` (cast to the contract's types) and its cohort.json record."""
+    img, msk = to_cohort_images(image, mask)
+    ipath = write_nifti(img, image_path(root, case_id))
+    mpath = write_nifti(msk, mask_path(root, case_id))
+    return CaseRecord(id=case_id, patient=patient, split=split, source=source, shape=img.GetSize(),
+                      spacing=img.GetSpacing(), sha256={"image": sha256_file(ipath), "mask": sha256_file(mpath)},
+                      nodules=nodules or [])
+
+
 class CohortWriter:
     """Writes a cohort into a staging folder and swaps it into place on success.
 
@@ -128,13 +139,8 @@ class CohortWriter:
             mask: sitk.Image, nodules: list[dict] | None = None) -> CaseRecord:
         if any(r.id == case_id for r in self.records):
             raise CohortError(f"{self.out}: case id {case_id!r} written twice")
-        img, msk = to_cohort_images(image, mask)
-        ipath = write_nifti(img, image_path(self.root, case_id))
-        mpath = write_nifti(msk, mask_path(self.root, case_id))
-        rec = CaseRecord(id=case_id, patient=patient, split=split, source=source,
-                         shape=img.GetSize(), spacing=img.GetSpacing(),
-                         sha256={"image": sha256_file(ipath), "mask": sha256_file(mpath)},
-                         nodules=nodules or [])
+        rec = write_case_files(self.root, case_id, image, mask, patient=patient, split=split, source=source,
+                               nodules=nodules)
         self.records.append(rec)
         self._added(rec)
         return rec

@@ -31,6 +31,7 @@ plus a margin; the false-alarm estimate is reported with a bootstrap interval.
 from __future__ import annotations
 
 import hashlib
+import functools
 import itertools
 import json
 import logging
@@ -385,24 +386,33 @@ def _init_worker(path: str) -> None:
     _BANK = load_bank(Path(path))[0]
 
 
-def _nearest_job(job: tuple[Features | CaseFeatures, str | None], bank: Bank | None = None) -> dict:
+def _nearest_job(job: tuple[Features | CaseFeatures, str | None], bank: Bank) -> dict:
     f, exclude = job
-    return nearest(f() if isinstance(f, CaseFeatures) else f, bank or _BANK, exclude=exclude)
+    return nearest(f() if isinstance(f, CaseFeatures) else f, bank, exclude=exclude)
+
+
+def _in_worker(fn, job):
+    return fn(job, _BANK)
 
 
 def nearest_many(jobs: list[tuple[Features | CaseFeatures, str | None]], bank: Bank, workers: int | None = None,
                  progress=None, desc: str = "audit") -> list[dict]:
-    """``nearest(features, bank, exclude)`` of each job, in order, on up to ``workers`` processes
-    (default: one per core). Each volume's search is independent and single-threaded (numpy, pocketfft),
-    so processes scale with the cores where threads do not; every worker holds a copy of the bank
-    (about 4 MB per training scan at 256x256x128), hence the cap. The scores do not depend on it.
+    """``nearest(features, bank, exclude)`` of each job, in order, on up to ``workers`` processes."""
+    return map_with_bank(_nearest_job, jobs, bank, workers, progress, desc)
+
+
+def map_with_bank(fn, jobs: list, bank: Bank, workers: int | None = None, progress=None, desc: str = "audit") -> list:
+    """``fn(job, bank)`` of each job, in order, on up to ``workers`` processes (default: one per core;
+    ``fn`` a module-level function). Each volume's search is independent and single-threaded (numpy,
+    pocketfft), so processes scale with the cores where threads do not; every worker holds a copy of
+    the bank (about 4 MB per training scan at 256x256x128), hence the cap. The scores do not depend on it.
     Workers read the bank from its file (``bank.file``, else a temporary one): handed over at start-up,
     it would go through the pipe that starts each worker, and a worker dying as it starts would leave
     that write (and us) blocked."""
     progress = progress or (lambda it, **kw: it)
     workers = min(workers or usable_cores(), len(jobs))
     if workers <= 1:
-        return [_nearest_job(job, bank) for job in progress(jobs, desc=desc, unit="scan")]
+        return [fn(job, bank) for job in progress(jobs, desc=desc, unit="scan")]
     with tempfile.TemporaryDirectory(prefix="medsyn-audit-") as tmp:
         path = bank.file
         if path is None:
@@ -410,7 +420,8 @@ def nearest_many(jobs: list[tuple[Features | CaseFeatures, str | None]], bank: B
         try:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                      initializer=_init_worker, initargs=(str(path),)) as pool:
-                return list(progress(pool.map(_nearest_job, jobs), total=len(jobs), desc=desc, unit="scan"))
+                return list(progress(pool.map(functools.partial(_in_worker, fn), jobs), total=len(jobs),
+                                     desc=desc, unit="scan"))
         except BrokenProcessPool as e:
             raise MedsynError(
                 f"the audit's {workers} worker processes ended abruptly ({str(e).rstrip('.')}). They start by importing the "

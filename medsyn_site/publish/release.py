@@ -6,14 +6,15 @@
    refused unless overridden with a written reason, which the audit records.
 3. Verbatim real masks are refused unless --allow-verbatim-masks (recorded in the card).
 The release (built aside, renamed into place) holds the synthetic files (NIfTI and/or DICOM CT+SEG),
-the dataset card and the audit, nothing else.
+the dataset card and the audit, nothing else. Each synthetic volume is decoded once (``case_pass``):
+the bytes hashed against provenance are the ones audited, scored and written out.
 """
 from __future__ import annotations
 
-import contextlib
-
+import functools
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from medsyn_site import __version__, provenance
 from medsyn_site.atomic import atomic_write_text, refuse_existing, sha256_file, staged_dir
 from medsyn_site.config import RealismConfig
-from medsyn_site.data.cohort import Cohort, CohortWriter, image_path, mask_path
+from medsyn_site.data.cohort import Cohort, image_path, mask_path, write_case_files, write_index
 from medsyn_site.errors import MedsynError
 from medsyn_site.publish import audit
 from medsyn_site.sitekey import DEFAULT_SITE_KEY, load_site_key
@@ -46,8 +47,17 @@ class Decision:
     adherence: dict = field(default_factory=dict)
 
 
-def check_provenance(synth: Path, key: bytes, allow_verbatim: bool, key_path: Path | str = "the site key") -> tuple[dict, dict[str, Decision], dict]:
-    """Per case: does it pass the provenance gate? Also lists stray files. Returns (header, decisions, entries)."""
+def hash_problems(synth: Path, case: str, entry: dict) -> list[str]:
+    """The case's files whose sha256 differs from its provenance entry."""
+    return [f"{path.parent.name}/{path.name}: sha256 differs from provenance (changed after sampling)"
+            for key_, path in (("image_sha256", image_path(synth, case)), ("mask_sha256", mask_path(synth, case)))
+            if sha256_file(path) != entry[key_]]
+
+
+def check_provenance(synth: Path, key: bytes, allow_verbatim: bool, key_path: Path | str = "the site key",
+                     hashes: bool = True) -> tuple[dict, dict[str, Decision], dict]:
+    """Per case: does it pass the provenance gate? Also lists stray files. Returns (header, decisions,
+    entries). ``hashes=False`` leaves the files' sha256 to the caller (publish's single pass)."""
     header, entries = provenance.read(synth)
     by_case = {}
     decisions: dict[str, Decision] = {}
@@ -67,11 +77,11 @@ def check_provenance(synth: Path, key: bytes, allow_verbatim: bool, key_path: Pa
         if e is None:
             d.reasons.append("no provenance entry signed with this site's key")
             continue
-        for key_, path in (("image_sha256", image_path(synth, rec.id)), ("mask_sha256", mask_path(synth, rec.id))):
+        for path in (image_path(synth, rec.id), mask_path(synth, rec.id)):
             if not path.is_file():
                 d.reasons.append(f"{path.name}: missing")
-            elif sha256_file(path) != e[key_]:
-                d.reasons.append(f"{path.parent.name}/{path.name}: sha256 differs from provenance (changed after sampling)")
+        if hashes and not d.reasons:
+            d.reasons += hash_problems(synth, rec.id, e)
         if e.get("mask_mode") == "verbatim" and not allow_verbatim:
             d.reasons.append("conditioned on a verbatim real mask (pass --allow-verbatim-masks to publish it)")
     listed = {r.id for r in cohort.cases}
@@ -92,34 +102,101 @@ def _release_geometry(image: sitk.Image) -> sitk.Image:
     return out
 
 
-# -- the memorization audit and its privacy report ---------------------------------------------------
+# -- the single pass over the synthetic volumes ----------------------------------------------------
 
-def run_audit(synth: Path, training_cohort: str | Path, decisions: dict[str, Decision],
-              overrides: dict[str, str], params: audit.AuditParams = audit.AuditParams(),
-              workers: int | None = None) -> dict:
-    """Score every case that passed provenance against the training cohort (features cached beside
-    it; ``workers`` processes, default one per core); flag those above the calibrated thresholds.
-    Returns the calibration."""
-    train_cohort = Cohort(training_cohort)
-    bank, null, cache = audit.training_bank(train_cohort, params, progress=tqdm, workers=workers)
-    log.info("audit features of %s: %s", training_cohort, cache or "not cached")
-    calibration = audit.calibrate(null, params) | {"null_scores": null, "params": params.model_dump()}
-    cohort = Cohort(synth)
-    todo = [rec for rec in cohort.cases if not decisions[rec.id].reasons]
-    jobs = [(audit.CaseFeatures(str(cohort.root), rec.id, params), None) for rec in todo]
-    scores = audit.nearest_many(jobs, bank, workers, tqdm, desc="audit: synthetic")
-    for rec, s in zip(todo, scores):
-        d = decisions[rec.id]
-        d.scores = s
-        hits = audit.flagged(d.scores, calibration)
-        if hits and rec.id in overrides:
-            d.override = overrides[rec.id]
-        elif hits:
-            d.reasons.append(f"memorization audit: a copy of a training scan ({', '.join(hits)} similarity "
-                             f"{max(d.scores[h] for h in hits):.3f} above threshold; nearest training scan "
-                             f"{d.scores['nearest']}, disguise {d.scores['disguise']})")
-    return calibration
+@dataclass(frozen=True)
+class CaseJob:
+    """One synthetic case's pass (run in an audit worker, beside its copy of the training bank)."""
 
+    root: str
+    case: str
+    entry: dict  # its verified provenance entry (the files' sha256)
+    params: audit.AuditParams
+    stage: str  # the release being built
+    fmt: str
+    segmenter: str | None
+    keep: bool  # hand the volume back (the realism subset)
+
+
+@functools.lru_cache(maxsize=2)
+def _segmenter(path: str | None):
+    from medsyn_site.publish import adherence
+
+    return adherence.Segmenter(path) if path else None
+
+
+def case_pass(job: CaseJob, bank: audit.Bank) -> dict:
+    """Each synthetic volume is decoded once, here: its files are checked against their provenance
+    hashes, scored by the memorization audit and for mask adherence, and written to the release being
+    built (NIfTI and/or DICOM); ``discard`` removes them if the case is then refused. Returns reasons,
+    scores, adherence, the NIfTI record and (``keep``) the volume."""
+    from medsyn_site.publish import adherence
+
+    root = Path(job.root)
+    reasons = hash_problems(root, job.case, job.entry)
+    if reasons:
+        return {"reasons": reasons}
+    image, mask = Cohort(root).read(job.case)
+    hu, m = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(mask)
+    out = {"reasons": [], "scores": audit.nearest(audit.Features.of(hu, image.GetSpacing(), job.params), bank),
+           "adherence": adherence.score(hu, m, _segmenter(job.segmenter)), "record": None,
+           "volume": (hu, m) if job.keep else None}
+    image, mask = _release_geometry(image), _release_geometry(mask)
+    stage = Path(job.stage)
+    if job.fmt in ("nifti", "both"):
+        out["record"] = write_case_files(stage / "nifti", job.case, image, mask, patient=job.case, split="train",
+                                         source="synthetic")
+    if job.fmt in ("dicom", "both"):
+        from medsyn_site.publish.dicom import write_case
+
+        write_case(image, mask, stage / "dicom" / job.case, job.case)
+    return out
+
+
+def discard(stage: Path, case: str) -> None:
+    """A refused case's files, out of the release being built."""
+    for path in (image_path(stage / "nifti", case), mask_path(stage / "nifti", case)):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(stage / "dicom" / case, ignore_errors=True)
+
+
+def judge(d: Decision, result: dict, calibration: dict, overrides: dict[str, str], min_contrast: float | None,
+          min_dice: float | None) -> None:
+    """The case's refusals from its pass: changed files, a memorization flag (unless overridden with a
+    reason), mask adherence below the thresholds."""
+    d.reasons += result["reasons"]
+    if d.reasons:
+        return
+    d.scores, d.adherence = result["scores"], result["adherence"]
+    hits = audit.flagged(d.scores, calibration)
+    if hits and d.case in overrides:
+        d.override = overrides[d.case]
+    elif hits:
+        d.reasons.append(f"memorization audit: a copy of a training scan ({', '.join(hits)} similarity "
+                         f"{max(d.scores[h] for h in hits):.3f} above threshold; nearest training scan "
+                         f"{d.scores['nearest']}, disguise {d.scores['disguise']})")
+    low, dsc = d.adherence["min_contrast_hu"], d.adherence["segmenter_dice"]
+    if min_contrast is not None and low is not None and low < min_contrast:
+        d.reasons.append(f"mask adherence: faintest nodule {low:.0f} HU above its surroundings "
+                         f"(< --min-contrast {min_contrast:g})")
+    if min_dice is not None and dsc is not None and dsc < min_dice:
+        d.reasons.append(f"mask adherence: segmenter Dice {dsc:.2f} at the mask (< --min-dice {min_dice:g})")
+
+
+def adherence_summary(decisions: dict[str, Decision], min_contrast: float | None, min_dice: float | None,
+                      segmenter: Path | None) -> dict:
+    """The card's mask-adherence section, over every case scored."""
+    scored = [d.adherence for d in decisions.values() if d.adherence]
+    contrasts = [c for a in scored for c in a["contrast_hu"]]
+    dices = [a["segmenter_dice"] for a in scored if a["segmenter_dice"] is not None]
+    return {"min_contrast_hu": min_contrast, "min_dice": min_dice,
+            "segmenter": str(segmenter) if segmenter else None,
+            "nodules": len(contrasts),
+            "median_contrast_hu": round(float(np.median(contrasts)), 1) if contrasts else None,
+            "mean_segmenter_dice": round(float(np.mean(dices)), 3) if dices else None}
+
+
+# -- the privacy report ----------------------------------------------------------------------------
 
 def write_privacy_report(folder: Path, report: dict, extra: dict[str, list[dict]] | None = None) -> None:
     """audit/audit.json, audit/privacy.md (per case: nearest training scan, scores, best disguise;
@@ -217,11 +294,22 @@ def _card(header: dict, released: list[Decision], refused: list[Decision], calib
     return md, card
 
 
-def measure_realism(synth: Path, released: list[str], training_cohort: str | Path,
+def realism_subset(candidates: list[str], cfg: RealismConfig | None) -> set[str]:
+    """The synthetic cases whose volumes the card's realism measures (a fixed random subset of at most
+    ``cfg.max_volumes``; the refused among them are left out afterwards)."""
+    if cfg is None or not cfg.enabled:
+        return set()
+    rng = np.random.default_rng(0)
+    return set(rng.choice(candidates, cfg.max_volumes, replace=False)) if len(candidates) > cfg.max_volumes \
+        else set(candidates)
+
+
+def measure_realism(synth: dict[str, tuple], cohort: Cohort, training_cohort: str | Path,
                     cfg: RealismConfig | None) -> dict | None:
-    """The released volumes' realism (medsyn_site/realism.py) against the training cohort's train
-    scans, with its val scans against the same as the real-vs-real baseline (up to
-    ``cfg.max_volumes`` each, a fixed random subset). None when not asked for or too few volumes."""
+    """The released volumes' realism (medsyn_site/realism.py; ``synth``: case -> (hu, mask) from the
+    single pass) against the training cohort's train scans, with its val scans against the same as the
+    real-vs-real baseline (up to ``cfg.max_volumes`` each, a fixed random subset). None when not asked
+    for or too few volumes."""
     if cfg is None or not cfg.enabled:
         return None
     from medsyn_site import realism
@@ -232,48 +320,17 @@ def measure_realism(synth: Path, released: list[str], training_cohort: str | Pat
         return sorted(rng.choice(ids, cfg.max_volumes, replace=False)) if len(ids) > cfg.max_volumes else ids
     real_cohort = Cohort(training_cohort)
     split = {s: pick([c.id for c in real_cohort.cases if c.split == s]) for s in ("train", "val")}
-    released = pick(released)
-    if len(split["train"]) < 2 or len(released) < 2:
+    if len(split["train"]) < 2 or len(synth) < 2:
         log.info("realism not measured: it needs >= 2 released and >= 2 training scans")
         return None
 
     real = realism.cohort_volumes(training_cohort, only=set(split["train"]))
     other = realism.cohort_volumes(training_cohort, only=set(split["val"])) if len(split["val"]) >= 2 else None
-    synth_vols = realism.cohort_volumes(synth, types=realism.nodule_types(real), only=set(released))
+    types = realism.nodule_types(real)
+    synth_vols = [realism.Volume(hu, m, tuple(cohort.case(c).spacing), types | realism.record_types(cohort.case(c), m))
+                  for c, (hu, m) in sorted(synth.items())]
     log.info("realism: %d released volumes against %d training scans", len(synth_vols), len(real))
     return realism.summarize(real, synth_vols, other, cnn_steps=cfg.cnn_steps)
-
-
-def check_adherence(cohort: Cohort, decisions: dict[str, Decision], min_contrast: float | None = None,
-                    min_dice: float | None = None, segmenter: Path | None = None) -> dict:
-    """Score every still-releasable case's mask adherence (publish/adherence.py); refuse those
-    below ``min_contrast`` (HU, the case's faintest nodule) or ``min_dice`` (needs a segmenter).
-    Returns the summary for the card."""
-    from medsyn_site.publish import adherence
-
-    seg = adherence.Segmenter(segmenter) if segmenter else None
-    if min_dice is not None and seg is None:
-        raise ReleaseError("--min-dice needs --segmenter (a nodule segmenter trained on real scans)")
-    for rec in tqdm(cohort.cases, desc="mask adherence", unit="volume"):
-        d = decisions[rec.id]
-        if d.reasons:
-            continue
-        image, mask = cohort.arrays(rec.id)
-        d.adherence = adherence.score(image, mask, seg)
-        low, dsc = d.adherence["min_contrast_hu"], d.adherence["segmenter_dice"]
-        if min_contrast is not None and low is not None and low < min_contrast:
-            d.reasons.append(f"mask adherence: faintest nodule {low:.0f} HU above its surroundings "
-                             f"(< --min-contrast {min_contrast:g})")
-        if min_dice is not None and dsc is not None and dsc < min_dice:
-            d.reasons.append(f"mask adherence: segmenter Dice {dsc:.2f} at the mask (< --min-dice {min_dice:g})")
-    scored = [d.adherence for d in decisions.values() if d.adherence]
-    contrasts = [c for a in scored for c in a["contrast_hu"]]
-    dices = [a["segmenter_dice"] for a in scored if a["segmenter_dice"] is not None]
-    return {"min_contrast_hu": min_contrast, "min_dice": min_dice,
-            "segmenter": str(segmenter) if segmenter else None,
-            "nodules": len(contrasts),
-            "median_contrast_hu": round(float(np.median(contrasts)), 1) if contrasts else None,
-            "mean_segmenter_dice": round(float(np.mean(dices)), 3) if dices else None}
 
 
 def _nothing_released(synth: Path, out, refused: list[Decision], report: dict | None = None) -> ReleaseError:
@@ -291,42 +348,53 @@ def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt
             audit_params: audit.AuditParams = audit.AuditParams(), realism: RealismConfig | None = None) -> dict:
     """Gate, audit (``audit_params``: the config's ``publish.audit``; on ``workers`` processes, default
     one per core) and write a release; returns the audit report. With ``realism`` (enabled) the card
-    also measures the released volumes' realism against the training scans."""
+    also measures the released volumes' realism against the training scans. Each synthetic volume is
+    decoded once (``case_pass``)."""
     synth, overrides = Path(synth), overrides or {}
     refuse_existing(out, force)  # before the audit's long work
+    if min_dice is not None and segmenter is None:
+        raise ReleaseError("--min-dice needs --segmenter (a nodule segmenter trained on real scans)")
+    if segmenter is not None:
+        _segmenter(str(segmenter))  # a bad weights file is refused before the long work
     key = load_site_key(site_key)
-    header, decisions, entries = check_provenance(synth, key, allow_verbatim, site_key)
+    header, decisions, entries = check_provenance(synth, key, allow_verbatim, site_key, hashes=False)
     provenance.check_training_cohort(header, training_cohort, synth)
     if all(d.reasons for d in decisions.values()):  # before the audit, which caches features by the cohort
         raise _nothing_released(synth, out, list(decisions.values()))
-    calibration = run_audit(synth, training_cohort, decisions, overrides, audit_params, workers=workers)
+    bank, null, cache = audit.training_bank(Cohort(training_cohort), audit_params, progress=tqdm, workers=workers)
+    log.info("audit features of %s: %s", training_cohort, cache or "not cached")
+    calibration = audit.calibrate(null, audit_params) | {"null_scores": null, "params": audit_params.model_dump()}
     cohort = Cohort(synth)
-    adherence_summary = check_adherence(cohort, decisions, min_contrast, min_dice, segmenter)
-    released = [d for d in decisions.values() if not d.reasons]
-    refused = [d for d in decisions.values() if d.reasons]
-    for d in refused:
-        log.warning("refused %s: %s", d.case, "; ".join(d.reasons))
-    report = {"calibration": calibration, "adherence": adherence_summary,
-              "cases": [d.__dict__ for d in decisions.values()]}
-    if not released:
-        raise _nothing_released(synth, out, refused, report)
-    report["realism"] = measure_realism(synth, [d.case for d in released], training_cohort, realism)
+    todo = [rec.id for rec in cohort.cases if not decisions[rec.id].reasons]
+    keep = realism_subset(todo, realism)
     with staged_dir(out, force) as stage:
-        if fmt in ("dicom", "both"):
-            from medsyn_site.publish.dicom import write_case
-        with contextlib.ExitStack() as stack:  # each released volume read once for both formats
-            w = stack.enter_context(CohortWriter(stage / "nifti", description="synthetic release")) \
-                if fmt in ("nifti", "both") else None
-            for d in tqdm(released, desc=f"release ({fmt})", unit="case"):
-                image, mask = cohort.read(d.case)
-                image, mask = _release_geometry(image), _release_geometry(mask)
-                if w is not None:
-                    w.add(d.case, patient=d.case, split="train", source="synthetic", image=image, mask=mask)
-                if fmt in ("dicom", "both"):
-                    write_case(image, mask, stage / "dicom" / d.case, d.case)
+        jobs = [CaseJob(str(synth), c, entries[c], audit_params, str(stage), fmt,
+                        str(segmenter) if segmenter else None, c in keep) for c in todo]
+        results = audit.map_with_bank(case_pass, jobs, bank, workers, tqdm, desc=f"audit + release ({fmt})")
+        volumes = {}
+        for case, result in zip(todo, results):
+            d = decisions[case]
+            judge(d, result, calibration, overrides, min_contrast, min_dice)
+            if d.reasons:
+                discard(stage, case)
+            elif result.get("volume") is not None:
+                volumes[case] = result["volume"]
+        released = [d for d in decisions.values() if not d.reasons]
+        refused = [d for d in decisions.values() if d.reasons]
+        for d in refused:
+            log.warning("refused %s: %s", d.case, "; ".join(d.reasons))
+        summary = adherence_summary(decisions, min_contrast, min_dice, segmenter)
+        report = {"calibration": calibration, "adherence": summary,
+                  "cases": [d.__dict__ for d in decisions.values()]}
+        if not released:
+            raise _nothing_released(synth, out, refused, report)
+        if fmt in ("nifti", "both"):
+            records = {c: r.get("record") for c, r in zip(todo, results)}
+            write_index(stage / "nifti", [records[d.case] for d in released], description="synthetic release")
+        report["realism"] = measure_realism(volumes, cohort, training_cohort, realism)
         write_privacy_report(stage / "audit", report)
         md, card = _card(header, released, refused, calibration, fmt, allow_verbatim, licence, entries,
-                         adherence_summary, report["realism"])
+                         summary, report["realism"])
         atomic_write_text(stage / "dataset_card.md", md)
         atomic_write_text(stage / "dataset_card.json", json.dumps(card, indent=1))
     return report
