@@ -203,6 +203,10 @@ def test_global_run_saves_each_round_resumes_and_samples(tmp_path):
         Settings.from_run_config({"run-dir": "x", "transfer": "int8"})
     with pytest.raises(MedsynError, match="unknown key.*local-step\\b.*known: run-dir"):
         Settings.from_run_config({"run-dir": "x", "local-step": 5})  # misspelt: not silently the default 20
+    with pytest.raises(MedsynError, match="secagg hides each site's update, which strategy='fedmedian'"):
+        Settings.from_run_config({"run-dir": "x", "secagg": True, "strategy": "fedmedian"})
+    with pytest.raises(MedsynError, match="and dp-noise need"):
+        Settings.from_run_config({"run-dir": "x", "secagg": True, "dp-noise": 1.0})
 
 
 def test_certificates_and_node_keys(tmp_path):
@@ -534,6 +538,98 @@ def test_a_poisoned_site_cannot_move_the_global_model(tmp_path, monkeypatch):
               f"with validation: 0")
         assert pushed > 100 * honest_norm
         assert "refused in the last 2 rounds in a row" in (run_dir / "federation.log").read_text()
+    finally:
+        fed.stop()
+        left = _sweep(marks)
+    assert not left, f"processes left behind: {left}"
+
+
+RECORD = """
+import sys
+if sys.argv[0].endswith("flwr-clientapp"):  # only the site's trainer process
+    import os, pathlib, torch
+    from medsyn_site.federated import task
+    honest = task.run_local_round
+
+    def run_local_round(cfg, cohort, work_dir, weights, steps, prox_mu=0.0):
+        r = honest(cfg, cohort, work_dir, weights, steps, prox_mu=prox_mu)
+        out = pathlib.Path(work_dir).parent / "record"
+        out.mkdir(exist_ok=True)
+        n = len(list(out.glob("round_*.pt"))) + 1
+        if n == int(os.environ.get("MEDSYN_POISON_AT", 0)):  # a stolen key: the update scaled 1000x
+            r.weights = {k: weights[k] + 1000 * (v - weights[k]) for k, v in r.weights.items()}
+        torch.save({"start": weights, "weights": r.weights, "num_examples": r.num_examples}, out / f"round_{n}.pt")
+        return r
+
+    task.run_local_round = run_local_round
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_secagg_plus_sums_updates_the_server_never_sees(tmp_path, monkeypatch):
+    """A real SuperLink and three SuperNodes; every site records what it trained (sitecustomize).
+    A plain FedAvg round, then SecAgg+ rounds (Flower's SecAggPlusWorkflow + secaggplus_mod): the
+    global model after a secure round equals the weighted average of the recorded updates within
+    SecAgg+'s quantization, no site's update crosses in the clear (only masked integers), and in the
+    next round site c's update scaled 1000x makes the secure sum fail the norm check: the round is
+    refused and the global model stays. Printed: SecAgg+'s cost against the plain round (time, bytes)."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    fed = Federation(tmp_path, env)
+    sites = ("a", "b", "c")
+    link_port, ports = free_port(), {s: free_port() for s in sites}
+    marks = [str(tmp_path), *(f"127.0.0.1:{p}" for p in (link_port, *ports.values()))]
+    link = f"127.0.0.1:{link_port}"
+    (tmp_path / "record").mkdir()
+    (tmp_path / "record" / "sitecustomize.py").write_text(RECORD)
+    base = f'config="{CONFIG}" local-steps=2 min-sites=3 round-timeout=600.0'
+    try:
+        for site, seed, cases in (("a", 41, 3), ("b", 42, 5), ("c", 43, 3)):  # b: more training cases
+            write_phantom_cohort(PhantomConfig(cases=cases, seed=seed, shape=(48, 48, 32), max_nodules=2),
+                                 SplitConfig(train=0.67, val=0.33), tmp_path / f"cohort_{site}")
+        fed.start("superlink", ["fl", "superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port)])
+        assert fed.cli("fl", "connect", "--superlink", link, "--insecure").returncode == 0
+        for site in sites:
+            fed.env = {**env, "PYTHONPATH": str(tmp_path / "record"), "MEDSYN_POISON_AT": "3" if site == "c" else "0"}
+            fed.start(f"supernode_{site}", ["fl", "supernode", "--insecure", "--superlink", link,
+                                            "--cohort", str(tmp_path / f"cohort_{site}"), "--work-dir",
+                                            str(tmp_path / f"work_{site}"), "--port", str(ports[site]), "--threads", "1"])
+        fed.env = env
+
+        def all_online() -> bool:
+            try:
+                return len(fed.online()) == 3
+            except deploy.DeployError:  # the SuperLink still starting
+                return False
+        _until(all_online, 180, "three sites online")
+        plain = fed.cli("fl", "run", "--run-config", f'run-dir="{tmp_path / "plain"}" {base} rounds=1', timeout=600)
+        assert plain.returncode == 0, plain.stdout + plain.stderr + fed.log("superlink")[-3000:]
+        run_dir = tmp_path / "secure"
+        done = fed.cli("fl", "run", "--run-config", f'run-dir="{run_dir}" {base} rounds=2 secagg=true', timeout=800)
+        assert done.returncode != 0, "the poisoned secure round must stop the run"
+        rows = _rows(run_dir)
+        assert [(r["round"], r["status"].split(":")[0]) for r in rows] == [("1", "ok")] * 3 + [("2", "refused")] * 3
+        assert all("secure sum: update norm" in r["status"] for r in rows if r["round"] == "2"), rows
+        assert not (run_dir / "checkpoints" / "round_00002").exists()
+        # round 1: the global model is the example-weighted average of the updates the sites recorded
+        rec = {s: torch.load(tmp_path / f"work_{s}" / "record" / "round_2.pt") for s in sites}
+        g0 = rec["a"]["start"]
+        n = {s: rec[s]["num_examples"] for s in sites}
+        avg = {k: sum(n[s] * (rec[s]["weights"][k] - g0[k]) for s in sites) / sum(n.values()) for k in g0}
+        g1 = torch.load(run_dir / "checkpoints" / "round_00001" / "global.pt")
+        err = max(float((g1[k] - g0[k] - avg[k]).abs().max()) for k in g0)
+        rel = _distance(g1, {k: g0[k] + avg[k] for k in g0}) / _distance({k: g0[k] + avg[k] for k in g0}, g0)
+        assert err < 1e-4 and rel < 0.02, (err, rel)  # 2^22 levels over +-0.5, scaled by 2/100 .. 3/100
+        # what crossed: masked integers, not the update (nothing in the server's rows resembles one site's)
+        plain_rows, sec_rows = _rows(tmp_path / "plain"), [r for r in rows if r["round"] == "1"]
+        t_plain, t_sec = float(plain_rows[0]["round_seconds"]), float(sec_rows[0]["round_seconds"])
+        b_plain = sum(int(r["bytes_up"]) + int(r["bytes_down"]) for r in plain_rows) / 3
+        b_sec = sum(int(r["bytes_up"]) + int(r["bytes_down"]) for r in sec_rows) / 3
+        print(f"SecAgg+ round: {t_sec:.1f} s vs {t_plain:.1f} s plain FedAvg (3 sites, 2 local steps); "
+              f"{b_sec / 1e6:.2f} MB vs {b_plain / 1e6:.2f} MB per site per round; secure sum vs exact average: "
+              f"max |error| {err:.2e}, relative L2 {rel:.2e}; round 2 refused: {rows[-1]['status']}")
+        assert b_sec > b_plain > 0
     finally:
         fed.stop()
         left = _sweep(marks)

@@ -9,17 +9,22 @@ from pathlib import Path
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from medsyn_site.federated import secure
 from medsyn_site.federated.lifeline import exit_with_parent
 from medsyn_site.federated.task import decode, encode, run_local_round, site_config
 
-app = ClientApp()
+app = ClientApp(mods=[secure.secure_when_asked])  # Flower's secaggplus_mod in SecAgg+ rounds (federated/secure.py)
 HARDWARE = {"device": str, "precision": str, "threads": int, "deepspeed-config": str}
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     exit_with_parent()  # already watching when started through `medsyn fl supernode` (lifeline.py)
-    node, conf = context.node_config, msg.content["config"]
+    if secure.is_secure(msg):  # a SecAgg+ round: Flower's legacy records, the update masked by the mod
+        conf, start = secure.read_instruction(msg)
+    else:
+        conf, start = msg.content["config"], decode(msg.content["arrays"])
+    node = context.node_config
     for key in ("cohort", "work-dir"):
         if key not in node:
             raise ValueError(f"node config has no {key!r}: start the SuperNode with `medsyn fl supernode --cohort ... "
@@ -30,8 +35,10 @@ def train(msg: Message, context: Context) -> Message:
     # one local run dir per federation (its optimizer state and data order carry across rounds)
     name = re.sub(r"[^A-Za-z0-9._-]", "_", str(conf["federation"])) if "federation" in conf else "federation"
     work = Path(str(node["work-dir"])) / name
-    r = run_local_round(cfg, str(node["cohort"]), work, decode(msg.content["arrays"]), int(conf["local-steps"]),
-                        prox_mu=mu)
-    metrics = MetricRecord({"num-examples": r.num_examples, "loss": r.loss, "steps": r.steps, "seconds": r.seconds})
+    r = run_local_round(cfg, str(node["cohort"]), work, start, int(conf["local-steps"]), prox_mu=mu)
+    metrics = {"num-examples": r.num_examples, "loss": r.loss, "steps": r.steps, "seconds": r.seconds}
+    if secure.is_secure(msg):
+        return secure.reply(msg, conf, start, r.weights, r.num_examples, metrics)
+    metrics = MetricRecord(metrics)
     content = RecordDict({"arrays": encode(r.weights, str(conf["transfer"])), "metrics": metrics})
     return Message(content=content, reply_to=msg)

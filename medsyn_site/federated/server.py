@@ -60,6 +60,10 @@ class Settings:
     update_norm_ratio: float = 10.0  # an update farther than this x the round's reference norm is refused (0: off)
     max_update_norm: float = 0.0  # the operator's absolute bound on an update's L2 distance (0: none)
     alert_after: int = 2  # report a site refused in this many rounds in a row
+    secagg: bool = False  # SecAgg+ (federated/secure.py): the server sees only the sum of the sites' updates
+    secagg_threshold: float = 0.67  # the fraction of the sites whose shares rebuild a dropped site's mask
+    secagg_clip: float = 0.5  # SecAgg+'s per-coordinate range of an update (a site counts what it clips)
+    secagg_max_weight: float = 100.0  # the most training cases a site may have (SecAgg+'s weights scale by it)
     name: str = ""
 
     @classmethod
@@ -76,6 +80,12 @@ class Settings:
             raise ConfigError(f"run config strategy={s.strategy!r}: use one of {', '.join(STRATEGIES)}")
         if s.min_sites < 1 or s.rounds < 1 or s.local_steps < 1:
             raise ConfigError("run config: min-sites, rounds and local-steps must be >= 1")
+        if s.secagg and (s.strategy not in ("fedavg", "fedprox") or s.dp_noise > 0):
+            raise ConfigError(f"run config: secagg hides each site's update, which strategy={s.strategy!r}"
+                              + (" and dp-noise" if s.dp_noise > 0 else "") + " need; use strategy=\"fedavg\" "
+                              "(or fedprox) and dp-noise=0 with secagg")
+        if s.secagg and not (0 < s.secagg_threshold <= 1 and s.secagg_clip > 0 and s.secagg_max_weight > 0):
+            raise ConfigError("run config: secagg-threshold must be in (0, 1], secagg-clip and secagg-max-weight > 0")
         if not s.run_dir:
             raise ConfigError("run config run-dir is empty: name the global run dir (on the SuperLink's machine)")
         return s
@@ -370,8 +380,9 @@ def build_strategy(s: Settings):
     return inner
 
 
-def run_federation(grid, run_config: dict, run_id) -> Path:
-    """The ServerApp's work: resume or start the global run, then the remaining rounds."""
+def run_federation(grid, run_config: dict, run_id, context=None) -> Path:
+    """The ServerApp's work: resume or start the global run, then the remaining rounds (SecAgg+ rounds
+    through federated/secure.py, which needs the ServerApp's ``context``)."""
     from flwr.app import ArrayRecord, ConfigRecord
 
     s = Settings.from_run_config(run_config)
@@ -382,11 +393,20 @@ def run_federation(grid, run_config: dict, run_id) -> Path:
         if todo <= 0:
             log.info("federation %s already at round %d of %d", run.root, run.round, s.rounds)
             return run.root
+        train_config = {"medsyn-config": dump_config(cfg), "local-steps": s.local_steps,
+                        "transfer": s.transfer, "federation": run.name}
+        if s.secagg:
+            from medsyn_site.federated.secure import run_rounds
+
+            if s.strategy == "fedprox":  # (Flower's FedProx adds it to its own messages)
+                train_config["proximal-mu"] = s.proximal_mu
+            run_rounds(grid, context, run, todo, train_config)
+            log.info("federation %s finished round %d (SecAgg+); global EMA weights: %s", run.root, run.round,
+                     run.run.latest_weights())
+            return run.root
         strategy = Recorder(build_strategy(s), run, offset=run.round)
-        train_config = ConfigRecord({"medsyn-config": dump_config(cfg), "local-steps": s.local_steps,
-                                     "transfer": s.transfer, "federation": run.name})
         strategy.start(grid=grid, initial_arrays=ArrayRecord(run.weights), num_rounds=todo,
-                       timeout=s.round_timeout, train_config=train_config)
+                       timeout=s.round_timeout, train_config=ConfigRecord(train_config))
         log.info("federation %s finished round %d; global EMA weights: %s", run.root, run.round,
                  run.run.latest_weights())
         return run.root

@@ -12,4 +12,4 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_federation(grid, dict(context.run_config), context.run_id)
+    run_federation(grid, dict(context.run_config), context.run_id, context)
