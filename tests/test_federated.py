@@ -457,28 +457,36 @@ def test_federation_tls_auth_two_sites_drop_and_resume(tmp_path, monkeypatch):
     mark("all processes ended")
 
 
-POISON = """
+SITECUSTOMIZE = """
 import sys
 if sys.argv[0].endswith("flwr-clientapp"):  # only the site's trainer process
-    import pathlib, torch
+    import os, pathlib, torch
     from medsyn_site.federated import task
     honest = task.run_local_round
 
     def run_local_round(cfg, cohort, work_dir, weights, steps, prox_mu=0.0):
         r = honest(cfg, cohort, work_dir, weights, steps, prox_mu=prox_mu)
-        out = pathlib.Path(work_dir).parent / "poison"
+        out = pathlib.Path(work_dir).parent / "record"
         out.mkdir(exist_ok=True)
-        n = len(list(out.glob("round_*.pt"))) + 1
-        if n == 1:  # a GPU that returned NaN
+        n = len(list(out.glob("round_*.pt"))) + 1  # this site's n-th local round
+        if str(n) in os.environ.get("MEDSYN_NAN_AT", "").split(","):  # a GPU that returned NaN
             r.weights = {k: v.float() * float("nan") if v.is_floating_point() else v for k, v in r.weights.items()}
-        else:  # a stolen key: the update scaled 1000x
+        if str(n) in os.environ.get("MEDSYN_X1000_AT", "").split(","):  # a stolen key: the update scaled 1000x
             r.weights = {k: weights[k] + 1000 * (v - weights[k]) if v.is_floating_point() else v
                          for k, v in r.weights.items()}
-        torch.save({"weights": r.weights, "num_examples": r.num_examples}, out / f"round_{n}.pt")
+        torch.save({"start": weights, "weights": r.weights, "num_examples": r.num_examples}, out / f"round_{n}.pt")
         return r
 
     task.run_local_round = run_local_round
 """
+
+
+def _recording_sites(tmp_path: Path) -> Path:
+    """A folder to put first on a site's PYTHONPATH: its trainer records each local round (and is
+    poisoned in the rounds MEDSYN_NAN_AT / MEDSYN_X1000_AT name)."""
+    (tmp_path / "sitecustomize").mkdir()
+    (tmp_path / "sitecustomize" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return tmp_path / "sitecustomize"
 
 
 @pytest.mark.slow
@@ -497,8 +505,7 @@ def test_a_poisoned_site_cannot_move_the_global_model(tmp_path, monkeypatch):
     link_port, ports = free_port(), {"a": free_port(), "b": free_port()}
     marks = [str(tmp_path), *(f"127.0.0.1:{p}" for p in (link_port, *ports.values()))]
     link, run_dir = f"127.0.0.1:{link_port}", tmp_path / "global"
-    (tmp_path / "evil").mkdir()
-    (tmp_path / "evil" / "sitecustomize.py").write_text(POISON)
+    evil = _recording_sites(tmp_path)
     try:
         for site, seed in (("a", 31), ("b", 32)):
             write_phantom_cohort(PhantomConfig(cases=3, seed=seed, shape=(48, 48, 32), max_nodules=2),
@@ -507,7 +514,7 @@ def test_a_poisoned_site_cannot_move_the_global_model(tmp_path, monkeypatch):
         assert fed.cli("fl", "connect", "--superlink", link, "--insecure").returncode == 0
         for site in ("a", "b"):
             if site == "b":
-                fed.env = {**env, "PYTHONPATH": str(tmp_path / "evil")}
+                fed.env = {**env, "PYTHONPATH": str(evil), "MEDSYN_NAN_AT": "1", "MEDSYN_X1000_AT": "2"}
             fed.start(f"supernode_{site}", ["fl", "supernode", "--insecure", "--superlink", link,
                                             "--cohort", str(tmp_path / f"cohort_{site}"), "--work-dir",
                                             str(tmp_path / f"work_{site}"), "--port", str(ports[site]), "--threads", "1"])
@@ -530,7 +537,7 @@ def test_a_poisoned_site_cannot_move_the_global_model(tmp_path, monkeypatch):
         assert all(torch.isfinite(v).all() for g in (g1, g2) for v in g.values() if v.is_floating_point())
         # with site b refused, the global model IS site a's update (the honest average); plain FedAvg would
         # have moved it by n_b / (n_a + n_b) x |poisoned - honest|
-        poison = torch.load(tmp_path / "work_b" / "poison" / "round_2.pt")
+        poison = torch.load(tmp_path / "work_b" / "record" / "round_2.pt")
         n_a = [int(r["num_examples"]) for r in _rows(run_dir) if r["round"] == "2" and r["status"] == "ok"][0]
         pushed = poison["num_examples"] / (n_a + poison["num_examples"]) * update_norm(poison["weights"], g2)
         print(f"round 2: honest update norm {honest_norm:.4g}; plain FedAvg would have put the global model "
@@ -542,27 +549,6 @@ def test_a_poisoned_site_cannot_move_the_global_model(tmp_path, monkeypatch):
         fed.stop()
         left = _sweep(marks)
     assert not left, f"processes left behind: {left}"
-
-
-RECORD = """
-import sys
-if sys.argv[0].endswith("flwr-clientapp"):  # only the site's trainer process
-    import os, pathlib, torch
-    from medsyn_site.federated import task
-    honest = task.run_local_round
-
-    def run_local_round(cfg, cohort, work_dir, weights, steps, prox_mu=0.0):
-        r = honest(cfg, cohort, work_dir, weights, steps, prox_mu=prox_mu)
-        out = pathlib.Path(work_dir).parent / "record"
-        out.mkdir(exist_ok=True)
-        n = len(list(out.glob("round_*.pt"))) + 1
-        if n == int(os.environ.get("MEDSYN_POISON_AT", 0)):  # a stolen key: the update scaled 1000x
-            r.weights = {k: weights[k] + 1000 * (v - weights[k]) for k, v in r.weights.items()}
-        torch.save({"start": weights, "weights": r.weights, "num_examples": r.num_examples}, out / f"round_{n}.pt")
-        return r
-
-    task.run_local_round = run_local_round
-"""
 
 
 @pytest.mark.slow
@@ -581,8 +567,7 @@ def test_secagg_plus_sums_updates_the_server_never_sees(tmp_path, monkeypatch):
     link_port, ports = free_port(), {s: free_port() for s in sites}
     marks = [str(tmp_path), *(f"127.0.0.1:{p}" for p in (link_port, *ports.values()))]
     link = f"127.0.0.1:{link_port}"
-    (tmp_path / "record").mkdir()
-    (tmp_path / "record" / "sitecustomize.py").write_text(RECORD)
+    recording = _recording_sites(tmp_path)
     base = f'config="{CONFIG}" local-steps=2 min-sites=3 round-timeout=600.0'
     try:
         for site, seed, cases in (("a", 41, 3), ("b", 42, 5), ("c", 43, 3)):  # b: more training cases
@@ -591,7 +576,7 @@ def test_secagg_plus_sums_updates_the_server_never_sees(tmp_path, monkeypatch):
         fed.start("superlink", ["fl", "superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port)])
         assert fed.cli("fl", "connect", "--superlink", link, "--insecure").returncode == 0
         for site in sites:
-            fed.env = {**env, "PYTHONPATH": str(tmp_path / "record"), "MEDSYN_POISON_AT": "3" if site == "c" else "0"}
+            fed.env = {**env, "PYTHONPATH": str(recording), "MEDSYN_X1000_AT": "3" if site == "c" else ""}
             fed.start(f"supernode_{site}", ["fl", "supernode", "--insecure", "--superlink", link,
                                             "--cohort", str(tmp_path / f"cohort_{site}"), "--work-dir",
                                             str(tmp_path / f"work_{site}"), "--port", str(ports[site]), "--threads", "1"])

