@@ -382,7 +382,7 @@ def nodule_types(vols: list[Volume]) -> dict[int, str]:
     return {k: t for v in vols for k, t in v.types.items()}
 
 
-def _short(m: dict) -> dict:
+def short(m: dict) -> dict:
     """The numbers a card or a log shows of a ``compare``."""
     return {"cnn_c2st": m["cnn_c2st"]["accuracy"], "cnn_c2st_sd": m["cnn_c2st"]["std"],
             "cnn_train_accuracy": m["cnn_c2st"]["train_accuracy"], "feature_c2st": m["feature_c2st"]["accuracy"],
@@ -399,8 +399,8 @@ def summarize(real: list[Volume], synth: list[Volume], real_other: list[Volume] 
     against the same, in short; ``lines``: what a log prints."""
     desc = describe(real)
     out = {"real_volumes": len(real), "synthetic_volumes": len(synth),
-           "synthetic": _short(compare(real, synth, cnn_steps, seed, desc)),
-           "real_vs_real": _short(compare(real, real_other, cnn_steps, seed, desc))
+           "synthetic": short(compare(real, synth, cnn_steps, seed, desc)),
+           "real_vs_real": short(compare(real, real_other, cnn_steps, seed, desc))
            if real_other and len(real_other) >= 2 else None}
     for part in (out["synthetic"], out["real_vs_real"]):
         if part:  # a realism claim is only as good as the strongest classifier tried

@@ -60,15 +60,16 @@ def disguises(hu: np.ndarray, rng) -> dict[str, np.ndarray]:
     }
 
 
-def plant(root, cases: dict[str, np.ndarray], masks: dict[str, np.ndarray], key: bytes, ref: sitk.Image,
-          training_cohort):
-    """A synthetic cohort holding CASES, with a provenance.json signed with the site key."""
+def plant(root, cases: dict[str, np.ndarray], masks: dict[str, np.ndarray], key: bytes,
+          ref: sitk.Image | dict[str, sitk.Image], training_cohort):
+    """A synthetic cohort holding CASES (geometry from ``ref``, or per case), with a provenance.json
+    signed with the site key."""
     with CohortWriter(root, description="red team: a memorizing model's output") as w:
         for cid, hu in cases.items():
             img = sitk.GetImageFromArray(np.clip(np.rint(hu), -1024, 3071).astype(np.int16))
             msk = sitk.GetImageFromArray(masks[cid].astype(np.uint8))
             for im in (img, msk):
-                im.CopyInformation(ref)
+                im.CopyInformation(ref[cid] if isinstance(ref, dict) else ref)
             w.add(cid, patient=cid, split="train", source="synthetic", image=img, mask=msk)
     header = {"checkpoint_sha256": "0" * 64, "sampler": "ddim", "steps": 50, "seed": 0, "mask_source": "relocate",
               "training_cohort": provenance.cohort_identity(training_cohort) if training_cohort else None}

@@ -282,3 +282,34 @@ def test_cli_refuses_existing_output_without_force(site, tmp_path):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 1 and "already exists; pass --force" in res.output
     assert (out / "cohort.json").read_bytes() == before
+
+
+def test_manifest_split_column_keeps_the_sites_own_split(tmp_path):
+    """A `split` column puts each patient where the site says (the seeded split for empty cells);
+    a bad value or one patient in two splits is refused with the CSV line named."""
+    paths = []
+    for i in range(4):
+        img = sitk.GetImageFromArray(_volume())
+        img.SetSpacing(SPACING)
+        sitk.WriteImage(img, str(tmp_path / f"s{i}.nii.gz"))
+        paths.append(tmp_path / f"s{i}.nii.gz")
+
+    def manifest(rows):
+        with open(tmp_path / "m.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["image", "mask", "patient", "split"], *rows])
+        return tmp_path / "m.csv"
+    key = tmp_path / "site.key"
+    m = manifest([[paths[0], "", "p0", "test"], [paths[1], "", "p1", "test"], [paths[2], "", "p2", ""],
+                  [paths[3], "", "p3", "val"]])
+    prepare_cohort(m, tmp_path / "c", _cfg(), site_key=key)
+    from medsyn_site.sitekey import load_site_key, pseudonym
+
+    k = load_site_key(key)
+    splits = {r.patient: r.split for r in Cohort(tmp_path / "c").cases}
+    assert [splits[pseudonym(k, f"p{i}", "pt")] for i in (0, 1, 3)] == ["test", "test", "val"]
+    with pytest.raises(IngestError, match=r"m.csv: line 2: split 'holdout': use train, val, test"):
+        prepare_cohort(manifest([[paths[0], "", "p0", "holdout"]]), tmp_path / "d", _cfg(), site_key=key)
+    with pytest.raises(IngestError, match=r"lines 2 and 3 put one patient in train and val"):
+        prepare_cohort(manifest([[paths[0], "", "p0", "train"], [paths[1], "", "p0", "val"]]), tmp_path / "e",
+                       _cfg(), site_key=key)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()

