@@ -14,7 +14,7 @@ from the PyPI packages that carry them), the way a site would run the toolkit.
 
 Stages keep their outputs in --out and are skipped when they exist (stop and re-run freely):
 
-  python benchmarks/real_ct.py --out benchmarks/out/real_ct            # ~20 min on 2 cores
+  python benchmarks/real_ct.py --out benchmarks/out/real_ct            # ~15 min on 2 cores
 """
 from __future__ import annotations
 

@@ -28,6 +28,8 @@ import time
 import numpy as np
 import torch
 from flwr.app import Context, Message
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.strategy import FedAvg
 
 from medsyn_site.federated.server import (REFUSED, FederationError, GlobalRun, check_update, norm_outliers,
                                           update_norm)
@@ -56,7 +58,6 @@ def is_secure(msg: Message) -> bool:
 
 def read_instruction(msg: Message) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, global weights) of a SecAgg+ round's train instruction."""
-    from flwr.common import parameters_to_ndarrays
     from flwr.compat.common.recorddict_compat import recorddict_to_fitins
 
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
@@ -70,7 +71,7 @@ def read_instruction(msg: Message) -> tuple[dict, dict[str, torch.Tensor]]:
 def reply(msg: Message, config: dict, start: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
           num_examples: int, metrics: dict) -> Message:
     """The site's update (weights - start) as a legacy FitRes, which ``secaggplus_mod`` masks."""
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.common import Code, FitRes, Status
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
     if num_examples > float(config[MAX_WEIGHT]):
@@ -123,73 +124,71 @@ class CountingGrid:
         return out
 
 
-def _legacy_strategy(run: GlobalRun, offset: int, train_config: dict, grid: CountingGrid):
-    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server.strategy import FedAvg
+class SecureRecorder(FedAvg):
+    """Flower's legacy FedAvg as SecAgg+ needs it: sends the global model with the keys' order, adds
+    the securely summed update to it, checks it and writes the round to the GlobalRun."""
 
-    s, keys = run.s, list(run.weights)
+    def __init__(self, run: GlobalRun, offset: int, train_config: dict, grid: CountingGrid):
+        s, self.keys = run.s, list(run.weights)
+        config = {**train_config, KEYS: "\n".join(self.keys), CLIP: s.secagg_clip, MAX_WEIGHT: s.secagg_max_weight}
+        super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=s.min_sites, min_evaluate_clients=0,
+                         min_available_clients=s.min_sites, accept_failures=True,
+                         on_fit_config_fn=lambda rnd: dict(config),
+                         initial_parameters=ndarrays_to_parameters([run.weights[k].numpy() for k in self.keys]))
+        self.run, self.offset, self.grid, self.t0 = run, offset, grid, 0.0
 
-    class SecureRecorder(FedAvg):
-        """Sends the global model, adds the securely summed update to it, checks it and saves the round."""
+    def configure_fit(self, server_round, parameters, client_manager):
+        self.t0 = time.perf_counter()
+        self.grid.take()
+        return super().configure_fit(server_round, parameters, client_manager)
 
-        def configure_fit(self, server_round, parameters, client_manager):
-            self.t0 = time.perf_counter()
-            grid.take()
-            return super().configure_fit(server_round, parameters, client_manager)
-
-        def aggregate_fit(self, server_round, results, failures):
-            rnd = offset + server_round
-            down, up = grid.take()
-            elapsed = round(time.perf_counter() - self.t0, 3)
-            rows = []
-            for proxy, res in results:
-                m = res.metrics
-                rows.append({"node_id": proxy.node_id, "status": "ok", "loss": float(m.get("loss", "nan")),
-                             "steps": int(m.get("steps", 0)), "seconds": float(m.get("seconds", 0.0)),
-                             "num_examples": res.num_examples, "bytes_down": down.get(proxy.node_id, 0),
-                             "bytes_up": up.get(proxy.node_id, 0), "update_norm": ""})
-                if m.get("secagg-clipped"):
-                    log.warning("round %d: site %s clipped %s update coordinates to secagg-clip %g", rnd,
-                                proxy.node_id, m["secagg-clipped"], s.secagg_clip)
-            for node in sorted(set(down) - {r["node_id"] for r in rows}):
-                rows.append({"node_id": node, "status": "no masked update in time (dropped this round)",
-                             "bytes_down": down[node], "bytes_up": up.get(node, 0), "loss": "", "steps": "",
-                             "seconds": "", "num_examples": "", "update_norm": ""})
-            for r in rows:
-                r["round_seconds"] = elapsed
-            if len(results) < s.min_sites:
-                run._record(rnd, rows)
-                raise FederationError(f"round {rnd}: {len(results)} site(s) in the secure sum, fewer than min-sites="
-                                      f"{s.min_sites}; the global model stays at round {rnd - 1} in {run.root}")
-            summed = parameters_to_ndarrays(results[0][1].parameters)  # every result carries the same sum
-            delta = {k: torch.from_numpy(np.array(a, np.float32)) for k, a in zip(keys, summed)}
-            reason = (f"{len(summed)} arrays, the global model has {len(keys)}" if len(summed) != len(keys)
-                      else check_update(delta, run.weights))
-            norm = float("nan")
-            if not reason:
-                weights = {k: run.weights[k] + delta[k] for k in keys}
-                norm = update_norm(weights, run.weights)
-                reason = norm_outliers({"sum": norm}, run.accepted_norms(), s.update_norm_ratio,
-                                       s.max_update_norm).get("sum")
-            for r in rows:
-                if r["status"] == "ok":
-                    r["update_norm"] = norm  # the aggregate's: SecAgg+ hides each site's own
-                    if reason:
-                        r["status"] = f"{REFUSED}secure sum: {reason}"
-            if reason:
-                run._record(rnd, rows)
-                raise FederationError(
-                    f"round {rnd}: the securely aggregated update was refused ({reason}); SecAgg+ hides which site "
-                    f"sent it, so check every site before the next run; the global model stays at round {rnd - 1} "
-                    f"in {run.root}")
-            run.save_round(rnd, weights, rows)
-            return ndarrays_to_parameters([weights[k].numpy() for k in keys]), {}
-
-    config = {**train_config, KEYS: "\n".join(keys), CLIP: s.secagg_clip, MAX_WEIGHT: s.secagg_max_weight}
-    return SecureRecorder(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=s.min_sites,
-                          min_evaluate_clients=0, min_available_clients=s.min_sites, accept_failures=True,
-                          on_fit_config_fn=lambda rnd: dict(config),
-                          initial_parameters=ndarrays_to_parameters([run.weights[k].numpy() for k in keys]))
+    def aggregate_fit(self, server_round, results, failures):
+        run, s, rnd = self.run, self.run.s, self.offset + server_round
+        down, up = self.grid.take()
+        elapsed = round(time.perf_counter() - self.t0, 3)
+        rows = []
+        for proxy, res in results:
+            m = res.metrics
+            rows.append({"node_id": proxy.node_id, "status": "ok", "loss": float(m.get("loss", "nan")),
+                         "steps": int(m.get("steps", 0)), "seconds": float(m.get("seconds", 0.0)),
+                         "num_examples": res.num_examples, "bytes_down": down.get(proxy.node_id, 0),
+                         "bytes_up": up.get(proxy.node_id, 0), "update_norm": ""})
+            if m.get("secagg-clipped"):
+                log.warning("round %d: site %s clipped %s update coordinates to secagg-clip %g", rnd,
+                            proxy.node_id, m["secagg-clipped"], s.secagg_clip)
+        for node in sorted(set(down) - {r["node_id"] for r in rows}):
+            rows.append({"node_id": node, "status": "no masked update in time (dropped this round)",
+                         "bytes_down": down[node], "bytes_up": up.get(node, 0), "loss": "", "steps": "",
+                         "seconds": "", "num_examples": "", "update_norm": ""})
+        for r in rows:
+            r["round_seconds"] = elapsed
+        if len(results) < s.min_sites:
+            run._record(rnd, rows)
+            raise FederationError(f"round {rnd}: {len(results)} site(s) in the secure sum, fewer than min-sites="
+                                  f"{s.min_sites}; the global model stays at round {rnd - 1} in {run.root}")
+        summed = parameters_to_ndarrays(results[0][1].parameters)  # every result carries the same sum
+        delta = {k: torch.from_numpy(np.array(a, np.float32)) for k, a in zip(self.keys, summed)}
+        reason = (f"{len(summed)} arrays, the global model has {len(self.keys)}" if len(summed) != len(self.keys)
+                  else check_update(delta, run.weights))
+        norm = float("nan")
+        if not reason:
+            weights = {k: run.weights[k] + delta[k] for k in self.keys}
+            norm = update_norm(weights, run.weights)
+            reason = norm_outliers({"sum": norm}, run.accepted_norms(), s.update_norm_ratio,
+                                   s.max_update_norm).get("sum")
+        for r in rows:
+            if r["status"] == "ok":
+                r["update_norm"] = norm  # the sum's: SecAgg+ hides each site's own
+                if reason:
+                    r["status"] = f"{REFUSED}secure sum: {reason}"
+        if reason:
+            run._record(rnd, rows)
+            raise FederationError(
+                f"round {rnd}: the securely aggregated update was refused ({reason}); SecAgg+ hides which site "
+                f"sent it, so check every site before the next run; the global model stays at round {rnd - 1} "
+                f"in {run.root}")
+        run.save_round(rnd, weights, rows)
+        return ndarrays_to_parameters([weights[k].numpy() for k in self.keys]), {}
 
 
 def run_rounds(grid, context: Context, run: GlobalRun, todo: int, train_config: dict) -> None:
@@ -200,7 +199,7 @@ def run_rounds(grid, context: Context, run: GlobalRun, todo: int, train_config: 
 
     s = run.s
     counting = CountingGrid(grid)
-    strategy = _legacy_strategy(run, run.round, train_config, counting)
+    strategy = SecureRecorder(run, run.round, train_config, counting)
     secagg = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=s.secagg_threshold,
                                 max_weight=s.secagg_max_weight, clipping_range=s.secagg_clip,
                                 timeout=s.round_timeout)

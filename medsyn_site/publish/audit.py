@@ -346,22 +346,6 @@ def nearest(f: Features, bank: Bank, exclude: str | None = None) -> dict:
     return best
 
 
-@dataclass(frozen=True)
-class CaseFeatures:
-    """A cohort case's features, computed where the search runs (a worker reads the volume itself, so
-    the parent never holds more than one volume's features)."""
-
-    root: str
-    case: str
-    p: AuditParams
-
-    def __call__(self) -> Features:
-        from medsyn_site.data.cohort import Cohort
-
-        c = Cohort(self.root)
-        return Features.of(c.arrays(self.case)[0], c.case(self.case).spacing, self.p)
-
-
 _BANK: Bank | None = None  # a worker process's copy of the bank
 
 
@@ -386,16 +370,16 @@ def _init_worker(path: str) -> None:
     _BANK = load_bank(Path(path))[0]
 
 
-def _nearest_job(job: tuple[Features | CaseFeatures, str | None], bank: Bank) -> dict:
+def _nearest_job(job: tuple[Features, str | None], bank: Bank) -> dict:
     f, exclude = job
-    return nearest(f() if isinstance(f, CaseFeatures) else f, bank, exclude=exclude)
+    return nearest(f, bank, exclude=exclude)
 
 
 def _in_worker(fn, job):
     return fn(job, _BANK)
 
 
-def nearest_many(jobs: list[tuple[Features | CaseFeatures, str | None]], bank: Bank, workers: int | None = None,
+def nearest_many(jobs: list[tuple[Features, str | None]], bank: Bank, workers: int | None = None,
                  progress=None, desc: str = "audit") -> list[dict]:
     """``nearest(features, bank, exclude)`` of each job, in order, on up to ``workers`` processes."""
     return map_with_bank(_nearest_job, jobs, bank, workers, progress, desc)
