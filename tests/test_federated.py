@@ -323,6 +323,28 @@ class Federation:
         finally:
             client.close()
 
+    def insecure_sites(self, link_port: int, ports: dict, site_env: dict) -> str:
+        """An insecure SuperLink on 127.0.0.1 and one SuperNode per site (cohort_X, work_X under the
+        test's folder; ``site_env``: extra environment per site); returns when all are online."""
+        link = f"127.0.0.1:{link_port}"
+        self.start("superlink", ["fl", "superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port)])
+        assert self.cli("fl", "connect", "--superlink", link, "--insecure").returncode == 0
+        env = self.env
+        for site, port in ports.items():
+            self.env = {**env, **site_env.get(site, {})}
+            self.start(f"supernode_{site}", ["fl", "supernode", "--insecure", "--superlink", link,
+                                             "--cohort", str(self.tmp / f"cohort_{site}"), "--work-dir",
+                                             str(self.tmp / f"work_{site}"), "--port", str(port), "--threads", "1"])
+        self.env = env
+
+        def all_online() -> bool:
+            try:
+                return len(self.online()) == len(ports)
+            except deploy.DeployError:  # the SuperLink still starting
+                return False
+        _until(all_online, 180, f"{len(ports)} sites online")
+        return link
+
     def stop(self) -> None:
         for p in self.procs.values():
             if p.poll() is None:
@@ -504,27 +526,14 @@ def test_a_poisoned_site_cannot_move_the_global_model(tmp_path, monkeypatch):
     fed = Federation(tmp_path, env)
     link_port, ports = free_port(), {"a": free_port(), "b": free_port()}
     marks = [str(tmp_path), *(f"127.0.0.1:{p}" for p in (link_port, *ports.values()))]
-    link, run_dir = f"127.0.0.1:{link_port}", tmp_path / "global"
+    run_dir = tmp_path / "global"
     evil = _recording_sites(tmp_path)
     try:
         for site, seed in (("a", 31), ("b", 32)):
             write_phantom_cohort(PhantomConfig(cases=3, seed=seed, shape=(48, 48, 32), max_nodules=2),
                                  SplitConfig(train=0.67, val=0.33), tmp_path / f"cohort_{site}")
-        fed.start("superlink", ["fl", "superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port)])
-        assert fed.cli("fl", "connect", "--superlink", link, "--insecure").returncode == 0
-        for site in ("a", "b"):
-            if site == "b":
-                fed.env = {**env, "PYTHONPATH": str(evil), "MEDSYN_NAN_AT": "1", "MEDSYN_X1000_AT": "2"}
-            fed.start(f"supernode_{site}", ["fl", "supernode", "--insecure", "--superlink", link,
-                                            "--cohort", str(tmp_path / f"cohort_{site}"), "--work-dir",
-                                            str(tmp_path / f"work_{site}"), "--port", str(ports[site]), "--threads", "1"])
-        fed.env = env
-        def both_online() -> bool:
-            try:
-                return len(fed.online()) == 2
-            except deploy.DeployError:  # the SuperLink still starting
-                return False
-        _until(both_online, 180, "both sites online")
+        fed.insecure_sites(link_port, ports, {"b": {"PYTHONPATH": str(evil), "MEDSYN_NAN_AT": "1",
+                                                     "MEDSYN_X1000_AT": "2"}})
         done = fed.cli("fl", "run", "--run-config", f'run-dir="{run_dir}" config="{CONFIG}" local-steps=2 rounds=2 '
                        f'min-sites=1 round-timeout=600.0', timeout=800)
         assert done.returncode == 0, done.stdout + done.stderr + fed.log("superlink")[-3000:]
@@ -566,28 +575,14 @@ def test_secagg_plus_sums_updates_the_server_never_sees(tmp_path, monkeypatch):
     sites = ("a", "b", "c")
     link_port, ports = free_port(), {s: free_port() for s in sites}
     marks = [str(tmp_path), *(f"127.0.0.1:{p}" for p in (link_port, *ports.values()))]
-    link = f"127.0.0.1:{link_port}"
     recording = _recording_sites(tmp_path)
     base = f'config="{CONFIG}" local-steps=2 min-sites=3 round-timeout=600.0'
     try:
         for site, seed, cases in (("a", 41, 3), ("b", 42, 5), ("c", 43, 3)):  # b: more training cases
             write_phantom_cohort(PhantomConfig(cases=cases, seed=seed, shape=(48, 48, 32), max_nodules=2),
                                  SplitConfig(train=0.67, val=0.33), tmp_path / f"cohort_{site}")
-        fed.start("superlink", ["fl", "superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port)])
-        assert fed.cli("fl", "connect", "--superlink", link, "--insecure").returncode == 0
-        for site in sites:
-            fed.env = {**env, "PYTHONPATH": str(recording), "MEDSYN_X1000_AT": "3" if site == "c" else ""}
-            fed.start(f"supernode_{site}", ["fl", "supernode", "--insecure", "--superlink", link,
-                                            "--cohort", str(tmp_path / f"cohort_{site}"), "--work-dir",
-                                            str(tmp_path / f"work_{site}"), "--port", str(ports[site]), "--threads", "1"])
-        fed.env = env
-
-        def all_online() -> bool:
-            try:
-                return len(fed.online()) == 3
-            except deploy.DeployError:  # the SuperLink still starting
-                return False
-        _until(all_online, 180, "three sites online")
+        fed.insecure_sites(link_port, ports, {s: {"PYTHONPATH": str(recording), "MEDSYN_X1000_AT": "3" if s == "c" else ""}
+                                              for s in sites})
         plain = fed.cli("fl", "run", "--run-config", f'run-dir="{tmp_path / "plain"}" {base} rounds=1', timeout=600)
         assert plain.returncode == 0, plain.stdout + plain.stderr + fed.log("superlink")[-3000:]
         run_dir = tmp_path / "secure"
