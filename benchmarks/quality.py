@@ -166,9 +166,9 @@ def sample(weights: Path, held: Path, n: int, sampler: str = "ddim", steps: int 
     gen = Sampler(weights, sampler, steps, device="cpu")
     out, t0 = [], time.perf_counter()
     for i, j in enumerate(jobs):
-        m = j.mask(0)
-        hu = sitk.GetArrayFromImage(gen.volumes([m], [1000 + i])[0])
-        out.append((np.rint(hu).astype(np.int16), sitk.GetArrayFromImage(m)))
+        c = j.conditioning(0)
+        hu = sitk.GetArrayFromImage(gen.volumes([c.mask], [1000 + i], [c.codes])[0])
+        out.append((np.rint(hu).astype(np.int16), sitk.GetArrayFromImage(c.mask)))
     return out, (time.perf_counter() - t0) / len(jobs)
 
 

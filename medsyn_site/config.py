@@ -98,6 +98,14 @@ class ModelConfig(Strict):
     # hidden width of the coordinate prior head (a per-voxel MLP of position and timestep added to
     # the UNet's output, see diffusion/model.py: CoordPriorHead); 0 = none
     coord_head: int = Field(0, ge=0)
+    # the mask channel carries each nodule's type (cohort.json's records: ground-glass 1/3, part-solid
+    # 2/3, solid and unknown 1), so one model paints each type with its own contrast; off = 0/1 mask
+    nodule_types: bool = True
+
+    @classmethod
+    def of_weights(cls, model: dict) -> "ModelConfig":
+        """The config a weights file was trained with (files written before nodule types: 0/1 masks)."""
+        return cls(**({"nodule_types": False} | model))
 
     @model_validator(mode="after")
     def _shape(self) -> "ModelConfig":
@@ -139,6 +147,8 @@ class TrainConfig(Strict):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
+    # after the warm-up: constant, or cosine-annealed from lr to 0 at train.steps (a fine-tune's end)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     ema_decay: float = Field(0.999, ge=0, lt=1)
     pos_fraction: float = Field(0.5, ge=0, le=1)  # share of patches centred on a nodule voxel
     seed: int = 0

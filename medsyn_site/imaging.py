@@ -17,6 +17,41 @@ def label_nodules(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return ndimage.label(np.asarray(mask) > 0, structure=CONNECTIVITY)
 
 
+# The nodule type a diffusion model is conditioned on, as a code per mask voxel (0 = no nodule):
+# cohort.json records each nodule's type at its centre voxel; the mask file itself stays 0/1.
+NODULE_CODES = {"ground-glass": 1, "part-solid": 2, "solid": 3, "unknown": 4}
+CODE_TYPES = {c: t for t, c in NODULE_CODES.items()}
+
+
+def nodule_codes(mask: np.ndarray, nodules) -> np.ndarray:
+    """uint8 code per voxel (``NODULE_CODES``) of a mask's nodules: each component takes the type of
+    the record (dict or NoduleRecord, ``center_voxel`` x y z) whose centre falls in it; a component
+    no record names is "unknown"."""
+    labels, n = label_nodules(mask)
+    code_of = np.full(n + 1, NODULE_CODES["unknown"], np.uint8)
+    code_of[0] = 0
+    for rec in nodules or []:
+        get = rec.get if isinstance(rec, dict) else (lambda k, r=rec: getattr(r, k))
+        x, y, z = get("center_voxel")
+        inside = all(0 <= c < s for c, s in zip((z, y, x), labels.shape))
+        if inside and labels[z, y, x]:
+            code_of[labels[z, y, x]] = NODULE_CODES.get(get("type"), NODULE_CODES["unknown"])
+    return code_of[labels]
+
+
+def nodule_records(codes: np.ndarray, spacing_zyx) -> list[dict]:
+    """cohort.json's nodule records of a code volume: per component its type, equivalent diameter
+    and centre voxel (x y z; the component's voxel nearest its centroid, so it lies inside)."""
+    labels, n = label_nodules(codes)
+    out = []
+    for lab, d in zip(range(1, n + 1), diameters_mm(labels, spacing_zyx)):
+        vox = np.argwhere(labels == lab)
+        centre = vox[np.argmin(((vox - vox.mean(0)) ** 2).sum(1))]
+        out.append({"type": CODE_TYPES[int(codes[tuple(centre)])], "diameter_mm": round(d, 2),
+                    "center_voxel": tuple(int(c) for c in centre[::-1])})
+    return out
+
+
 def diameters_mm(labels: np.ndarray, spacing_zyx) -> list[float]:
     """Equivalent-sphere diameter of each labelled component, in label order (skimage's
     ``regionprops(...).equivalent_diameter_area`` with the voxel spacing)."""

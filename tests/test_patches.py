@@ -3,6 +3,7 @@ volumes are kept in memory, memory-mapped from the spill dir, or read from the c
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from medsyn_site.data.cohort import Cohort
 from medsyn_site.diffusion.patches import PatchDataset
@@ -45,3 +46,25 @@ def test_background_centres_avoid_nodules_uniformly():
     assert draws.min() >= 900 and draws.max() <= 999
     counts = np.bincount(draws - 900, minlength=100)
     assert counts.min() > 20 and counts.max() < 85  # ~50 each: uniform over the background
+
+
+def test_typed_mask_channel_is_each_nodules_type_level(phantom_cohort):
+    from medsyn_site.diffusion.model import TYPE_LEVELS
+    from medsyn_site.imaging import NODULE_CODES, label_nodules
+
+    cohort = Cohort(phantom_cohort)
+    binary = _dataset(phantom_cohort)
+    typed = PatchDataset(cohort, "train", (32, 32, 16), (-1024.0, 2048.0), 0.5, 0, nodule_types=True)
+    for k, rec in enumerate(typed.cases):  # the codes: each recorded nodule's type at its centre, whole
+        _, mask = cohort.arrays(rec.id)
+        _, codes = typed._read(k)
+        labels, _ = label_nodules(mask)
+        for n in rec.nodules:
+            x, y, z = n.center_voxel
+            assert set(np.unique(codes[labels == labels[z, y, x]])) == {NODULE_CODES[n.type]}
+    levels = set()
+    for i in range(60):  # the same patches; the channel's level is the type's, where 0/1 says nodule
+        a, b = binary[i], typed[i]
+        assert (a["image"] == b["image"]).all() and torch.equal(b["mask"] > 0, a["mask"] > 0)
+        levels |= {round(float(v), 4) for v in b["mask"].unique()}
+    assert levels - {0.0} <= {round(float(v), 4) for v in TYPE_LEVELS[1:]} and len(levels - {0.0}) >= 2, levels

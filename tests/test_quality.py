@@ -118,12 +118,12 @@ def test_shipped_model_samples_chest_ct_with_nodules_at_their_masks(phantom64, t
     real = _mean_summary([cohort.arrays(r.id) for r in cohort.cases])
     real_hu = real["real_hu"]
     jobs = [j for j in mask_jobs(f"relocate:{phantom64}", 1)][:2]
-    masks = [j.mask(0) for j in jobs]
+    conds = [j.conditioning(0) for j in jobs]
 
     def samples(weights):
         gen = Sampler(weights, device="cpu")  # the default sampler, as `medsyn sample` runs it
-        return [(sitk.GetArrayFromImage(gen.volumes([m], [i])[0]), sitk.GetArrayFromImage(m))
-                for i, m in enumerate(masks)]
+        return [(sitk.GetArrayFromImage(gen.volumes([c.mask], [i], [c.codes])[0]), sitk.GetArrayFromImage(c.mask))
+                for i, c in enumerate(conds)]
 
     trained = _mean_summary(samples(PRETRAINED), real_hu)
     assert realistic(trained, real) == [], (trained, real)
@@ -132,7 +132,7 @@ def test_shipped_model_samples_chest_ct_with_nodules_at_their_masks(phantom64, t
     from medsyn_site.diffusion.model import build_unet
 
     torch.manual_seed(0)
-    blob["ema"] = build_unet(ModelConfig(**blob["model"])).state_dict()
+    blob["ema"] = build_unet(ModelConfig.of_weights(blob["model"])).state_dict()
     untrained_file = tmp_path / "untrained.pt"
     torch.save({k: v for k, v in blob.items() if k != "sha256"}, untrained_file)
     untrained = _mean_summary(samples(untrained_file), real_hu)

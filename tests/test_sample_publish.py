@@ -59,6 +59,19 @@ def test_sample_geometry_provenance_and_relocation(synth, phantom_cohort, key):
         assert lung_mask(hu)[new > 0].all()
         moved += int(m.any() and not np.array_equal(new, m))
     assert moved >= 1
+    # each relocated nodule keeps its type: cohort.json records it at a voxel of its new place
+    from medsyn_site.imaging import label_nodules
+    from medsyn_site.realism import record_types
+
+    source_types = {pair for rec in real.split("train") for pair in record_types(rec, real.arrays(rec.id)[1]).items()}
+    typed = 0
+    for rec in cohort.cases:
+        mask = cohort.arrays(rec.id)[1]
+        got = record_types(rec, mask)  # voxel count -> type, found at the records' centre voxels
+        assert len(rec.nodules) == label_nodules(mask)[1] == len(got), rec
+        assert set(got.items()) <= source_types
+        typed += len(got)
+    assert typed >= 2
 
 
 def provenance_source(key: bytes, case_id: str) -> str:
@@ -225,6 +238,7 @@ def test_release_contents_dicom_valid_and_readable(synth, phantom_cohort, key, t
         assert np.array_equal(sitk.GetArrayFromImage(scan.image), sitk.GetArrayFromImage(nifti_img))
         seg = read_seg(folder / "SEG.dcm", scan)
         assert np.array_equal(sitk.GetArrayFromImage(seg), sitk.GetArrayFromImage(nifti_mask))
+        assert Cohort(out / "nifti").case(case).nodules == Cohort(synth).case(case).nodules  # types published
         import pydicom
         ds = pydicom.dcmread(sorted((folder / "CT").glob("*.dcm"))[0])
         assert ds.PatientIdentityRemoved == "YES" and "SYNTHETIC" in ds.ImageType and ds.StudyDate == ""

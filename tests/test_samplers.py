@@ -260,3 +260,40 @@ def test_dpm_solver_starts_each_batch_afresh(weights):
     mask = sitk.GetImageFromArray(np.zeros((8, 16, 16), np.uint8))
     a, b = (sitk.GetArrayFromImage(gen.volumes([mask], [3])[0]) for _ in range(2))
     np.testing.assert_array_equal(a, b)
+
+
+class MaskRecorder(torch.nn.Module):
+    """Records the mask channel the network is given; predicts zeros."""
+
+    def forward(self, x, timesteps, context=None):
+        self.mask = x[:, 1].clone()
+        return torch.zeros_like(x[:, :1])
+
+
+def test_the_network_sees_each_nodules_type_level(weights):
+    """A model trained with nodule types sees ground-glass 1/3, part-solid 2/3, solid and unknown 1;
+    a mask given without types is all unknown; weights from before types (no ``nodule_types`` in
+    their config) see 0/1."""
+    from medsyn_site.imaging import NODULE_CODES
+
+    cfg = DiffusionConfig(prediction_type="v_prediction", schedule="cosine")
+    codes = np.zeros((8, 16, 16), np.uint8)
+    for k, t in enumerate(("ground-glass", "part-solid", "solid", "unknown")):
+        codes[2, 2 + 3 * k, 2] = NODULE_CODES[t]
+    mask = sitk.GetImageFromArray((codes > 0).astype(np.uint8))
+    want = {"typed": [1 / 3, 2 / 3, 1, 1], "untyped": [1, 1, 1, 1], "old": [1, 1, 1, 1]}
+    path = weights(cfg)
+    old = torch.load(path)
+    old["model"].pop("nodule_types")
+    torch.save(old, path.with_name("old.pt"))
+    for case, (file, given) in {"typed": (path, [codes]), "untyped": (path, None),
+                                "old": (path.with_name("old.pt"), [codes])}.items():
+        gen = Sampler(file, "ddim", 2, device="cpu")
+        gen.model = MaskRecorder()
+        gen.volumes([mask], [0], given)
+        seen = gen.model.mask[0].numpy()
+        assert seen.shape == (8, 16, 16)  # the pad is empty here (16 is the network's multiple)
+        np.testing.assert_allclose([seen[2, 2 + 3 * k, 2] for k in range(4)], want[case], rtol=1e-6, err_msg=case)
+        assert seen.sum() == pytest.approx(sum(want[case]), rel=1e-6)  # nothing else is a nodule
+    with pytest.raises(ValueError, match="one shape"):
+        Sampler(path, "ddim", 2, device="cpu").volumes([mask], [0], [codes[:4]])

@@ -196,3 +196,41 @@ def test_missing_cohort_and_resume_without_checkpoint(phantom_cohort, tmp_path):
         train(_cfg(), tmp_path / "nope", tmp_path / "run")
     proc = _run(["--cohort", str(phantom_cohort), "--out", str(tmp_path / "fresh"), "--resume"])
     assert proc.returncode == 1 and "no checkpoint to resume from" in proc.stderr
+
+
+def test_weights_from_before_nodule_types_start_a_typed_run(tmp_path):
+    """0/1-mask weights (no ``nodule_types`` in their config) may start a typed run (same network);
+    weights of another network may not."""
+    from medsyn_site.diffusion.rundir import RunError
+    from medsyn_site.diffusion.train import initial_weights
+
+    cfg = _cfg()
+    assert cfg.model.nodule_types
+    model = cfg.model.model_dump(mode="json")
+    model.pop("nodule_types")
+    state = build_unet(cfg.model).state_dict()
+    old = tmp_path / "old.pt"
+    torch.save({"ema": state, "step": 7, "model": model, "diffusion": cfg.diffusion.model_dump(mode="json")}, old)
+    got = initial_weights(str(old), cfg)
+    assert all(torch.equal(got[k], state[k]) for k in state)
+    other = tmp_path / "other.pt"
+    torch.save({"ema": state, "step": 7, "model": model | {"channels": [16, 32, 64]},
+                "diffusion": cfg.diffusion.model_dump(mode="json")}, other)
+    with pytest.raises(RunError, match="another model config"):
+        initial_weights(str(other), cfg)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_schedule(schedule):
+    """Linear warm-up, then constant or cosine-annealed to 0 at the last step (written out by hand)."""
+    import math
+
+    from medsyn_site.diffusion.engine import lr_factor
+
+    t = _cfg().train.model_copy(update={"warmup_steps": 10, "steps": 110, "lr_schedule": schedule})
+    got = [lr_factor(t, s) for s in range(110)]
+    assert got[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    want = [1.0] * 100 if schedule == "constant" else [0.5 * (1 + math.cos(math.pi * k / 100)) for k in range(1, 101)]
+    assert got[10:] == pytest.approx(want)
+    if schedule == "cosine":
+        assert got[59] == pytest.approx(0.5) and got[-1] == pytest.approx(0.0, abs=1e-12)

@@ -2,7 +2,9 @@
 checkpointing with CPU offload. The same code runs on DeepSpeed's CPU accelerator and on CUDA."""
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -171,6 +173,16 @@ def fp32_masters(engine):
     return lambda p: pairs[id(p)] if id(p) in pairs else safe_get_full_fp32_param(p)
 
 
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a share of train.lr: a linear warm-up,
+    then constant or cosine-annealed to 0 at train.steps."""
+    warm = max(cfg.warmup_steps, 1)
+    if step + 1 < warm or cfg.lr_schedule == "constant":
+        return min(1.0, (step + 1) / warm)
+    done = min(1.0, (step + 1 - warm) / max(cfg.steps - warm, 1))
+    return 0.5 * (1 + math.cos(math.pi * done))
+
+
 def make_engine(net: torch.nn.Module, cfg: TrainConfig):
     """deepspeed.initialize with AdamW (a torch optimizer: no fused-Adam JIT build) and a linear
     warm-up; activation checkpointing of every ResNet block, offloaded to CPU on accelerators."""
@@ -178,8 +190,7 @@ def make_engine(net: torch.nn.Module, cfg: TrainConfig):
 
     ds = load_deepspeed_config(cfg)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(cfg.warmup_steps, 1)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg))
     engine, _, _, lr_sched = deepspeed.initialize(model=net, optimizer=optimizer, lr_scheduler=lr_sched,
                                                   config=ds)
     if cfg.activation_checkpointing:

@@ -20,7 +20,14 @@ from scipy import ndimage
 from medsyn_site import request as request_contract
 from medsyn_site.config import SAMPLE
 from medsyn_site.data.cohort import Cohort, CohortError
-from medsyn_site.imaging import label_nodules, lung_mask
+from medsyn_site.imaging import label_nodules, lung_mask, nodule_codes, nodule_records
+
+
+@dataclass
+class Conditioning:
+    mask: sitk.Image     # 0/1, the synthetic case's mask file
+    codes: np.ndarray    # z, y, x: imaging.NODULE_CODES per voxel (the nodules' types)
+    nodules: list[dict]  # cohort.json's records of the mask's nodules
 
 
 @dataclass
@@ -30,15 +37,21 @@ class MaskJob:
     replicate: int
     cohort: Cohort
 
-    def mask(self, seed: int) -> sitk.Image:
+    def conditioning(self, seed: int) -> Conditioning:
+        """The mask a volume is sampled from, its nodules' types and records (relocated for a seed)."""
         image, mask = self.cohort.read(self.source_id)
+        rec = self.cohort.case(self.source_id)
+        codes = nodule_codes(sitk.GetArrayFromImage(mask), rec.nodules)
         if self.mode == "relocated":
-            arr = relocate_nodules(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(image),
-                                   np.random.default_rng([seed, self.replicate, _int(self.source_id)]))
-            out = sitk.GetImageFromArray(arr)
-            out.CopyInformation(mask)
-            return out
-        return mask
+            codes = relocate_nodules(codes, sitk.GetArrayFromImage(image),
+                                     np.random.default_rng([seed, self.replicate, _int(self.source_id)]))
+            mask = sitk.GetImageFromArray((codes > 0).astype(np.uint8))
+            mask.CopyInformation(image)
+            return Conditioning(mask, codes, nodule_records(codes, rec.spacing[::-1]))
+        return Conditioning(mask, codes, [n.model_dump(mode="json") for n in rec.nodules])
+
+    def mask(self, seed: int) -> sitk.Image:
+        return self.conditioning(seed).mask
 
 
 def _int(text: str) -> int:
@@ -47,12 +60,14 @@ def _int(text: str) -> int:
 
 def relocate_nodules(mask: np.ndarray, hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Each nodule of ``mask``, randomly flipped, placed at a random spot inside the lungs of ``hu``
-    where it fits whole and touches no other nodule."""
+    where it fits whole and touches no other nodule; it keeps its value (a 0/1 mask stays 0/1,
+    nodule codes keep their types)."""
     labels, n = label_nodules(mask)
     lungs = lung_mask(hu)
     out = np.zeros_like(mask, dtype=np.uint8)
     for box, lab in zip(ndimage.find_objects(labels), range(1, n + 1)):
         shape = labels[box] == lab
+        value = mask[box][shape].max()
         for axis in range(3):
             if rng.random() < 0.5:
                 shape = np.flip(shape, axis)
@@ -63,7 +78,7 @@ def relocate_nodules(mask: np.ndarray, hu: np.ndarray, rng: np.random.Generator)
             if np.all((vox >= 0) & (vox < mask.shape)):
                 idx = tuple(vox.T)
                 if lungs[idx].all() and not out[idx].any():
-                    out[idx] = 1
+                    out[idx] = value
                     break
         # a nodule with no room in this scan's lungs is dropped rather than placed badly
     return out

@@ -241,6 +241,17 @@ def coordinate_grid(shape_zyx, start_zyx=(0, 0, 0), full_zyx=None) -> torch.Tens
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))
 
 
+# conditioning value of each nodule code (imaging.NODULE_CODES: none, ground-glass, part-solid, solid, unknown)
+TYPE_LEVELS = torch.tensor([0.0, 1 / 3, 2 / 3, 1.0, 1.0])
+
+
+def mask_channel(codes, nodule_types: bool) -> torch.Tensor:
+    """The network's mask channel (float) of nodule codes (integer array or tensor, 0 = no nodule):
+    the type's level for a model trained with ``model.nodule_types``, else 0/1."""
+    codes = torch.as_tensor(np.asarray(codes)).long()
+    return TYPE_LEVELS[codes] if nodule_types else (codes > 0).float()
+
+
 def network_input(noisy: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Concatenate (B,1,...) noisy CT, (B,1,...) mask and (B,3,...) coordinates -> (B,5,...)."""
     return torch.cat([noisy, mask.to(noisy.dtype), coords.to(noisy.dtype)], dim=1)

@@ -24,8 +24,9 @@ from monai.transforms.utils import generate_pos_neg_label_crop_centers
 from torch.utils.data import Dataset
 
 from medsyn_site.data.cohort import Cohort
-from medsyn_site.diffusion.model import coordinate_grid, hu_to_unit
+from medsyn_site.diffusion.model import coordinate_grid, hu_to_unit, mask_channel
 from medsyn_site.errors import MedsynError
+from medsyn_site.imaging import nodule_codes
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,17 @@ class PatchError(MedsynError):
 
 class PatchDataset(Dataset):
     """``dataset[i]`` -> dict(image (1,z,y,x) in [-1,1], mask (1,z,y,x), coords (3,z,y,x), case).
+    ``nodule_types``: the mask channel carries each nodule's type level (model.mask_channel, types from
+    cohort.json's records), else 0/1.
 
     Construction only validates (cohort.json shapes); ``load()`` reads every case once (nodule
     indices, the memory cache, the spill files). Without it, cases are read on first use."""
 
     def __init__(self, cohort: Cohort, split: str, patch_xyz, window, pos_fraction: float,
-                 seed: int, length: int = 2 ** 62):
+                 seed: int, length: int = 2 ** 62, nodule_types: bool = False):
         self.patch = tuple(int(p) for p in patch_xyz[::-1])  # z, y, x
         self.window, self.pos_fraction, self.seed, self.length = window, pos_fraction, seed, length
+        self.nodule_types = nodule_types
         self.cohort = cohort
         self.cases = [c for c in cohort.cases if c.split == split]
         if not self.cases:
@@ -62,28 +66,34 @@ class PatchDataset(Dataset):
 
         kept = spilled = 0
         for k, rec in enumerate(tqdm(self.cases, desc="read cases", unit="case", leave=False)):
-            image, mask = self.cohort.arrays(rec.id)
-            self.fg[k] = np.flatnonzero(mask)
-            if kept + image.nbytes + mask.nbytes <= cache_bytes:
-                self.volumes[k] = (image, mask)
-                kept += image.nbytes + mask.nbytes
+            image, codes = self._read(k)
+            self.fg[k] = np.flatnonzero(codes)
+            if kept + image.nbytes + codes.nbytes <= cache_bytes:
+                self.volumes[k] = (image, codes)
+                kept += image.nbytes + codes.nbytes
             elif spill_dir is not None:
-                self.volumes[k] = tuple(_spill(Path(spill_dir), rec.sha256[part], arr)
-                                        for part, arr in (("image", image), ("mask", mask)))
+                self.volumes[k] = (_spill(Path(spill_dir), rec.sha256["image"], image),
+                                   _spill(Path(spill_dir), rec.sha256["mask"] + "-codes", codes))
                 spilled += 1
         log.info("%s: %d cases, %.1f MB in memory, %d memory-mapped from %s, %d read per patch; "
                  "nodule indices %.1f MB", self.cases[0].split, len(self.cases), kept / 1e6, spilled, spill_dir,
                  len(self.cases) - len(self.volumes), sum(f.nbytes for f in self.fg.values()) / 1e6)
         return self
 
+    def _read(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """A case's image and nodule codes (imaging.NODULE_CODES per voxel)."""
+        rec = self.cases[k]
+        image, mask = self.cohort.arrays(rec.id)
+        return image, nodule_codes(mask, rec.nodules)
+
     def _case(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if k in self.volumes:
-            image, mask = self.volumes[k]
+            image, codes = self.volumes[k]
         else:  # not loaded, or over the budget without a spill dir: read from the cohort
-            image, mask = self.cohort.arrays(self.cases[k].id)
+            image, codes = self._read(k)
         if k not in self.fg:
-            self.fg[k] = np.flatnonzero(mask)
-        return image, mask, self.fg[k]
+            self.fg[k] = np.flatnonzero(codes)
+        return image, codes, self.fg[k]
 
     def __len__(self) -> int:
         return self.length
@@ -106,7 +116,7 @@ class PatchDataset(Dataset):
         box = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
         return {
             "image": hu_to_unit(torch.from_numpy(np.array(image[box]))[None], self.window),
-            "mask": torch.from_numpy(mask[box].astype(np.float32))[None],
+            "mask": mask_channel(mask[box], self.nodule_types)[None],
             "coords": coordinate_grid(self.patch, start, shape),
             "case": self.cases[k].id,
         }

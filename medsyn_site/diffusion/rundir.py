@@ -120,6 +120,7 @@ class RunDir:
         saved = yaml.safe_load((self.root / "config.yaml").read_text())
         now = cfg.model_dump(mode="json")
         saved["train"]["steps"] = now["train"]["steps"]
+        saved.setdefault("model", {}).setdefault("nodule_types", False)  # runs begun before nodule types
         diff = _differences(saved, now)
         if diff:
             raise RunError(f"{self.root / 'config.yaml'}: --resume with a different config: " + "; ".join(diff))

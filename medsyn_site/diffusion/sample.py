@@ -17,10 +17,11 @@ from medsyn_site import provenance
 from medsyn_site.config import SAMPLE, DiffusionConfig, ModelConfig
 from medsyn_site.data.cohort import ResumableCohortWriter
 from medsyn_site.diffusion.masks import mask_jobs
-from medsyn_site.diffusion.model import build_unet, coordinate_grid, sampling_scheduler, unit_to_hu
+from medsyn_site.diffusion.model import build_unet, coordinate_grid, mask_channel, sampling_scheduler, unit_to_hu
 from medsyn_site.diffusion.rundir import RunDir, load_weights
 from medsyn_site.diffusion.shards import shard_jobs
 from medsyn_site.diffusion.streamed import StreamedUNet
+from medsyn_site.imaging import NODULE_CODES
 from medsyn_site.sitekey import DEFAULT_SITE_KEY, load_site_key, pseudonym
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class Sampler:
     def __init__(self, weights: str | Path, sampler: str = SAMPLE.sampler, steps: int = SAMPLE.steps, device: str = "auto",
                  precision: str = "fp32", stream_gb: float | None = None):
         blob = load_weights(weights)
-        self.sha256, self.model_cfg = blob["sha256"], ModelConfig(**blob["model"])
+        self.sha256, self.model_cfg = blob["sha256"], ModelConfig.of_weights(blob["model"])
         self.diffusion = DiffusionConfig(**blob["diffusion"])
         self.federation = blob.get("federation")  # the federation run and round, for weights trained by `medsyn fl`
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
@@ -54,18 +55,20 @@ class Sampler:
         self.model = self.net if stream_gb is None else StreamedUNet(self.net, budget_bytes=stream_gb * 2 ** 30)
 
     @torch.no_grad()
-    def volumes(self, masks: list[sitk.Image], seeds: list[int]) -> list[sitk.Image]:
+    def volumes(self, masks: list[sitk.Image], seeds: list[int], codes: list[np.ndarray] | None = None
+                ) -> list[sitk.Image]:
         """Synthetic CTs (HU, float) for masks of one shape, denoised together as a batch; each
-        keeps its mask's geometry. The starting noise is per volume (its seed); the DDPM step noise
-        follows the batch's first seed, so a batch is reproducible as a unit."""
-        arrays = [sitk.GetArrayFromImage(m).astype(np.float32) for m in masks]
+        keeps its mask's geometry. ``codes``: the nodules' types per voxel (masks.Conditioning; without
+        them every nodule is of unknown type). The starting noise is per volume (its seed); the DDPM
+        step noise follows the batch's first seed, so a batch is reproducible as a unit."""
+        arrays = codes or [np.where(sitk.GetArrayFromImage(m) > 0, NODULE_CODES["unknown"], 0) for m in masks]
         shape = arrays[0].shape
-        if any(a.shape != shape for a in arrays):
-            raise ValueError("a sampling batch needs masks of one shape")
+        if any(a.shape != shape for a in arrays) or any(a.shape != m.GetSize()[::-1] for a, m in zip(arrays, masks)):
+            raise ValueError("a sampling batch needs masks (and nodule codes) of one shape")
         k = self.model_cfg.multiple
         padded = tuple(-(-n // k) * k for n in shape)
         pad = [p for n, q in zip(reversed(shape), reversed(padded)) for p in (0, q - n)]
-        m = torch.nn.functional.pad(torch.from_numpy(np.stack(arrays))[:, None], pad)
+        m = torch.nn.functional.pad(mask_channel(np.stack(arrays), self.model_cfg.nodule_types)[:, None], pad)
         coords = coordinate_grid(padded, (0, 0, 0), shape)[None].expand(len(arrays), -1, -1, -1, -1)
         cond = torch.cat([m, coords], 1).to(self.device)  # whole mask + whole grid, extended into the pad
         noise = torch.cat([torch.randn((1, 1, *padded), generator=torch.Generator().manual_seed(s)) for s in seeds])
@@ -130,15 +133,18 @@ def sample_cohort(run: str | Path, masks: str, out: str | Path, per_mask: int = 
             chunk = list(range(start, min(start + batch_size, len(jobs))))
             todo = [i for i in chunk if not w.done(ids[i])]
             if todo:
-                masks_ = {i: jobs[i].mask(seed) for i in chunk}
+                cond = {i: jobs[i].conditioning(seed) for i in chunk}
                 by_shape: dict[tuple, list[int]] = {}
                 for i in chunk:
-                    by_shape.setdefault(masks_[i].GetSize(), []).append(i)
+                    by_shape.setdefault(cond[i].mask.GetSize(), []).append(i)
                 for group in by_shape.values():
                     if any(i in todo for i in group):
-                        for i, img in zip(group, gen.volumes([masks_[i] for i in group], [seeds[i] for i in group])):
+                        imgs = gen.volumes([cond[i].mask for i in group], [seeds[i] for i in group],
+                                           [cond[i].codes for i in group])
+                        for i, img in zip(group, imgs):
                             if not w.done(ids[i]):
-                                w.add(ids[i], patient=ids[i], split="train", source="synthetic", image=img, mask=masks_[i])
+                                w.add(ids[i], patient=ids[i], split="train", source="synthetic", image=img,
+                                      mask=cond[i].mask, nodules=cond[i].nodules)
             bar.update(len(chunk))
         bar.close()
         # provenance.json before cohort.json: a run killed in between is still resumable (it just rewrites both)

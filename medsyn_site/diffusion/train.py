@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from medsyn_site.atomic import atomic_write_text
-from medsyn_site.config import Config
+from medsyn_site.config import Config, ModelConfig
 from medsyn_site.data.cohort import Cohort
 from medsyn_site.diffusion import engine as eng
 from medsyn_site.diffusion.model import EMA, build_unet, network_input, scheduler
@@ -130,11 +130,17 @@ def initial_weights(source: str, cfg: Config) -> dict:
     if not path.is_file():
         raise RunError(f"{path}: train.init_weights not found")
     blob = torch.load(path, map_location="cpu")
-    for section, want in (("model", cfg.model), ("diffusion", cfg.diffusion)):
-        if blob.get(section) != want.model_dump(mode="json"):
+    # the same network and noise process; whether the mask channel carries nodule types may change
+    # (0/1 weights learn the types' levels when fine-tuned with nodule_types on)
+    model = ModelConfig.of_weights(blob.get("model") or {})
+    for section, have, want in (("model", model.model_dump(mode="json", exclude={"nodule_types"}),
+                                 cfg.model.model_dump(mode="json", exclude={"nodule_types"})),
+                                ("diffusion", blob.get("diffusion"), cfg.diffusion.model_dump(mode="json"))):
+        if have != want:
             raise RunError(f"{path}: train.init_weights was trained with another {section} config "
                            f"({blob.get(section)}); use the config it was made with")
-    log.info("starting from %s (step %s of its run)", path, blob.get("step"))
+    log.info("starting from %s (step %s of its run%s)", path, blob.get("step"),
+             "; its 0/1 mask channel now carries nodule types" if cfg.model.nodule_types > model.nodule_types else "")
     return blob["ema"]
 
 
@@ -190,9 +196,12 @@ class Trainer:
         self.rank, self.world = rank, _ = eng.rank_world()
         # rank 0 is the one writer of the run dir; checked before the volumes are cached
         eng.on_rank0(run.check_resume, cfg) if resume else eng.on_rank0(run.check_new, force)
-        self.data = PatchDataset(self.cohort, "train", t.patch_size, cfg.diffusion.hu_window, t.pos_fraction, t.seed)
+        typed = cfg.model.nodule_types
+        self.data = PatchDataset(self.cohort, "train", t.patch_size, cfg.diffusion.hu_window, t.pos_fraction, t.seed,
+                                 nodule_types=typed)
         val_split = "val" if self.cohort.split("val") else "train"
-        previews = PatchDataset(self.cohort, val_split, t.patch_size, cfg.diffusion.hu_window, 1.0, t.seed + 1)
+        previews = PatchDataset(self.cohort, val_split, t.patch_size, cfg.diffusion.hu_window, 1.0, t.seed + 1,
+                                nodule_types=typed)
 
         def start_run() -> None:
             from medsyn_site.provenance import record_training_cohort

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from medsyn_site.evaluate.stats import stratum
-from medsyn_site.imaging import diameters_mm, label_nodules
+from medsyn_site.imaging import CODE_TYPES, diameters_mm, label_nodules, nodule_codes
 
 
 def detect(gt: np.ndarray, pred: np.ndarray, spacing_zyx, nodules=()) -> dict:
@@ -16,11 +16,8 @@ def detect(gt: np.ndarray, pred: np.ndarray, spacing_zyx, nodules=()) -> dict:
     as x, y, z) to name each component's type ("unknown" where none is listed)."""
     gl, n_gt = label_nodules(gt)
     pl, n_pred = label_nodules(pred)
-    types = {}
-    for rec in nodules:
-        x, y, z = rec["center_voxel"] if isinstance(rec, dict) else rec.center_voxel
-        if 0 <= z < gl.shape[0] and 0 <= y < gl.shape[1] and 0 <= x < gl.shape[2] and gl[z, y, x]:
-            types[int(gl[z, y, x])] = rec["type"] if isinstance(rec, dict) else rec.type
+    codes = nodule_codes(gt, nodules)
+    types = {int(lab): CODE_TYPES[int(code)] for lab, code in zip(gl[gl > 0], codes[gl > 0])}
     sizes = diameters_mm(gl, spacing_zyx)
     hit = np.zeros(n_gt + 1, bool)
     overlapping = (gl > 0) & (pl > 0)

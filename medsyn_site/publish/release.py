@@ -135,7 +135,8 @@ def case_pass(job: CaseJob, bank: audit.Bank) -> dict:
     reasons = hash_problems(root, job.case, job.entry)
     if reasons:
         return {"reasons": reasons}
-    image, mask = Cohort(root).read(job.case)
+    cohort = Cohort(root)
+    image, mask = cohort.read(job.case)
     hu, m = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(mask)
     out = {"reasons": [], "scores": audit.nearest(audit.Features.of(hu, image.GetSpacing(), job.params), bank),
            "adherence": adherence.score(hu, m, _segmenter(job.segmenter)), "record": None,
@@ -144,7 +145,7 @@ def case_pass(job: CaseJob, bank: audit.Bank) -> dict:
     stage = Path(job.stage)
     if job.fmt in ("nifti", "both"):
         out["record"] = write_case_files(stage / "nifti", job.case, image, mask, patient=job.case, split="train",
-                                         source="synthetic")
+                                         source="synthetic", nodules=[n.model_dump() for n in cohort.case(job.case).nodules])
     if job.fmt in ("dicom", "both"):
         from medsyn_site.publish.dicom import write_case
 
