@@ -56,7 +56,7 @@ def test_dicom_lps_nrrd_and_ras_nifti_prepare_alike(tmp_path):
     out = {}
     for name, image, m in (("dicom", "dicom", "dicom_mask.nrrd"), ("nrrd", "lps.nrrd", "lps_mask.nrrd"),
                            ("nifti", "ras.nii.gz", "ras_mask.nii.gz")):
-        img, msk, _ = prepare_case({"image": str(tmp_path / image), "mask": str(tmp_path / m), "patient": "p"}, cfg)
+        img, msk, _, _ = prepare_case({"image": str(tmp_path / image), "mask": str(tmp_path / m), "patient": "p"}, cfg)
         out[name] = (img, msk)
     ref_img, ref_mask = out["dicom"]
     assert ref_img.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)  # LPS voxel order

