@@ -14,8 +14,9 @@ real-vs-real baseline, ``compare(real_a, real_b)``).
 - vessels in the lungs: density (voxels above -500 HU in the lung cavity, nodules excluded) and
   connectivity (share of vessel voxels in components of at least 10 voxels: trees, not speckle);
 - sharpness of the body outline (mean HU gradient across the skin, HU/mm);
-- nodule contrast by nodule type (solid, part-solid, ground-glass): mean HU in the mask minus a
-  2-voxel shell, as ``quality.nodule_contrasts``.
+- nodule contrast by nodule type (solid, part-solid, ground-glass): mean HU in the mask minus the
+  median HU of the scan's lung cavity (a shell around the nodule swings with what it touches: between
+  two real phantom sets its per-type ratios were 0.52-2.43, against 0.93-1.16 with the lung's median).
 
 No feature extractor is downloaded: the only learnt features are the CNN's, trained here on the
 two sets being compared. Volumes are HU arrays (z, y, x) with their spacing in mm (x, y, z).
@@ -283,16 +284,24 @@ def outline_sharpness(v: Volume) -> float:
     return float(np.hypot(gy, gx)[edge].mean()) if edge.any() else float("nan")
 
 
-def contrasts_by_type(vols: list[Volume]) -> dict[str, list[float]]:
-    """Nodule contrasts (HU) grouped by the nodule's type (``Volume.types`` by voxel count)."""
+def contrasts_by_type(vols: list[Volume], reference: str = "lung") -> dict[str, list[float]]:
+    """Nodule contrasts (HU) grouped by the nodule's type (``Volume.types`` by voxel count): the
+    nodule's mean HU minus the median HU of its scan's lung cavity (``reference="lung"``: the
+    parenchyma, whatever lies next to the nodule), or minus a 2-voxel shell around it ("shell", as
+    ``quality.nodule_contrasts``: swings with what the nodule touches, pleura or vessel)."""
     out: dict[str, list[float]] = {}
     for v in vols:
         labels, n = label_nodules(v.mask)
+        lung = v.cavity & ~v.mask
+        background = float(np.median(v.hu[lung])) if lung.any() else None
         for lab in range(1, n + 1):
             comp = labels == lab
-            c = nodule_contrasts(v.hu, comp)
+            if reference == "lung":
+                c = [float(v.hu[comp].mean()) - background] if background is not None else []
+            else:
+                c = [x.contrast for x in nodule_contrasts(v.hu, comp)]
             if c:
-                out.setdefault(v.types.get(int(comp.sum()), "unknown"), []).append(c[0].contrast)
+                out.setdefault(v.types.get(int(comp.sum()), "unknown"), []).append(c[0])
     return out
 
 

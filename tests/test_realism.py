@@ -67,6 +67,13 @@ def test_nodule_contrast_by_type_and_identical_volumes():
     v = realism.Volume(hu, mask, SP, {64: "solid", 27: "ground-glass"})
     assert realism.contrasts_by_type([v]) == {"solid": [pytest.approx(950.0)], "ground-glass": [pytest.approx(300.0)]}
     assert realism.ms_ssim_diversity([v, realism.Volume(hu.copy(), mask, SP)]) == pytest.approx(1.0, abs=1e-5)
+    # a pleural nodule (touching the 0 HU chest wall): against the lung it is as solid as the first;
+    # a shell around it, half chest wall, says less
+    hu[8:12, 10:14, 20:24], mask[8:12, 10:14, 20:24] = 100.0, 1
+    v = realism.Volume(hu, mask, SP, {64: "solid", 27: "ground-glass"})
+    assert realism.contrasts_by_type([v])["solid"] == [pytest.approx(950.0)] * 2
+    shell = realism.contrasts_by_type([v], reference="shell")["solid"]
+    assert max(shell) == pytest.approx(950.0) and min(shell) < 800
 
 
 def test_mmd_is_the_squared_distance_of_the_means():
