@@ -112,20 +112,58 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int]
             continue
         jobs = mask_jobs(f"relocate:{paths['nodules']}", 1)[:n]
         gen = Sampler(weights, sampler, steps, device="cpu")
-        vols, t0 = [], time.perf_counter()
+        vols, codes, t0 = [], [], time.perf_counter()
         for i, j in enumerate(jobs):
             c = j.conditioning(0)
             hu = sitk.GetArrayFromImage(gen.volumes([c.mask], [2000 + i], [c.codes])[0])
             labels, k = label_nodules(c.codes)
             types = {int((labels == lab).sum()): CODE_TYPES[int(c.codes[labels == lab].max())] for lab in range(1, k + 1)}
             vols.append(realism.Volume(hu, sitk.GetArrayFromImage(c.mask), c.mask.GetSpacing(), types))
+            codes.append(c.codes)
+        np.savez_compressed(out / "samples" / f"{label}-nodules.npz", hu=np.rint([v.hu for v in vols]).astype(np.int16),
+                            codes=np.stack(codes))
         results[label] = entry(realism.contrasts_by_type(vols)) | {
             "seconds_per_volume": round((time.perf_counter() - t0) / len(jobs), 1)}
         res_file.write_text(json.dumps(results, indent=1))
+    nodule_figure(out, paths, [m for m in results if m != BASELINE])
     for label, e in results.items():
         print("nodules", label, {t: (v["ratio"], v["ci95"], v["n"]) for t, v in e.items() if isinstance(v, dict)},
               flush=True)
     return results
+
+
+def nodule_figure(out: Path, paths: dict, labels: list[str], per_type: int = 3, half: int = 10) -> None:
+    """The largest nodules of each type, real and each model's (the same shapes, relocated): an axial
+    crop through each one's centre, lung window."""
+    from medsyn_site.data.cohort import Cohort
+    from medsyn_site.imaging import NODULE_CODES, label_nodules, nodule_codes
+
+    c = Cohort(paths["nodules"])
+    real = [(a[0], nodule_codes(a[1], rec.nodules)) for rec in c.cases for a in [c.arrays(rec.id)]]
+    rows = [("real", real)] + [(lab, list(zip(d["hu"], d["codes"]))) for lab in labels
+                               if (out / "samples" / f"{lab}-nodules.npz").exists()
+                               for d in [np.load(out / "samples" / f"{lab}-nodules.npz")]]
+    fig, axes = plt.subplots(len(rows), 3 * per_type, figsize=(1.3 * 3 * per_type, 1.45 * len(rows)), squeeze=False)
+    for ax_row, (label, vols) in zip(axes, rows):
+        found = []  # (type, voxels, hu crop)
+        for hu, cd in vols:
+            lab, k = label_nodules(cd)
+            for i in range(1, k + 1):
+                comp = lab == i
+                z, y, x = np.argwhere(comp).mean(0).round().astype(int)
+                pad = np.pad(hu[z].astype(np.float32), half, constant_values=-1024)
+                found.append((int(cd[comp].max()), int(comp.sum()), pad[y:y + 2 * half, x:x + 2 * half]))
+        for t_i, t in enumerate(realism.NODULE_TYPES):
+            best = sorted([f for f in found if f[0] == NODULE_CODES[t]], key=lambda f: -f[1])[:per_type]
+            for k in range(per_type):
+                ax = ax_row[t_i * per_type + k]
+                ax.axis("off")
+                if k < len(best):
+                    ax.imshow(best[k][2], cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1])
+                    ax.set_title(f"{label}: {t} ({best[k][1]} vx)", fontsize=5)
+    fig.tight_layout()
+    fig.savefig(out / "nodules.png", dpi=120)
+    plt.close(fig)
 
 
 def table(results: dict) -> str:
