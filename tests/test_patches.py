@@ -48,7 +48,7 @@ def test_background_centres_avoid_nodules_uniformly():
     assert counts.min() > 20 and counts.max() < 85  # ~50 each: uniform over the background
 
 
-def test_typed_mask_channel_is_each_nodules_type_level(phantom_cohort):
+def test_typed_mask_channel_is_each_nodules_type_level(phantom_cohort, tmp_path):
     from medsyn_site.diffusion.model import TYPE_LEVELS
     from medsyn_site.imaging import NODULE_CODES, label_nodules
 
@@ -62,6 +62,14 @@ def test_typed_mask_channel_is_each_nodules_type_level(phantom_cohort):
         for n in rec.nodules:
             x, y, z = n.center_voxel
             assert set(np.unique(codes[labels == labels[z, y, x]])) == {NODULE_CODES[n.type]}
+    # a spill dir holding the 0/1 masks of an earlier run (named by the mask file) is not mistaken for the codes
+    from medsyn_site.diffusion.patches import _spill
+
+    for rec in typed.cases:
+        _spill(tmp_path / "cache", rec.sha256["mask"], cohort.arrays(rec.id)[1])
+    spilled = PatchDataset(cohort, "train", (32, 32, 16), (-1024.0, 2048.0), 0.5, 0, nodule_types=True).load(
+        cache_bytes=0, spill_dir=tmp_path / "cache")
+    assert all(torch.equal(spilled[i]["mask"], typed[i]["mask"]) for i in range(60))
     levels = set()
     for i in range(60):  # the same patches; the channel's level is the type's, where 0/1 says nodule
         a, b = binary[i], typed[i]

@@ -13,6 +13,7 @@ shared by all processes), or from the cohort's files when there is no spill dir.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
@@ -72,8 +73,10 @@ class PatchDataset(Dataset):
                 self.volumes[k] = (image, codes)
                 kept += image.nbytes + codes.nbytes
             elif spill_dir is not None:
+                # the codes' file is named by the mask file and the nodule records together
+                codes_key = hashlib.sha256(f"{rec.sha256['mask']}|{[n.model_dump_json() for n in rec.nodules]}".encode())
                 self.volumes[k] = (_spill(Path(spill_dir), rec.sha256["image"], image),
-                                   _spill(Path(spill_dir), rec.sha256["mask"] + "-codes", codes))
+                                   _spill(Path(spill_dir), "codes" + codes_key.hexdigest(), codes))
                 spilled += 1
         log.info("%s: %d cases, %.1f MB in memory, %d memory-mapped from %s, %d read per patch; "
                  "nodule indices %.1f MB", self.cases[0].split, len(self.cases), kept / 1e6, spilled, spill_dir,
