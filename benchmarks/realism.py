@@ -214,8 +214,8 @@ def figures(out: Path, real: list, sets: dict[str, list]) -> None:
         ax.set_title(t, fontsize=9)
         ax.legend(fontsize=6)
     axes[2].set_xlabel("cycles per voxel")
-    for label, m in results.items():
-        c = m["cnn_c2st"]["curves"][0]
+    for label in [BASELINE, *sets]:  # the curves of this run's models
+        c = results[label]["cnn_c2st"]["curves"][0]
         axes[3].plot([s for s, *_ in c], [h for *_, h in c], label=f"{label} held out")
         axes[3].plot([s for s, *_ in c], [t for _, _, t, _ in c], ":", label=f"{label} training")
     axes[3].axhline(0.5, color="k", lw=0.5)

@@ -121,19 +121,19 @@ def test_phantom_validate_show(tmp_path):
 
 
 def assert_demo_realism(rz: dict, log: str) -> None:
-    """The release card's realism at the level the shipped model reached with the default sampler
-    (benchmarks/RESULTS.md, "Realism", "Samplers"; the demo measured with SDE-DPM++ 10: strongest
-    classifier 0.89 (DDPM-50: 0.96), body wall HU distance 15.8 HU, lung 28.8 HU, vessel density 1.49x,
-    outline 0.99x, lung texture power 1.39x, solid nodule contrast 0.93x), with room for other CPUs'
-    arithmetic. The model shipped before had a wall distance of 19 HU and 0.82x the vessels."""
+    """The release card's realism at the level the shipped model reached (benchmarks/RESULTS.md,
+    "Realism"; the demo test measured with the model typed, annealed and trained on 48 phantoms:
+    strongest classifier 0.84 (the model shipped before: 0.89), body wall HU distance 14.1 HU (15.8),
+    lung 22.3 HU (28.8), vessel density 1.47x, outline 1.04x, lung texture power 1.37x, solid nodule
+    contrast 1.09x (0.93x)), with room for other CPUs' arithmetic."""
     base, syn = rz["real_vs_real"], rz["synthetic"]
     assert rz["real_volumes"] == 5 and rz["synthetic_volumes"] == 5
     assert base["strongest_c2st"] < 0.7, base  # the demo's real val scans against its real train scans
-    assert syn["strongest_c2st"] <= 0.95 and syn["hu_w1"]["wall"] < 18 and syn["hu_w1"]["lung"] < 40, syn
+    assert syn["strongest_c2st"] <= 0.92 and syn["hu_w1"]["wall"] < 17 and syn["hu_w1"]["lung"] < 30, syn
     assert 0.8 <= syn["vessel_density_ratio"] <= 1.7 and syn["outline_sharpness_ratio"] >= 0.9, syn
     assert 0.8 <= syn["lung_high_frequency_power_ratio"] <= 2.0, syn
-    assert 0.75 <= syn["contrast_ratio_by_type"]["solid"] <= 1.3, syn
-    assert "the strongest classifier tells synthetic from real" in log and "nodule contrast by type" in log
+    assert 0.8 <= syn["contrast_ratio_by_type"]["solid"] <= 1.3, syn
+    assert "the strongest classifier tells synthetic from real" in log and "nodule contrast by type: solid" in log
 
 
 @pytest.mark.slow
