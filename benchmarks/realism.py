@@ -88,7 +88,7 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int]
 
     from medsyn_site.diffusion.masks import mask_jobs
     from medsyn_site.diffusion.sample import Sampler
-    from medsyn_site.imaging import CODE_TYPES, label_nodules
+    from medsyn_site.imaging import component_types
 
     res_file = out / "nodules.json"
     results = json.loads(res_file.read_text()) if res_file.exists() else {}
@@ -116,8 +116,8 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int]
         for i, j in enumerate(jobs):
             c = j.conditioning(0)
             hu = sitk.GetArrayFromImage(gen.volumes([c.mask], [2000 + i], [c.codes])[0])
-            labels, k = label_nodules(c.codes)
-            types = {int((labels == lab).sum()): CODE_TYPES[int(c.codes[labels == lab].max())] for lab in range(1, k + 1)}
+            labels, kinds = component_types(c.codes)
+            types = dict(zip(np.bincount(labels.ravel())[1:].tolist(), kinds))
             vols.append(realism.Volume(hu, sitk.GetArrayFromImage(c.mask), c.mask.GetSpacing(), types))
             codes.append(c.codes)
         np.savez_compressed(out / "samples" / f"{label}-nodules.npz", hu=np.rint([v.hu for v in vols]).astype(np.int16),
@@ -136,7 +136,7 @@ def nodule_figure(out: Path, paths: dict, labels: list[str], per_type: int = 3, 
     """The largest nodules of each type, real and each model's (the same shapes, relocated): an axial
     crop through each one's centre, lung window."""
     from medsyn_site.data.cohort import Cohort
-    from medsyn_site.imaging import NODULE_CODES, label_nodules, nodule_codes
+    from medsyn_site.imaging import component_types, nodule_codes
 
     c = Cohort(paths["nodules"])
     real = [(a[0], nodule_codes(a[1], rec.nodules)) for rec in c.cases for a in [c.arrays(rec.id)]]
@@ -147,14 +147,14 @@ def nodule_figure(out: Path, paths: dict, labels: list[str], per_type: int = 3, 
     for ax_row, (label, vols) in zip(axes, rows):
         found = []  # (type, voxels, hu crop)
         for hu, cd in vols:
-            lab, k = label_nodules(cd)
-            for i in range(1, k + 1):
+            lab, kinds = component_types(cd)
+            for i, kind in enumerate(kinds, start=1):
                 comp = lab == i
                 z, y, x = np.argwhere(comp).mean(0).round().astype(int)
                 pad = np.pad(hu[z].astype(np.float32), half, constant_values=-1024)
-                found.append((int(cd[comp].max()), int(comp.sum()), pad[y:y + 2 * half, x:x + 2 * half]))
+                found.append((kind, int(comp.sum()), pad[y:y + 2 * half, x:x + 2 * half]))
         for t_i, t in enumerate(realism.NODULE_TYPES):
-            best = sorted([f for f in found if f[0] == NODULE_CODES[t]], key=lambda f: -f[1])[:per_type]
+            best = sorted([f for f in found if f[0] == t], key=lambda f: -f[1])[:per_type]
             for k in range(per_type):
                 ax = ax_row[t_i * per_type + k]
                 ax.axis("off")

@@ -39,15 +39,21 @@ def nodule_codes(mask: np.ndarray, nodules) -> np.ndarray:
     return code_of[labels]
 
 
+def component_types(codes: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """The nodules of a code volume as labels 1..n, and the type of each (label order)."""
+    labels, n = label_nodules(codes)
+    return labels, [CODE_TYPES[int(c)] for c in ndimage.maximum(codes, labels, range(1, n + 1))] if n else []
+
+
 def nodule_records(codes: np.ndarray, spacing_zyx) -> list[dict]:
     """cohort.json's nodule records of a code volume: per component its type, equivalent diameter
     and centre voxel (x y z; the component's voxel nearest its centroid, so it lies inside)."""
-    labels, n = label_nodules(codes)
+    labels, types = component_types(codes)
     out = []
-    for lab, d in zip(range(1, n + 1), diameters_mm(labels, spacing_zyx)):
+    for lab, (t, d) in enumerate(zip(types, diameters_mm(labels, spacing_zyx)), start=1):
         vox = np.argwhere(labels == lab)
         centre = vox[np.argmin(((vox - vox.mean(0)) ** 2).sum(1))]
-        out.append({"type": CODE_TYPES[int(codes[tuple(centre)])], "diameter_mm": round(d, 2),
+        out.append({"type": t, "diameter_mm": round(d, 2),
                     "center_voxel": tuple(int(c) for c in centre[::-1])})
     return out
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage, stats
 
-from medsyn_site.imaging import CODE_TYPES, body_mask, label_nodules, lung_region, nodule_codes
+from medsyn_site.imaging import body_mask, component_types, label_nodules, lung_region, nodule_codes
 from medsyn_site.quality import nodule_contrasts
 
 HU_WINDOW = (-1024.0, 1024.0)  # what the classifiers see, scaled to [-1, 1]
@@ -377,11 +377,8 @@ def cohort_volumes(root, split: str | None = None, types: dict | None = None, on
 
 def record_types(rec, mask: np.ndarray) -> dict[int, str]:
     """Voxel count -> type of a case record's nodules, found in its mask at their centre voxels."""
-    codes = nodule_codes(mask, rec.nodules)
-    labels, n = label_nodules(codes)
-    return {int(size): CODE_TYPES[int(code)] for size, code in
-            zip(np.bincount(labels.ravel())[1:], ndimage.maximum(codes, labels, range(1, n + 1)))
-            if CODE_TYPES[int(code)] != "unknown"}
+    labels, types = component_types(nodule_codes(mask, rec.nodules))
+    return {int(size): t for size, t in zip(np.bincount(labels.ravel())[1:], types) if t != "unknown"}
 
 
 def nodule_types(vols: list[Volume]) -> dict[int, str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from medsyn_site.evaluate.stats import stratum
-from medsyn_site.imaging import CODE_TYPES, diameters_mm, label_nodules, nodule_codes
+from medsyn_site.imaging import component_types, diameters_mm, label_nodules, nodule_codes
 
 
 def detect(gt: np.ndarray, pred: np.ndarray, spacing_zyx, nodules=()) -> dict:
@@ -16,8 +16,7 @@ def detect(gt: np.ndarray, pred: np.ndarray, spacing_zyx, nodules=()) -> dict:
     as x, y, z) to name each component's type ("unknown" where none is listed)."""
     gl, n_gt = label_nodules(gt)
     pl, n_pred = label_nodules(pred)
-    codes = nodule_codes(gt, nodules)
-    types = {int(lab): CODE_TYPES[int(code)] for lab, code in zip(gl[gl > 0], codes[gl > 0])}
+    types = dict(enumerate(component_types(nodule_codes(gt, nodules))[1], start=1))
     sizes = diameters_mm(gl, spacing_zyx)
     hit = np.zeros(n_gt + 1, bool)
     overlapping = (gl > 0) & (pl > 0)
