@@ -50,9 +50,6 @@ class MaskJob:
             return Conditioning(mask, codes, nodule_records(codes, rec.spacing[::-1]))
         return Conditioning(mask, codes, [n.model_dump(mode="json") for n in rec.nodules])
 
-    def mask(self, seed: int) -> sitk.Image:
-        return self.conditioning(seed).mask
-
 
 def _int(text: str) -> int:
     return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little")
