@@ -151,6 +151,9 @@ class TrainConfig(Strict):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     ema_decay: float = Field(0.999, ge=0, lt=1)
     pos_fraction: float = Field(0.5, ge=0, le=1)  # share of patches centred on a nodule voxel
+    # where those centres fall: "voxel" a nodule voxel uniformly (big, common solid nodules dominate);
+    # "type" a nodule type uniformly, a case with it, one of its voxels (rare ground-glass as often as solid)
+    pos_sampling: Literal["voxel", "type"] = "voxel"
     seed: int = 0
     num_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -76,3 +76,44 @@ def test_typed_mask_channel_is_each_nodules_type_level(phantom_cohort, tmp_path)
         assert (a["image"] == b["image"]).all() and torch.equal(b["mask"] > 0, a["mask"] > 0)
         levels |= {round(float(v), 4) for v in b["mask"].unique()}
     assert levels - {0.0} <= {round(float(v), 4) for v in TYPE_LEVELS[1:]} and len(levels - {0.0}) >= 2, levels
+
+
+def test_type_balanced_centres_reach_rare_nodules_as_often_as_common_ones(tmp_path):
+    """Hand-made cohort, 40^3 voxels: case a holds a solid nodule of 7^3 = 343 voxels and a
+    ground-glass one of 2^3 = 8; case b a part-solid one of 27 voxels; case c none. Drawn by voxel,
+    a nodule-centred patch holds the ground-glass nodule ~8/378 of the time as seen from case a;
+    drawn by type, each of the three types centres 1/3 of the nodule patches (exactly: the patch's
+    centre voxel is that type's)."""
+    import SimpleITK as sitk
+
+    from medsyn_site.data.cohort import CohortWriter
+    from medsyn_site.imaging import NODULE_CODES
+
+    boxes = {"a": [("solid", (10, 17)), ("ground-glass", (28, 30))], "b": [("part-solid", (20, 23))], "c": []}
+    with CohortWriter(tmp_path / "c") as w:
+        for case, nodules in boxes.items():
+            mask = np.zeros((40, 40, 40), np.uint8)
+            records = []
+            for t, (lo, hi) in nodules:
+                mask[lo:hi, lo:hi, lo:hi] = 1
+                records.append({"type": t, "diameter_mm": float(hi - lo), "center_voxel": ((lo + hi - 1) // 2,) * 3})
+            image = np.where(mask > 0, 0, -800).astype(np.int16)
+            w.add(case, patient=case, split="train", source="real", image=sitk.GetImageFromArray(image),
+                  mask=sitk.GetImageFromArray(mask), nodules=records)
+
+    def centre_codes(sampling: str, n: int = 600) -> np.ndarray:
+        data = PatchDataset(Cohort(tmp_path / "c"), "train", (8, 8, 8), (-1024.0, 2048.0), 0.5, 0,
+                            nodule_types=True, pos_sampling=sampling).load()
+        centres = []
+        for i in range(n):
+            p = data[i]["mask"][0]
+            centres.append(round(float(p[4, 4, 4]) * 3))  # level 1/3, 2/3, 1 -> code 1, 2, 3
+        return np.array(centres)
+
+    typed, voxel = centre_codes("type"), centre_codes("voxel")
+    # by type, pos_fraction of all patches are on a nodule; by voxel, of the patches of cases with nodules (2 of 3)
+    assert 0.44 < (typed > 0).mean() < 0.56 and 0.28 < (voxel > 0).mean() < 0.39, ((typed > 0).mean(), (voxel > 0).mean())
+    share = {t: (typed == NODULE_CODES[t]).sum() / (typed > 0).sum() for t in ("solid", "part-solid", "ground-glass")}
+    assert all(0.27 < s < 0.40 for s in share.values()), share
+    # by voxel: case a's ground-glass centres are 8 / 351 of case a's (a and b each half of the cases drawn with nodules)
+    assert (voxel == NODULE_CODES["ground-glass"]).sum() / (voxel > 0).sum() < 0.06

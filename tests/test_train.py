@@ -234,3 +234,22 @@ def test_learning_rate_schedule(schedule):
     assert got[10:] == pytest.approx(want)
     if schedule == "cosine":
         assert got[59] == pytest.approx(0.5) and got[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_runs_begun_before_type_balanced_patches_resume(tmp_path):
+    """A run dir whose config.yaml predates ``train.pos_sampling`` resumes as "voxel" (what it
+    trained with); asking for "type" on it is a different config."""
+    import yaml
+
+    from medsyn_site.diffusion.rundir import RunError
+
+    cfg = _cfg()
+    run = RunDir(tmp_path / "run")
+    run.create(cfg, False)
+    saved = yaml.safe_load((run.root / "config.yaml").read_text())
+    assert saved["train"].pop("pos_sampling") == "voxel"
+    (run.root / "config.yaml").write_text(yaml.safe_dump(saved))
+    RunDir(tmp_path / "run").check_resume(cfg)
+    (run.root / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(RunError, match="different config.*pos_sampling"):
+        RunDir(tmp_path / "run").check_resume(_cfg(**{"train": {"pos_sampling": "type"}}))

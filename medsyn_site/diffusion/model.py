@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -198,7 +199,9 @@ class SolverScheduler:
             raise ConfigError(f"--steps {num_inference_steps}: DPM-Solver++ takes 1 to {T // 10} steps "
                               f"(it is made for few: 5-20)")
         ts = self.log_snr_timesteps(num_inference_steps)
-        self.solver.set_timesteps(timesteps=ts)  # also resets the solver's history: one volume batch
+        with warnings.catch_warnings():  # diffusers calls np.array on a torch tensor (numpy 2's copy= notice)
+            warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy", DeprecationWarning)
+            self.solver.set_timesteps(timesteps=ts)  # also resets the solver's history: one volume batch
         self.num_inference_steps, self.timesteps = len(ts), self.solver.timesteps.to(device)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
@@ -248,7 +251,8 @@ TYPE_LEVELS = torch.tensor([0.0, 1 / 3, 2 / 3, 1.0, 1.0])
 def mask_channel(codes, nodule_types: bool) -> torch.Tensor:
     """The network's mask channel (float) of nodule codes (integer array or tensor, 0 = no nodule):
     the type's level for a model trained with ``model.nodule_types``, else 0/1."""
-    codes = torch.as_tensor(np.asarray(codes)).long()
+    # a copy (np.array): the codes may be a read-only memory map, which torch warns about sharing
+    codes = codes.long() if isinstance(codes, torch.Tensor) else torch.from_numpy(np.array(codes, dtype=np.int64))
     return TYPE_LEVELS[codes] if nodule_types else (codes > 0).float()
 
 

@@ -45,10 +45,10 @@ class PatchDataset(Dataset):
     indices, the memory cache, the spill files). Without it, cases are read on first use."""
 
     def __init__(self, cohort: Cohort, split: str, patch_xyz, window, pos_fraction: float,
-                 seed: int, length: int = 2 ** 62, nodule_types: bool = False):
+                 seed: int, length: int = 2 ** 62, nodule_types: bool = False, pos_sampling: str = "voxel"):
         self.patch = tuple(int(p) for p in patch_xyz[::-1])  # z, y, x
         self.window, self.pos_fraction, self.seed, self.length = window, pos_fraction, seed, length
-        self.nodule_types = nodule_types
+        self.nodule_types, self.pos_sampling = nodule_types, pos_sampling
         self.cohort = cohort
         self.cases = [c for c in cohort.cases if c.split == split]
         if not self.cases:
@@ -58,6 +58,8 @@ class PatchDataset(Dataset):
             raise PatchError(f"{cohort.root}: patch {tuple(patch_xyz)} (x, y, z) is larger than the "
                              f"volume of case(s) {', '.join(small[:5])} (shape {self.cases[0].shape})")
         self.fg: dict[int, np.ndarray] = {}  # case -> sorted flat indices of its nodule voxels
+        self.fg_codes: dict[int, np.ndarray] = {}  # case -> the type code of each of those voxels
+        self.type_cases: dict[int, list[int]] | None = None  # type code -> cases holding it (pos_sampling "type")
         self.volumes: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # in memory or memory-mapped
 
     def load(self, cache_bytes: float = float("inf"), spill_dir: str | Path | None = None) -> "PatchDataset":
@@ -68,7 +70,7 @@ class PatchDataset(Dataset):
         kept = spilled = 0
         for k, rec in enumerate(tqdm(self.cases, desc="read cases", unit="case", leave=False)):
             image, codes = self._read(k)
-            self.fg[k] = np.flatnonzero(codes)
+            self._index(k, codes)
             if kept + image.nbytes + codes.nbytes <= cache_bytes:
                 self.volumes[k] = (image, codes)
                 kept += image.nbytes + codes.nbytes
@@ -83,6 +85,10 @@ class PatchDataset(Dataset):
                  len(self.cases) - len(self.volumes), sum(f.nbytes for f in self.fg.values()) / 1e6)
         return self
 
+    def _index(self, k: int, codes: np.ndarray) -> None:
+        self.fg[k] = np.flatnonzero(codes)
+        self.fg_codes[k] = codes.reshape(-1)[self.fg[k]]
+
     def _read(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """A case's image and nodule codes (imaging.NODULE_CODES per voxel)."""
         rec = self.cases[k]
@@ -95,8 +101,27 @@ class PatchDataset(Dataset):
         else:  # not loaded, or over the budget without a spill dir: read from the cohort
             image, codes = self._read(k)
         if k not in self.fg:
-            self.fg[k] = np.flatnonzero(codes)
+            self._index(k, codes)
         return image, codes, self.fg[k]
+
+    def _type_centre(self, rng: np.random.Generator) -> tuple[int, np.ndarray] | None:
+        """pos_sampling "type": a nodule type uniformly among those of the split, a case holding it
+        uniformly, then one of that type's voxels: rare types (ground-glass) are centred as often as
+        common ones (solid), whatever their voxel counts. None when the split has no nodules."""
+        if self.type_cases is None:  # every case's types (load() has indexed them; else read here once)
+            for k in range(len(self.cases)):
+                self._case(k)
+            self.type_cases = {}
+            for k in range(len(self.cases)):
+                for c in np.unique(self.fg_codes[k]).tolist():
+                    self.type_cases.setdefault(c, []).append(k)
+        if not self.type_cases:
+            return None
+        codes = sorted(self.type_cases)
+        code = codes[int(rng.integers(len(codes)))]
+        k = self.type_cases[code][int(rng.integers(len(self.type_cases[code])))]
+        self._case(k)
+        return k, self.fg[k][self.fg_codes[k] == code]
 
     def __len__(self) -> int:
         return self.length
@@ -104,9 +129,15 @@ class PatchDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, int(index)])
         k = int(rng.integers(len(self.cases)))
+        typed = None
+        if self.pos_sampling == "type":  # decide here whether the patch is nodule-centred, then where
+            typed = self._type_centre(rng) if rng.random() < self.pos_fraction else None
+            k = typed[0] if typed else k
         image, mask, fg = self._case(k)
         shape = image.shape
         pos = self.pos_fraction if fg.size else 0.0
+        if self.pos_sampling == "type":
+            fg, pos = (typed[1], 1.0) if typed else (fg, 0.0)
         # One uniformly drawn background voxel stands for the index of all of them (MONAI then
         # picks fg or bg by pos_ratio and moves the centre inside the volume).
         bg = [_background_voxel(rng, fg, int(np.prod(shape)))]

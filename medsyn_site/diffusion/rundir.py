@@ -121,6 +121,7 @@ class RunDir:
         now = cfg.model_dump(mode="json")
         saved["train"]["steps"] = now["train"]["steps"]
         saved.setdefault("model", {}).setdefault("nodule_types", False)  # runs begun before nodule types
+        saved["train"].setdefault("pos_sampling", "voxel")  # ... and before type-balanced patches
         diff = _differences(saved, now)
         if diff:
             raise RunError(f"{self.root / 'config.yaml'}: --resume with a different config: " + "; ".join(diff))

@@ -198,7 +198,7 @@ class Trainer:
         eng.on_rank0(run.check_resume, cfg) if resume else eng.on_rank0(run.check_new, force)
         typed = cfg.model.nodule_types
         self.data = PatchDataset(self.cohort, "train", t.patch_size, cfg.diffusion.hu_window, t.pos_fraction, t.seed,
-                                 nodule_types=typed)
+                                 nodule_types=typed, pos_sampling=t.pos_sampling)
         val_split = "val" if self.cohort.split("val") else "train"
         previews = PatchDataset(self.cohort, val_split, t.patch_size, cfg.diffusion.hu_window, 1.0, t.seed + 1,
                                 nodule_types=typed)
