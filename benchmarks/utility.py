@@ -108,8 +108,11 @@ def analyse(work: Path, ws: Path) -> dict:
     res["nodule_hu"] = {f"real {t}": hu_stats([n for n in real_nod if n["type"] == t])
                         for t in ("solid", "part-solid", "ground-glass")}
     res["nodule_hu"]["real (all)"] = hu_stats(real_nod)
+    # a release records each nodule's type (that of the real nodule whose mask conditioned it)
+    res["nodule_hu"] |= {f"synthetic {t}": hu_stats([n for n in syn_nod if n["type"] == t])
+                         for t in ("solid", "part-solid", "ground-glass") if any(n["type"] == t for n in syn_nod)}
     res["nodule_hu"]["synthetic (all)"] = hu_stats(syn_nod)
-    # the mask carries no nodule type: is the synthetic HU one mode or the real two (solid / ground-glass)?
+    # one mode or the real two (solid / ground-glass)?
     for name, rows in (("real", real_nod), ("synthetic", syn_nod)):
         v = np.array([r["mean_hu"] for r in rows])
         res["nodule_hu"][f"{name} fraction solid-like (mean HU > -300)"] = round(float((v > -300).mean()), 3)
