@@ -120,7 +120,6 @@ class PatchDataset(Dataset):
         codes = sorted(self.type_cases)
         code = codes[int(rng.integers(len(codes)))]
         k = self.type_cases[code][int(rng.integers(len(self.type_cases[code])))]
-        self._case(k)
         return k, self.fg[k][self.fg_codes[k] == code]
 
     def __len__(self) -> int:
