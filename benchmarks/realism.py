@@ -57,11 +57,7 @@ def cohorts(out: Path) -> dict[str, Path]:
     return {name: out / name for name in paths}
 
 
-def measure(out: Path, label: str, real: list, other: list, cnn_steps: int, extra: dict | None = None,
-            cnn_long: int = 0) -> dict:
-    """Every measure of one set against the real one (cached in results.json by label); with
-    ``cnn_long``, also the CNN two-sample test trained that many steps (the strongest test: at the
-    default steps its training accuracy is still rising on the better models)."""
+def measure(out: Path, label: str, real: list, other: list, cnn_steps: int, extra: dict | None = None) -> dict:
     res_file = out / "results.json"
     results = json.loads(res_file.read_text()) if res_file.exists() else {}
     if label not in results:
@@ -69,16 +65,13 @@ def measure(out: Path, label: str, real: list, other: list, cnn_steps: int, extr
         results[label] = realism.compare(real, other, cnn_steps=cnn_steps) | (extra or {})
         results[label]["measure_seconds"] = round(time.perf_counter() - t0, 1)
         res_file.write_text(json.dumps(results, indent=1))
-    if cnn_long and results[label].get("cnn_c2st_long", {}).get("steps") != cnn_long:
-        results[label]["cnn_c2st_long"] = realism.cnn_c2st(real, other, steps=cnn_long)
-        res_file.write_text(json.dumps(results, indent=1))
     print(label, json.dumps(short(results[label])), flush=True)
     return results[label]
 
 
 def short(m: dict) -> dict:
     f = (lambda v, p=3: None if v is None else round(v, p))
-    return {"cnn": f(m["cnn_c2st"]["accuracy"]), "cnn_long": f(m.get("cnn_c2st_long", {}).get("accuracy")), "feat": f(m["feature_c2st"]["accuracy"]), "mmd": f(m["mmd"], 5),
+    return {"cnn": f(m["cnn_c2st"]["accuracy"]), "feat": f(m["feature_c2st"]["accuracy"]), "mmd": f(m["mmd"], 5),
             "w1_lung": f(m["hu_w1"]["lung"], 1), "w1_wall": f(m["hu_w1"]["wall"], 1),
             "hf": f(m["lung_high_frequency_power_ratio"]), "vessels": f(m["vessel_density_ratio"]),
             "conn": f(m["vessel_connectivity_ratio"]), "outline": f(m["outline_sharpness_ratio"]),
@@ -184,18 +177,15 @@ def nodule_figure(out: Path, paths: dict, labels: list[str], name: str = "nodule
 
 
 def table(results: dict) -> str:
-    head = ("| | CNN C2ST | CNN C2ST trained longer (steps, training accuracy) | feature C2ST | MMD x1e3 | HU W1 lung / wall | high-freq. lung power | vessel density | "
+    head = ("| | CNN C2ST | feature C2ST | MMD x1e3 | HU W1 lung / wall | high-freq. lung power | vessel density | "
             "vessel connectivity | outline sharpness | nodule contrast solid / part / GGO | MS-SSIM within |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for label, m in results.items():
         ct = m["contrast_by_type"]
         f = (lambda v, p=2: "-" if v is None else f"{v:.{p}f}")
         types = " / ".join(f(ct[t]["ratio"]) if t in ct else "-" for t in realism.NODULE_TYPES)
-        long = m.get("cnn_c2st_long")
-        long = (f"{long['accuracy']:.3f} +- {long['std']:.3f} ({long['steps']}, {long['train_accuracy']:.2f})"
-                if long else "-")
         lines.append(
-            f"| {label} | {m['cnn_c2st']['accuracy']:.3f} +- {m['cnn_c2st']['std']:.3f} | {long} | "
+            f"| {label} | {m['cnn_c2st']['accuracy']:.3f} +- {m['cnn_c2st']['std']:.3f} | "
             f"{m['feature_c2st']['accuracy']:.3f} +- {m['feature_c2st']['std']:.3f} | {1e3 * m['mmd']:.2f} | "
             f"{f(m['hu_w1']['lung'], 0)} / {f(m['hu_w1']['wall'], 0)} | {f(m['lung_high_frequency_power_ratio'])} | "
             f"{f(m['vessel_density_ratio'])} | {f(m['vessel_connectivity_ratio'])} | {f(m['outline_sharpness_ratio'])} | "
@@ -258,8 +248,6 @@ def main() -> None:
                     help="the nodule stage also from the real masks verbatim (every nodule where its real one is)")
     ap.add_argument("--samples", type=int, default=6)
     ap.add_argument("--cnn-steps", type=int, default=1500)
-    ap.add_argument("--cnn-long", type=int, default=0, metavar="STEPS",
-                    help="also train the CNN two-sample test this many steps (e.g. 3000; ~5 min per model)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pair", action="append", default=[], metavar="LABEL=REAL:SYNTHETIC",
                     help="an existing synthetic cohort against its real cohort's train split (types by voxel "
@@ -273,7 +261,7 @@ def main() -> None:
     paths = cohorts(out)
     real = realism.cohort_volumes(paths["heldout"])
     types = realism.nodule_types(real)
-    measure(out, BASELINE, real, realism.cohort_volumes(paths["heldout2"]), a.cnn_steps, cnn_long=a.cnn_long)
+    measure(out, BASELINE, real, realism.cohort_volumes(paths["heldout2"]), a.cnn_steps)
     sets, made = {}, json.loads((out / "models.json").read_text()) if (out / "models.json").exists() else {}
     specs = {}  # label -> (weights, sampler, steps)
     for spec in a.model:
@@ -292,7 +280,7 @@ def main() -> None:
             (out / "models.json").write_text(json.dumps(made, indent=1))
         d = np.load(npz)
         sets[label] = [realism.Volume(h, m, real[0].spacing, types) for h, m in zip(d["hu"], d["mask"])]
-        measure(out, label, real, sets[label], a.cnn_steps, made.get(label), cnn_long=a.cnn_long)
+        measure(out, label, real, sets[label], a.cnn_steps, made.get(label))
     if a.nodules:
         nodule_stage(out, paths, specs, a.nodules)
         if a.nodules_in_place:
