@@ -132,8 +132,7 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int]
         results[label] = entry(realism.contrasts_by_type(vols)) | {
             "seconds_per_volume": round((time.perf_counter() - t0) / len(jobs), 1)}
         res_file.write_text(json.dumps(results, indent=1))
-    in_place_labels = [m for m in results if m.endswith(" in place")]
-    nodule_figure(out, paths, in_place_labels if in_place else [m for m in results if m != BASELINE and m not in in_place_labels],
+    nodule_figure(out, paths, [m for m in results if m != BASELINE and m.endswith(" in place") == in_place],
                   "nodules_in_place.png" if in_place else "nodules.png")
     for label, e in results.items():
         print("nodules", label, {t: (v["ratio"], v["ci95"], v["n"]) for t, v in e.items() if isinstance(v, dict)},
@@ -143,7 +142,7 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int]
 
 def nodule_figure(out: Path, paths: dict, labels: list[str], name: str = "nodules.png", per_type: int = 3,
                   half: int = 10) -> None:
-    """The largest nodules of each type, real and each model's (the same shapes, relocated): an axial
+    """The largest nodules of each type, real and each model's (the same shapes, relocated or in place): an axial
     crop through each one's centre, lung window."""
     from medsyn_site.data.cohort import Cohort
     from medsyn_site.imaging import component_types, nodule_codes
