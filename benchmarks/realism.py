@@ -140,6 +140,57 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int]
     return results
 
 
+DENOISE_T = (20, 100, 250, 400, 550, 700, 850, 980)  # training timesteps (of 1000) the held-out loss is read at
+
+
+@torch.no_grad()
+def denoising_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int]], seed: int = 0) -> dict:
+    """Held-out denoising error by noise level: each model's x0 estimate (from its v or epsilon
+    prediction, as sampling uses it) for the 6 held-out real scans noised at DENOISE_T with fixed
+    noise, as RMSE in HU over the body and over the lung cavity. A model that fits its training data
+    better but not these scans is memorizing; one lower at every level has more capacity to use."""
+    from medsyn_site.diffusion.masks import mask_jobs
+    from medsyn_site.diffusion.model import (coordinate_grid, hu_to_unit, mask_channel, network_input,
+                                             predicted_x0, scheduler, unit_to_hu)
+    from medsyn_site.diffusion.sample import Sampler
+
+    res_file = out / "denoising.json"
+    results = json.loads(res_file.read_text()) if res_file.exists() else {}
+    jobs = [j.conditioning(0) for j in mask_jobs(f"cohort:{paths['heldout']}", 1)]
+    real = realism.cohort_volumes(paths["heldout"])
+    for label, (weights, _, _) in models.items():
+        if label in results:
+            continue
+        gen = Sampler(weights, device="cpu")
+        sched, window = scheduler(gen.diffusion), gen.diffusion.hu_window
+        k = gen.model_cfg.multiple
+        rows = {t: {"body": [], "lung": []} for t in DENOISE_T}
+        for i, (c, v) in enumerate(zip(jobs, real)):
+            assert np.array_equal(c.codes > 0, v.mask), "held-out masks and scans out of order"
+            shape = v.hu.shape
+            padded = tuple(-(-n // k) * k for n in shape)
+            pad = [p for n, q in zip(reversed(shape), reversed(padded)) for p in (0, q - n)]
+            x0 = torch.nn.functional.pad(hu_to_unit(torch.from_numpy(v.hu), window)[None, None], pad, value=-1.0)
+            m = torch.nn.functional.pad(mask_channel(c.codes[None], gen.model_cfg.nodule_types)[:, None], pad)
+            coords = coordinate_grid(padded, (0, 0, 0), shape)[None]
+            for t in DENOISE_T:
+                g = torch.Generator().manual_seed(seed * 7919 + i * 1000 + t)
+                noise = torch.randn(x0.shape, generator=g)
+                tt = torch.tensor([t])
+                noisy = sched.add_noise(original_samples=x0, noise=noise, timesteps=tt)
+                pred = gen.net(network_input(noisy, m, coords), timesteps=tt)
+                est = predicted_x0(pred, noisy, sched.alphas_cumprod[tt].view(-1, 1, 1, 1, 1), gen.diffusion.prediction_type)
+                err = (unit_to_hu(est, window) - unit_to_hu(x0, window))[0, 0, : shape[0], : shape[1], : shape[2]].numpy()
+                rows[t]["body"].append(float(np.mean(err[v.body] ** 2)))
+                rows[t]["lung"].append(float(np.mean(err[v.cavity] ** 2)))
+        results[label] = {str(t): {r: round(float(np.sqrt(np.mean(e[r]))), 1) for r in e} for t, e in rows.items()}
+        res_file.write_text(json.dumps(results, indent=1))
+    for label in models:
+        print("denoising RMSE HU (body / lung) by t:", label,
+              " ".join(f"{t}:{results[label][str(t)]['body']}/{results[label][str(t)]['lung']}" for t in DENOISE_T))
+    return results
+
+
 def nodule_figure(out: Path, paths: dict, labels: list[str], name: str = "nodules.png", per_type: int = 3,
                   half: int = 10) -> None:
     """The largest nodules of each type, real and each model's (the same shapes, relocated or in place): an axial
@@ -245,6 +296,8 @@ def main() -> None:
     ap.add_argument("--nodules", type=int, default=48, help="volumes of the per-type nodule contrast stage (0: skip)")
     ap.add_argument("--nodules-in-place", action="store_true",
                     help="the nodule stage also from the real masks verbatim (every nodule where its real one is)")
+    ap.add_argument("--denoising", action="store_true",
+                    help="each model's held-out denoising error by noise level (denoising.json)")
     ap.add_argument("--samples", type=int, default=6)
     ap.add_argument("--cnn-steps", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=2)
@@ -280,6 +333,8 @@ def main() -> None:
         d = np.load(npz)
         sets[label] = [realism.Volume(h, m, real[0].spacing, types) for h, m in zip(d["hu"], d["mask"])]
         measure(out, label, real, sets[label], a.cnn_steps, made.get(label))
+    if a.denoising:
+        denoising_stage(out, paths, specs)
     if a.nodules:
         nodule_stage(out, paths, specs, a.nodules)
         if a.nodules_in_place:
