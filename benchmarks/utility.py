@@ -94,6 +94,7 @@ def analyse(work: Path, ws: Path) -> dict:
 
     from medsyn_site.data.cohort import Cohort
     from medsyn_site.evaluate.report import collect
+    from medsyn_site.realism import NODULE_TYPES
 
     res = {}
     real_nod = nodule_hu(work / "cohort")
@@ -105,13 +106,12 @@ def analyse(work: Path, ws: Path) -> dict:
         return {"n": len(rows), "mean_hu_q10_50_90": [round(float(x), 0) for x in np.nanpercentile(v, [10, 50, 90])],
                 "contrast_hu_median": round(float(np.nanmedian(c)), 0)}
 
-    res["nodule_hu"] = {f"real {t}": hu_stats([n for n in real_nod if n["type"] == t])
-                        for t in ("solid", "part-solid", "ground-glass")}
-    res["nodule_hu"]["real (all)"] = hu_stats(real_nod)
     # a release records each nodule's type (that of the real nodule whose mask conditioned it)
-    res["nodule_hu"] |= {f"synthetic {t}": hu_stats([n for n in syn_nod if n["type"] == t])
-                         for t in ("solid", "part-solid", "ground-glass") if any(n["type"] == t for n in syn_nod)}
-    res["nodule_hu"]["synthetic (all)"] = hu_stats(syn_nod)
+    res["nodule_hu"] = {}
+    for name, rows in (("real", real_nod), ("synthetic", syn_nod)):
+        res["nodule_hu"] |= {f"{name} {t}": hu_stats([n for n in rows if n["type"] == t]) for t in NODULE_TYPES
+                             if name == "real" or any(n["type"] == t for n in rows)}
+        res["nodule_hu"][f"{name} (all)"] = hu_stats(rows)
     # one mode or the real two (solid / ground-glass)?
     for name, rows in (("real", real_nod), ("synthetic", syn_nod)):
         v = np.array([r["mean_hu"] for r in rows])
