@@ -19,6 +19,10 @@ from scipy import ndimage
 from medsyn_site.config import PhantomConfig, SplitConfig
 
 AIR, FAT, SOFT, BLOOD, LUNG = -1000.0, -100.0, 40.0, 40.0, -850.0
+# Gaussian smooth noise (sigma voxels, HU): the lung parenchyma's texture, and the scanner noise's
+# correlation length (its HU is PhantomConfig.noise_hu); benchmarks/realism.py's Wiener floor uses both
+LUNG_TEXTURE = (1.5, 25.0)
+NOISE_SIGMA_VOX = 0.7
 CANCELLOUS, CORTICAL = 300.0, 800.0
 NODULE_TYPES = ("solid", "part-solid", "ground-glass")
 TYPE_P = (0.65, 0.15, 0.20)  # LIDC-IDRI is mostly solid
@@ -187,7 +191,7 @@ def _anatomy(g: _Grid, rng):
     lamina = (g.ellipse(0, 0.95, 0.14, 0.05) <= 1) & ~canal
     sternum = (g.ellipse(0, -0.92, 0.09, 0.05) <= 1) & (g.w > 0.3)
     lung &= ~(epicardial | aorta | spine | trachea)
-    texture = _smooth_noise(rng, g.shape, 1.5, 25.0)
+    texture = _smooth_noise(rng, g.shape, *LUNG_TEXTURE)
     gravity = 40.0 * np.clip(g.v, 0, 1)  # dependent lung is denser
     img[lung] = (LUNG + texture + gravity)[lung]
     img[epicardial & body] = FAT + 20
@@ -329,7 +333,7 @@ def make_case(cfg: PhantomConfig, seed: int) -> PhantomCase:
         nodules.append({"type": ntype, "diameter_mm": round(float(eq_d), 2),
                         "center_voxel": tuple(int(c) for c in center[::-1]), "attachment": attachment})
     img = ndimage.gaussian_filter(img, sigma=(0.5, 0.7, 0.7))  # scanner point spread
-    img += _smooth_noise(rng, g.shape, 0.7, cfg.noise_hu)
+    img += _smooth_noise(rng, g.shape, NOISE_SIGMA_VOX, cfg.noise_hu)
     img = np.clip(np.rint(img), -1024, 3071).astype(np.int16)
     return PhantomCase(img, (labels > 0).astype(np.uint8), tuple(cfg.spacing), nodules)
 
