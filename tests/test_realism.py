@@ -109,3 +109,40 @@ def test_classifier_two_sample_tests_cannot_tell_two_real_sets_but_tell_a_blurre
     assert len(blur_c["curves"]) == 2 and [c[0] for c in blur_c["curves"][0]] == [25, 50, 75, 100]
     with pytest.raises(ValueError, match="needs >= 2 volumes per set"):
         realism.cnn_c2st(a[:1], b)
+
+
+def test_wiener_floor_is_what_the_wiener_filter_reaches_and_nothing_simpler_beats(monkeypatch):
+    """benchmarks/realism.py's denoising floor for the phantom's lung texture: the Wiener filter built
+    from the same spectrum, applied to a fresh draw noised at t, reaches it (within 5 %); predicting
+    the mean (0) or the noisy input itself does worse."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))  # for its own `import quality` (benchmarks/quality.py)
+    for name in ("quality", "bench_realism"):
+        monkeypatch.delitem(sys.modules, name, raising=False)  # and put back (or removed) afterwards
+    spec = importlib.util.spec_from_file_location("bench_realism", bench_dir / "realism.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from medsyn_site.config import load_config
+    from medsyn_site.data.phantom import LUNG_TEXTURE, NOISE_SIGMA_VOX, _smooth_noise
+    from medsyn_site.diffusion.model import scheduler
+
+    sched, cfg = scheduler(load_config(None).diffusion), load_config(None)
+    floor = bench.wiener_floor(sched, n=8)
+    shape, rng = tuple(cfg.data.phantom.shape[::-1]), np.random.default_rng(99)
+    draws = [_smooth_noise(rng, shape, *LUNG_TEXTURE) + _smooth_noise(rng, shape, NOISE_SIGMA_VOX, cfg.data.phantom.noise_hu)
+             for _ in range(8)]
+    power = np.mean([np.abs(np.fft.fftn(x)) ** 2 for x in draws], 0) / np.prod(shape)
+    half = (cfg.diffusion.hu_window[1] - cfg.diffusion.hu_window[0]) / 2
+    for t in (20, 250):
+        abar = float(sched.alphas_cumprod[t])
+        s2 = (1 - abar) / abar * half ** 2
+        x = draws[0]  # in HU; noised as the network sees it, then back in HU units
+        y = x + np.sqrt(s2) * rng.standard_normal(shape)
+        wiener = np.real(np.fft.ifftn(np.fft.fftn(y) * power / (power + s2)))
+        rmse = lambda est: float(np.sqrt(np.mean((est - x) ** 2)))  # noqa: E731
+        assert rmse(wiener) == pytest.approx(floor[str(t)]["parenchyma"], rel=0.05), (t, rmse(wiener), floor)
+        assert rmse(np.zeros(shape)) > floor[str(t)]["parenchyma"] * 1.02 and rmse(y) > floor[str(t)]["parenchyma"] * 1.3
