@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -135,7 +135,19 @@ class DiffusionConfig(Strict):
     schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = "linear_beta"
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     loss: Literal["l1", "l2"] = "l2"
+    # "min_snr": each sample's loss weighted as Min-SNR-gamma (Hang et al. 2023) does, the x0 error
+    # weighted by min(SNR, gamma): less weight on the nearly clean timesteps, whose gradients dominate
+    # a v or epsilon loss, and more on the middle ones, where the lung texture is denoised worst
+    # (benchmarks/RESULTS.md, "Realism")
+    loss_weighting: Literal["none", "min_snr"] = "none"
+    min_snr_gamma: float = Field(5.0, gt=0)
     hu_window: tuple[float, float] = (-1024.0, 2048.0)  # mapped linearly to [-1, 1], clipped
+
+    TRAINING_ONLY: ClassVar[set[str]] = {"loss", "loss_weighting", "min_snr_gamma"}  # not the noise process
+
+    def noise_process(self) -> dict:
+        """What weights depend on: the schedule, the prediction target, the HU window (not the loss)."""
+        return self.model_dump(mode="json", exclude=self.TRAINING_ONLY)
 
 
 class TrainConfig(Strict):

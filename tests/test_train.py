@@ -199,8 +199,8 @@ def test_missing_cohort_and_resume_without_checkpoint(phantom_cohort, tmp_path):
 
 
 def test_weights_from_before_nodule_types_start_a_typed_run(tmp_path):
-    """0/1-mask weights (no ``nodule_types`` in their config) may start a typed run (same network);
-    weights of another network may not."""
+    """0/1-mask weights (no ``nodule_types`` in their config) may start a typed run (same network), and
+    so may weights trained with another loss; weights of another network or noise process may not."""
     from medsyn_site.diffusion.rundir import RunError
     from medsyn_site.diffusion.train import initial_weights
 
@@ -217,6 +217,15 @@ def test_weights_from_before_nodule_types_start_a_typed_run(tmp_path):
     torch.save({"ema": state, "step": 7, "model": model | {"channels": [16, 32, 64]},
                 "diffusion": cfg.diffusion.model_dump(mode="json")}, other)
     with pytest.raises(RunError, match="another model config"):
+        initial_weights(str(other), cfg)
+    # the loss is the new run's choice (weights from before loss_weighting existed, too); the noise process is not
+    weighted = cfg.model_copy(update={"diffusion": cfg.diffusion.model_copy(update={"loss": "l2", "loss_weighting": "min_snr"})})
+    got = initial_weights(str(old), weighted)
+    assert all(torch.equal(got[k], state[k]) for k in state)
+    noise = cfg.diffusion.model_dump(mode="json")
+    noise.pop("loss_weighting"), noise.pop("min_snr_gamma")
+    torch.save({"ema": state, "step": 7, "model": model, "diffusion": noise | {"prediction_type": "epsilon"}}, other)
+    with pytest.raises(RunError, match="another diffusion config"):
         initial_weights(str(other), cfg)
 
 
@@ -236,20 +245,50 @@ def test_learning_rate_schedule(schedule):
         assert got[59] == pytest.approx(0.5) and got[-1] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_runs_begun_before_type_balanced_patches_resume(tmp_path):
-    """A run dir whose config.yaml predates ``train.pos_sampling`` resumes as "voxel" (what it
-    trained with); asking for "type" on it is a different config."""
+def test_runs_begun_before_a_setting_existed_resume_with_what_they_trained_with(tmp_path):
+    """A run dir whose config.yaml predates a setting (``train.pos_sampling``, the loss weighting, ...)
+    resumes with the value it trained with (rundir.ADDED_SETTINGS); asking for another value on it is
+    a different config."""
     import yaml
 
-    from medsyn_site.diffusion.rundir import RunError
+    from medsyn_site.diffusion.rundir import ADDED_SETTINGS, RunError
 
-    cfg = _cfg()
-    run = RunDir(tmp_path / "run")
-    run.create(cfg, False)
-    saved = yaml.safe_load((run.root / "config.yaml").read_text())
-    assert saved["train"].pop("pos_sampling") == "voxel"
-    (run.root / "config.yaml").write_text(yaml.safe_dump(saved))
-    RunDir(tmp_path / "run").check_resume(cfg)
-    (run.root / "config.yaml").write_text(yaml.safe_dump(saved))
-    with pytest.raises(RunError, match="different config.*pos_sampling"):
-        RunDir(tmp_path / "run").check_resume(_cfg(**{"train": {"pos_sampling": "type"}}))
+    other = {("train", "pos_sampling"): "type", ("diffusion", "loss_weighting"): "min_snr",
+             ("diffusion", "min_snr_gamma"): 2.0, ("model", "nodule_types"): True}
+    for (section, key), old in ADDED_SETTINGS.items():
+        cfg = _cfg(**{f"{section}.{key}": old})
+        run = RunDir(tmp_path / key)
+        run.create(cfg, False)
+        saved = yaml.safe_load((run.root / "config.yaml").read_text())
+        assert saved[section].pop(key) == old
+        (run.root / "config.yaml").write_text(yaml.safe_dump(saved))
+        RunDir(tmp_path / key).check_resume(cfg)
+        (run.root / "config.yaml").write_text(yaml.safe_dump(saved))
+        with pytest.raises(RunError, match=f"different config.*{key}"):
+            RunDir(tmp_path / key).check_resume(_cfg(**{f"{section}.{key}": other[(section, key)]}))
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
+def test_min_snr_loss_is_the_x0_error_weighted_by_min_snr_gamma(prediction):
+    """Min-SNR-gamma (Hang et al.): whatever the network predicts, the weighted loss equals
+    mean_b min(SNR_t, gamma) * mean((x0 - x0_hat)^2), x0_hat derived from the prediction as sampling
+    derives it (an all-zero network here, so x0_hat is known in closed form)."""
+    from medsyn_site.diffusion.model import predicted_x0
+    from medsyn_site.diffusion.train import _step_generator
+
+    cfg = _cfg(**{"diffusion.prediction_type": prediction, "diffusion.loss": "l2", "diffusion.loss_weighting": "min_snr",
+                  "diffusion.min_snr_gamma": 5.0, "train.seed": 3})
+    sched = scheduler(cfg.diffusion)
+    x0 = torch.rand(6, 1, 8, 8, 8) * 2 - 1
+    batch = {"image": x0, "mask": torch.zeros_like(x0), "coords": torch.zeros(6, 3, 8, 8, 8)}
+    zero_net = lambda inp, timesteps: torch.zeros_like(inp[:, :1])  # noqa: E731
+    got = diffusion_loss(zero_net, sched, batch, cfg, step=7, dev=torch.device("cpu"), dtype=torch.float32)
+    g = _step_generator(3, 7)
+    t = torch.randint(0, sched.num_train_timesteps, (6,), generator=g)
+    noisy = sched.add_noise(original_samples=x0, noise=torch.randn(x0.shape, generator=g), timesteps=t)
+    abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    x0_hat = predicted_x0(torch.zeros_like(x0), noisy, abar, prediction)
+    snr = (abar / (1 - abar)).flatten()
+    want = (snr.clamp(max=5.0) * ((x0 - x0_hat) ** 2).flatten(1).mean(1)).mean()
+    assert snr.min() < 5.0 < snr.max()  # both sides of gamma drawn
+    assert got.item() == pytest.approx(want.item(), rel=1e-4)

@@ -89,6 +89,11 @@ def _torch_load(path: Path):
         raise RunError(f"{path}: unreadable checkpoint file ({' '.join(str(e).split())[:200]})") from e
 
 
+# settings added to the config since runs began, with the value an older run dir trained with
+ADDED_SETTINGS = {("model", "nodule_types"): False, ("train", "pos_sampling"): "voxel",
+                  ("diffusion", "loss_weighting"): "none", ("diffusion", "min_snr_gamma"): 5.0}
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -120,8 +125,8 @@ class RunDir:
         saved = yaml.safe_load((self.root / "config.yaml").read_text())
         now = cfg.model_dump(mode="json")
         saved["train"]["steps"] = now["train"]["steps"]
-        saved.setdefault("model", {}).setdefault("nodule_types", False)  # runs begun before nodule types
-        saved["train"].setdefault("pos_sampling", "voxel")  # ... and before type-balanced patches
+        for (section, key), value in ADDED_SETTINGS.items():  # a run begun before a setting existed
+            saved.setdefault(section, {}).setdefault(key, value)
         diff = _differences(saved, now)
         if diff:
             raise RunError(f"{self.root / 'config.yaml'}: --resume with a different config: " + "; ".join(diff))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from medsyn_site.atomic import atomic_write_text
-from medsyn_site.config import Config, ModelConfig
+from medsyn_site.config import Config, DiffusionConfig, ModelConfig
 from medsyn_site.data.cohort import Cohort
 from medsyn_site.diffusion import engine as eng
 from medsyn_site.diffusion.model import EMA, build_unet, network_input, scheduler
@@ -48,7 +48,19 @@ def diffusion_loss(net, sched, batch: dict, cfg: Config, step: int, dev, dtype, 
     target = noise if cfg.diffusion.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
     inp = network_input(noisy, batch["mask"].to(dev), batch["coords"].to(dev)).to(dtype)
     pred = net(inp, timesteps=t).float()
-    return F.l1_loss(pred, target) if cfg.diffusion.loss == "l1" else F.mse_loss(pred, target)
+    loss_fn = F.l1_loss if cfg.diffusion.loss == "l1" else F.mse_loss
+    if cfg.diffusion.loss_weighting == "none":
+        return loss_fn(pred, target)
+    return (loss_fn(pred, target, reduction="none").flatten(1).mean(1) * min_snr_weight(sched, t, cfg.diffusion)).mean()
+
+
+def min_snr_weight(sched, t: torch.Tensor, dc) -> torch.Tensor:
+    """Min-SNR-gamma per-sample weights (diffusers' compute_snr): min(SNR, gamma) on the x0 error,
+    i.e. min(SNR, gamma) / SNR on an epsilon loss and min(SNR, gamma) / (SNR + 1) on a v loss."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(sched, t.cpu()).to(t.device)
+    return snr.clamp(max=dc.min_snr_gamma) / (snr if dc.prediction_type == "epsilon" else snr + 1)
 
 
 def peak_memory_mb(dev) -> float:
@@ -131,11 +143,12 @@ def initial_weights(source: str, cfg: Config) -> dict:
         raise RunError(f"{path}: train.init_weights not found")
     blob = torch.load(path, map_location="cpu")
     # the same network and noise process; whether the mask channel carries nodule types may change
-    # (0/1 weights learn the types' levels when fine-tuned with nodule_types on)
+    # (0/1 weights learn the types' levels when fine-tuned with nodule_types on), and so may the loss
     model = ModelConfig.of_weights(blob.get("model") or {})
     for section, have, want in (("model", model.model_dump(mode="json", exclude={"nodule_types"}),
                                  cfg.model.model_dump(mode="json", exclude={"nodule_types"})),
-                                ("diffusion", blob.get("diffusion"), cfg.diffusion.model_dump(mode="json"))):
+                                ("diffusion", DiffusionConfig(**blob["diffusion"]).noise_process() if blob.get("diffusion")
+                                 else None, cfg.diffusion.noise_process())):
         if have != want:
             raise RunError(f"{path}: train.init_weights was trained with another {section} config "
                            f"({blob.get(section)}); use the config it was made with")
