@@ -54,9 +54,10 @@ def diffusion_loss(net, sched, batch: dict, cfg: Config, step: int, dev, dtype, 
     return (loss_fn(pred, target, reduction="none").flatten(1).mean(1) * min_snr_weight(sched, t, cfg.diffusion)).mean()
 
 
-def min_snr_weight(sched, t: torch.Tensor, dc) -> torch.Tensor:
+def min_snr_weight(sched, t: torch.Tensor, dc: DiffusionConfig) -> torch.Tensor:
     """Min-SNR-gamma per-sample weights (diffusers' compute_snr): min(SNR, gamma) on the x0 error,
-    i.e. min(SNR, gamma) / SNR on an epsilon loss and min(SNR, gamma) / (SNR + 1) on a v loss."""
+    i.e. min(SNR, gamma) / SNR on an epsilon loss and min(SNR, gamma) / (SNR + 1) on a v loss
+    (exactly so for L2; an L1 loss takes the same weights)."""
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(sched, t.cpu()).to(t.device)
