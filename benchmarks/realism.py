@@ -145,7 +145,7 @@ DENOISE_T = (20, 100, 250, 400, 550, 700, 850, 980)  # training timesteps (of 10
 
 
 @torch.no_grad()
-def denoising_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int]], seed: int = 0) -> dict:
+def denoising_stage(out: Path, paths: dict, real: list, models: dict[str, tuple[Path, str, int]], seed: int = 0) -> dict:
     """Held-out denoising error by noise level: each model's x0 estimate (from its v or epsilon
     prediction, as sampling uses it) for the 6 held-out real scans noised at DENOISE_T with fixed
     noise, as RMSE in HU over the body, the lung cavity, and the lung parenchyma (the cavity 2 voxels
@@ -160,8 +160,7 @@ def denoising_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, i
 
     res_file = out / "denoising.json"
     results = json.loads(res_file.read_text()) if res_file.exists() else {}
-    jobs = [j.conditioning(0) for j in mask_jobs(f"cohort:{paths['heldout']}", 1)]
-    real = realism.cohort_volumes(paths["heldout"])
+    jobs = [j.conditioning(0) for j in mask_jobs(f"cohort:{paths['heldout']}", 1)]  # real: its volumes
     for label, (weights, _, _) in models.items():
         if label in results:
             continue
@@ -363,7 +362,7 @@ def main() -> None:
         sets[label] = [realism.Volume(h, m, real[0].spacing, types) for h, m in zip(d["hu"], d["mask"])]
         measure(out, label, real, sets[label], a.cnn_steps, made.get(label))
     if a.denoising:
-        denoising_stage(out, paths, specs)
+        denoising_stage(out, paths, real, specs)
     if a.nodules:
         nodule_stage(out, paths, specs, a.nodules)
         if a.nodules_in_place:
