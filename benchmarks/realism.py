@@ -206,11 +206,12 @@ def wiener_floor(sched, n: int = 24, seed: int = 0) -> dict:
     variance in HU of the [-1, 1] window at t."""
     from medsyn_site.data.phantom import LUNG_TEXTURE, NOISE_SIGMA_VOX, _smooth_noise
 
-    ph = load_config(None).data.phantom
+    cfg = load_config(None)
+    ph = cfg.data.phantom
     shape, rng = tuple(ph.shape[::-1]), np.random.default_rng(seed)
     draws = [_smooth_noise(rng, shape, *LUNG_TEXTURE) + _smooth_noise(rng, shape, NOISE_SIGMA_VOX, ph.noise_hu) for _ in range(n)]
     power = np.mean([np.abs(np.fft.fftn(x)) ** 2 for x in draws], 0) / np.prod(shape)
-    lo, hi = load_config(None).diffusion.hu_window
+    lo, hi = cfg.diffusion.hu_window
     out = {}
     for t in DENOISE_T:
         abar = float(sched.alphas_cumprod[t])
