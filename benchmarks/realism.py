@@ -155,7 +155,7 @@ def denoising_stage(out: Path, paths: dict, real: list, models: dict[str, tuple[
     is the floor for that region (near-exact: the region is chosen on the clean scan)."""
     from medsyn_site.diffusion.masks import mask_jobs
     from medsyn_site.diffusion.model import (coordinate_grid, hu_to_unit, mask_channel, network_input,
-                                             predicted_x0, scheduler, unit_to_hu)
+                                             padding, predicted_x0, scheduler, unit_to_hu)
     from medsyn_site.diffusion.sample import Sampler
 
     res_file = out / "denoising.json"
@@ -166,14 +166,12 @@ def denoising_stage(out: Path, paths: dict, real: list, models: dict[str, tuple[
             continue
         gen = Sampler(weights, device="cpu")
         sched, window = scheduler(gen.diffusion), gen.diffusion.hu_window
-        k = gen.model_cfg.multiple
         rows = {t: {"body": [], "lung": [], "parenchyma": []} for t in DENOISE_T}
         for i, (c, v) in enumerate(zip(jobs, real)):
             assert np.array_equal(c.codes > 0, v.mask), "held-out masks and scans out of order"
             shape = v.hu.shape
             parenchyma = v.cavity & ~ndimage.binary_dilation((v.hu > -700) | v.mask, iterations=2)
-            padded = tuple(-(-n // k) * k for n in shape)
-            pad = [p for n, q in zip(reversed(shape), reversed(padded)) for p in (0, q - n)]
+            padded, pad = padding(shape, gen.model_cfg.multiple)
             x0 = torch.nn.functional.pad(hu_to_unit(torch.from_numpy(v.hu), window)[None, None], pad, value=-1.0)
             m = torch.nn.functional.pad(mask_channel(c.codes[None], gen.model_cfg.nodule_types)[:, None], pad)
             coords = coordinate_grid(padded, (0, 0, 0), shape)[None]

@@ -18,7 +18,7 @@ from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDPMScheduler
 
 from medsyn_site.config import ConfigError, DiffusionConfig, ModelConfig
-from medsyn_site.diffusion.model import build_unet, hu_to_unit, sampling_scheduler, scheduler
+from medsyn_site.diffusion.model import build_unet, hu_to_unit, padding, sampling_scheduler, scheduler
 from medsyn_site.diffusion.sample import Sampler
 
 # (weight, mean, std) per component, in the network's [-1, 1] units (well inside the clip range)
@@ -297,3 +297,13 @@ def test_the_network_sees_each_nodules_type_level(weights):
         assert seen.sum() == pytest.approx(sum(want[case]), rel=1e-6)  # nothing else is a nodule
     with pytest.raises(ValueError, match="one shape"):
         Sampler(path, "ddim", 2, device="cpu").volumes([mask], [0], [codes[:4]])
+
+
+def test_padding_rounds_each_axis_up_to_the_networks_multiple():
+    """A whole volume of any shape reaches the network's multiple, padded at the end of each axis
+    (by hand: 50 -> 52 and 61 -> 64 for a multiple of 4; 48 stays)."""
+    padded, pad = padding((48, 50, 61), 4)
+    assert padded == (48, 52, 64)
+    assert pad == [0, 3, 0, 2, 0, 0]  # torch's order: x (last axis) first
+    x = torch.nn.functional.pad(torch.ones(1, 1, 48, 50, 61), pad)
+    assert tuple(x.shape[2:]) == padded and x[..., :48, :50, :61].min() == 1 and x.sum() == 48 * 50 * 61

@@ -244,6 +244,13 @@ def coordinate_grid(shape_zyx, start_zyx=(0, 0, 0), full_zyx=None) -> torch.Tens
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))
 
 
+def padding(shape_zyx, multiple: int) -> tuple[tuple[int, ...], list[int]]:
+    """A whole volume's shape rounded up to the network's ``multiple`` (each level halves it), and
+    the torch.nn.functional.pad amounts (x, y, z; at the end of each axis) that reach it."""
+    padded = tuple(-(-n // multiple) * multiple for n in shape_zyx)
+    return padded, [p for n, q in zip(reversed(shape_zyx), reversed(padded)) for p in (0, q - n)]
+
+
 # conditioning value of each nodule code (imaging.NODULE_CODES: none, ground-glass, part-solid, solid, unknown)
 TYPE_LEVELS = torch.tensor([0.0, 1 / 3, 2 / 3, 1.0, 1.0])
 

@@ -17,7 +17,8 @@ from medsyn_site import provenance
 from medsyn_site.config import SAMPLE, DiffusionConfig, ModelConfig
 from medsyn_site.data.cohort import ResumableCohortWriter
 from medsyn_site.diffusion.masks import mask_jobs
-from medsyn_site.diffusion.model import build_unet, coordinate_grid, mask_channel, sampling_scheduler, unit_to_hu
+from medsyn_site.diffusion.model import (build_unet, coordinate_grid, mask_channel, padding, sampling_scheduler,
+                                         unit_to_hu)
 from medsyn_site.diffusion.rundir import RunDir, load_weights
 from medsyn_site.diffusion.shards import shard_jobs
 from medsyn_site.diffusion.streamed import StreamedUNet
@@ -65,9 +66,7 @@ class Sampler:
         shape = arrays[0].shape
         if any(a.shape != shape for a in arrays) or any(a.shape != m.GetSize()[::-1] for a, m in zip(arrays, masks)):
             raise ValueError("a sampling batch needs masks (and nodule codes) of one shape")
-        k = self.model_cfg.multiple
-        padded = tuple(-(-n // k) * k for n in shape)
-        pad = [p for n, q in zip(reversed(shape), reversed(padded)) for p in (0, q - n)]
+        padded, pad = padding(shape, self.model_cfg.multiple)
         m = torch.nn.functional.pad(mask_channel(np.stack(arrays), self.model_cfg.nodule_types)[:, None], pad)
         coords = coordinate_grid(padded, (0, 0, 0), shape)[None].expand(len(arrays), -1, -1, -1, -1)
         cond = torch.cat([m, coords], 1).to(self.device)  # whole mask + whole grid, extended into the pad
