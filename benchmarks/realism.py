@@ -80,7 +80,7 @@ def short(m: dict) -> dict:
             "ms_ssim": f(m["other"]["ms_ssim_within"])}
 
 
-def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int]], n: int, seed: int = 0,
+def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int, str]], n: int, seed: int = 0,
                  in_place: bool = False) -> dict:
     """Nodule contrast by type on enough nodules to mean something: 48 held-out phantoms (seed 9) as the
     real set, 48 others (seed 10) as the baseline, and per model N volumes sampled from the first set's
@@ -114,12 +114,12 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int]
         return e
     if BASELINE not in results:
         results[BASELINE] = entry(realism.contrasts_by_type(realism.cohort_volumes(paths["nodules2"])))
-    for label, (weights, sampler, steps) in models.items():
+    for label, (weights, sampler, steps, window) in models.items():
         label = f"{label} in place" if in_place else label
         if label in results:
             continue
         jobs = mask_jobs(f"{'cohort' if in_place else 'relocate'}:{paths['nodules']}", 1)[:n]
-        gen = Sampler(weights, sampler, steps, device="cpu")
+        gen = Sampler(weights, sampler, steps, device="cpu", window=window)
         vols, codes, t0 = [], [], time.perf_counter()
         for i, j in enumerate(jobs):
             c = j.conditioning(0)
@@ -145,9 +145,9 @@ DENOISE_T = (20, 100, 250, 400, 550, 700, 850, 980)  # training timesteps (of 10
 
 
 @torch.no_grad()
-def denoising_stage(out: Path, paths: dict, real: list, models: dict[str, tuple[Path, str, int]], seed: int = 0) -> dict:
+def denoising_stage(out: Path, paths: dict, real: list, models: dict[str, tuple[Path, str, int, str]], seed: int = 0) -> dict:
     """Held-out denoising error by noise level: each model's x0 estimate (from its v or epsilon
-    prediction, as sampling uses it) for the 6 held-out real scans noised at DENOISE_T with fixed
+    prediction, the network evaluated as sampling evaluates it: on windows or the whole volume) for the 6 held-out real scans noised at DENOISE_T with fixed
     noise, as RMSE in HU over the body, the lung cavity, and the lung parenchyma (the cavity 2 voxels
     away from anything above -700 HU: vessels, partial-volume ones too, and nodules; ~1,500 voxels a
     scan, 33 HU of spread). The phantom's parenchyma is Gaussian texture (phantom.py: LUNG_TEXTURE plus
@@ -161,10 +161,10 @@ def denoising_stage(out: Path, paths: dict, real: list, models: dict[str, tuple[
     res_file = out / "denoising.json"
     results = json.loads(res_file.read_text()) if res_file.exists() else {}
     jobs = [j.conditioning(0) for j in mask_jobs(f"cohort:{paths['heldout']}", 1)]  # real: its volumes
-    for label, (weights, _, _) in models.items():
+    for label, (weights, _, _, window) in models.items():
         if label in results:
             continue
-        gen = Sampler(weights, device="cpu")
+        gen = Sampler(weights, device="cpu", window=window)
         sched, window = scheduler(gen.diffusion), gen.diffusion.hu_window
         rows = {t: {"body": [], "lung": [], "parenchyma": []} for t in DENOISE_T}
         for i, (c, v) in enumerate(zip(jobs, real)):
@@ -180,7 +180,7 @@ def denoising_stage(out: Path, paths: dict, real: list, models: dict[str, tuple[
                 noise = torch.randn(x0.shape, generator=g)
                 tt = torch.tensor([t])
                 noisy = sched.add_noise(original_samples=x0, noise=noise, timesteps=tt)
-                pred = gen.net(network_input(noisy, m, coords), timesteps=tt)
+                pred = gen.model(network_input(noisy, m, coords), timesteps=tt)
                 est = predicted_x0(pred, noisy, sched.alphas_cumprod[tt].view(-1, 1, 1, 1, 1), gen.diffusion.prediction_type)
                 err = (unit_to_hu(est, window) - unit_to_hu(x0, window))[0, 0, : shape[0], : shape[1], : shape[2]].numpy()
                 rows[t]["body"].append(float(np.mean(err[v.body] ** 2)))
@@ -318,8 +318,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/out/realism")
     ap.add_argument("--model", action="append", default=[],
-                    help="LABEL=WEIGHTS (an ema.pt or a pretrained .pt), optionally @SAMPLER:STEPS (default --sampler)")
-    ap.add_argument("--sampler", default=f"{SAMPLE.sampler}:{SAMPLE.steps}", help="the toolkit's default")
+                    help="LABEL=WEIGHTS (an ema.pt or a pretrained .pt), optionally @SAMPLER:STEPS[:WINDOW] (default "
+                         "--sampler; WINDOW: patch or whole, the network evaluated on windows of its training patch "
+                         "or on the whole volume at once, default the toolkit's)")
+    ap.add_argument("--sampler", default=f"{SAMPLE.sampler}:{SAMPLE.steps}:{SAMPLE.window}", help="the toolkit's default")
     ap.add_argument("--nodules", type=int, default=48, help="volumes of the per-type nodule contrast stage (0: skip)")
     ap.add_argument("--nodules-in-place", action="store_true",
                     help="the nodule stage also from the real masks verbatim (every nodule where its real one is)")
@@ -342,19 +344,19 @@ def main() -> None:
     types = realism.nodule_types(real)
     measure(out, BASELINE, real, realism.cohort_volumes(paths["heldout2"]), a.cnn_steps)
     sets, made = {}, json.loads((out / "models.json").read_text()) if (out / "models.json").exists() else {}
-    specs = {}  # label -> (weights, sampler, steps)
+    specs = {}  # label -> (weights, sampler, steps, window)
     for spec in a.model:
         label, _, weights = spec.partition("=")
         weights, _, how = weights.partition("@")
-        sampler, _, steps = (how or a.sampler).partition(":")
-        specs[label] = (Path(weights), sampler, int(steps))
-    for label, (weights, sampler, steps) in specs.items():
+        sampler, steps, *window = (how or a.sampler).split(":")
+        specs[label] = (Path(weights), sampler, int(steps), window[0] if window else SAMPLE.window)
+    for label, (weights, sampler, steps, window) in specs.items():
         npz = out / "samples" / f"{label}.npz"
         if not npz.exists():
-            vols, sec = quality_bench.sample(weights, paths["heldout"], a.samples, sampler, steps)
+            vols, sec = quality_bench.sample(weights, paths["heldout"], a.samples, sampler, steps, window)
             hu, mask = np.stack([v for v, _ in vols]), np.stack([m for _, m in vols])
             np.savez_compressed(npz, hu=hu, mask=mask)
-            made[label] = {"weights": str(weights), "sampler": f"{sampler}:{steps}", "seconds_per_volume": round(sec, 1),
+            made[label] = {"weights": str(weights), "sampler": f"{sampler}:{steps}:{window}", "seconds_per_volume": round(sec, 1),
                            "samples": len(vols)}
             (out / "models.json").write_text(json.dumps(made, indent=1))
         d = np.load(npz)
@@ -380,6 +382,9 @@ def main() -> None:
     if a.export:
         label, dest = a.export
         blob = torch.load(made[label]["weights"], map_location="cpu")
+        run_config = Path(made[label]["weights"]).parents[2] / "config.yaml"  # RUN/checkpoints/step_N/ema.pt
+        if "patch_size" not in blob and run_config.is_file():  # weights from before they recorded it
+            blob["patch_size"] = list(load_config(run_config).train.patch_size)
         blob["made_by"] = (f"medsyn train with benchmarks/configs/ ({label}, training step {blob.get('step')}); "
                            f"measured by benchmarks/realism.py --out {a.out}")
         torch.save(blob, dest)

@@ -241,6 +241,10 @@ def train_cmd(cohort, out, resume, steps, device, precision, config_path, force)
 @click.option("--stream-gb", type=click.FloatRange(min=0), default=None,
               help="Evaluate the UNet in z-slabs (same result), keeping at most this many GiB of feature maps "
                    "on the device and the rest in host memory: for volumes too large for the GPU.")
+@click.option("--window", type=click.Choice(["patch", "whole"]), default=None,
+              help="Evaluate the network on windows of its training patch (overlapping, blended: what it saw in "
+                   "training) or on the whole volume at once "
+                   f"[default: the config's sample.window, {SAMPLE.window}].")
 @click.option("--shard", default=None, metavar="I/N",
               help="Only every N-th volume, from the I-th (0-based): one Slurm array task; join with sample-merge.")
 @config_option
@@ -248,7 +252,7 @@ def train_cmd(cohort, out, resume, steps, device, precision, config_path, force)
 @force_option
 @friendly
 def sample_cmd(run_dir, masks, request_cohort, max_volumes, dry_run, out, per_mask, sampler, steps, seed, device, precision,
-               batch_size, stream_gb, shard, config_path, site_key, force):
+               batch_size, stream_gb, window, shard, config_path, site_key, force):
     """Sample whole synthetic CT volumes from masks (resumable: a rerun skips finished cases).
 
     Sampler, steps and volumes per mask come from the config's sample section; the flags override."""
@@ -256,7 +260,7 @@ def sample_cmd(run_dir, masks, request_cohort, max_volumes, dry_run, out, per_ma
     from medsyn_site.diffusion.shards import parse_shard
 
     cfg = load_config(config_path, {"sample.sampler": sampler, "sample.steps": steps, "sample.per_mask": per_mask,
-                                    "sample.max_volumes": max_volumes}).sample
+                                    "sample.max_volumes": max_volumes, "sample.window": window}).sample
     if dry_run:
         from medsyn_site.diffusion.masks import mask_jobs
         from medsyn_site.diffusion.shards import shard_jobs
@@ -272,7 +276,8 @@ def sample_cmd(run_dir, masks, request_cohort, max_volumes, dry_run, out, per_ma
     sample_cohort(run_dir, masks, out, per_mask=cfg.per_mask, sampler=cfg.sampler, steps=cfg.steps, seed=seed,
                   device=device, precision=precision, force=force, site_key=_site_key(site_key),
                   batch_size=batch_size, stream_gb=stream_gb, shard=parse_shard(shard) if shard else None,
-                  request_cohort=request_cohort, max_volumes=cfg.max_volumes)
+                  request_cohort=request_cohort, max_volumes=cfg.max_volumes, window=cfg.window,
+                  window_overlap=cfg.window_overlap)
     click.echo(f"wrote synthetic cohort {out} (provenance.json beside it)")
 
 

@@ -79,9 +79,10 @@ def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
     synth, key = out / "synthetic", out / "site.key"
     load_site_key(key, create=True)  # the demo's own key (a site's comes from its first `data prepare`)
     sc = cfg.sample
-    _say(3, f"sampling whole volumes from relocated train masks ({sc.sampler} {sc.steps} steps) into {synth}")
+    _say(3, f"sampling whole volumes from relocated train masks ({sc.sampler} {sc.steps} steps, network on "
+            f"{'windows of the training patch' if sc.window == 'patch' else 'the whole volume'}) into {synth}")
     sample_cohort(run, f"relocate:{cohort}", synth, per_mask=sc.per_mask, sampler=sc.sampler, steps=sc.steps,
-                  seed=0, force=True, site_key=key)
+                  seed=0, force=True, site_key=key, window=sc.window, window_overlap=sc.window_overlap)
     _say(3, f"picture: {show_cohort(synth, out / 'synthetic.png')}")
     numbers = quality_report(cohort, synth, out / "quality.json")
     for line in numbers["lines"]:
@@ -100,7 +101,8 @@ def run_demo(out: Path, cfg: Config, force: bool = False) -> Path:
     _say(5, f"nnU-Net ({ev.configuration}, {ev.trainer}) on real / synthetic / real+synthetic / real+targeted, "
             f"{ev.seeds} training(s) each, in {ws}")
     site = functools.partial(answer_request, run=run, out=out / "targeted", training_cohort=cohort, request_cohort=cohort,
-                             sampler=sc.sampler, steps=sc.steps, site_key=key)  # the site answers the request
+                             sampler=sc.sampler, steps=sc.steps, site_key=key, window=sc.window,
+                             window_overlap=sc.window_overlap)  # the site answers the request
     run_all(cohort, release / "nifti", ws, seeds=ev.seeds, trainer=ev.trainer, epochs=ev.epochs,
             iterations=ev.iterations, device=ev.device, configuration=ev.configuration, site=site,
             per_mask=sc.per_mask, mirroring=ev.mirroring, jobs=ev.jobs, batch_size=ev.batch_size)

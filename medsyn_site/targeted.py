@@ -26,7 +26,8 @@ def recorded_training_cohort(run: str | Path) -> Path:
 def answer_request(request_file: str | Path, run: str | Path, out: str | Path,
                    training_cohort: str | Path | None = None, request_cohort: str | Path | None = None,
                    sampler: str = SAMPLE.sampler, steps: int = SAMPLE.steps, seed: int = 0, site_key: Path = DEFAULT_SITE_KEY,
-                   allow_verbatim: bool = False) -> Path:
+                   allow_verbatim: bool = False, window: str = SAMPLE.window,
+                   window_overlap: float = SAMPLE.window_overlap) -> Path:
     """Sample OUT/synthetic from the request with the run's weights, publish it to OUT/release
     against the run's training cohort; returns the release's NIfTI cohort (what the central side
     trains on). Refused cases stay at the site; the log says which and why."""
@@ -40,7 +41,8 @@ def answer_request(request_file: str | Path, run: str | Path, out: str | Path,
     progress.info(f"[site] request {request_file}: {len(req.cases)} case(s) x {req.per_mask}, {req.mask_mode} masks "
                f"({req.reason or 'no reason given'})")
     synth = sample_cohort(run, f"request:{request_file}", out / "synthetic", sampler=sampler, steps=steps, seed=seed,
-                          force=True, site_key=site_key, request_cohort=request_cohort)
+                          force=True, site_key=site_key, request_cohort=request_cohort, window=window,
+                          window_overlap=window_overlap)
     report = publish(synth, training_cohort, out / "release", fmt="nifti", force=True, site_key=site_key,
                      allow_verbatim=allow_verbatim)
     cases = report["cases"]

@@ -18,6 +18,7 @@
 #   MEDSYN_MAX_VOLUMES     the most volumes a request may ask for [the config's sample.max_volumes]
 #   MEDSYN_PRECISION  fp32 | bf16 | fp16 [fp32];  MEDSYN_DEVICE auto | cpu | cuda [auto]
 #   MEDSYN_STREAM_GB  z-slab streaming budget in GiB for volumes too large for the GPU [off]
+#   MEDSYN_WINDOW     patch (network on windows of its training patch) | whole [the config's sample.window]
 #   MEDSYN_SITE_KEY   the site key (must exist: it signs the provenance) [~/.config/medsyn/site.key]
 #   MEDSYN_KEEP_SHARDS  1 keeps MEDSYN_OUT.shards after the merge [0]
 #   MEDSYN_LOG_DIR    where the merge job's log goes [.]
@@ -70,6 +71,6 @@ args=(sample --run "${MEDSYN_RUN:-runs/site}" --masks "${MEDSYN_MASKS:-relocate:
       ${MEDSYN_SAMPLER:+--sampler "$MEDSYN_SAMPLER"} ${MEDSYN_STEPS:+--steps "$MEDSYN_STEPS"} --per-mask "${MEDSYN_PER_MASK:-1}"
       ${MEDSYN_REQUEST_COHORT:+--request-cohort "$MEDSYN_REQUEST_COHORT"} ${MEDSYN_MAX_VOLUMES:+--max-volumes "$MEDSYN_MAX_VOLUMES"}
       --seed "${MEDSYN_SEED:-0}" --precision "${MEDSYN_PRECISION:-fp32}" --device "${MEDSYN_DEVICE:-auto}"
-      ${MEDSYN_STREAM_GB:+--stream-gb "$MEDSYN_STREAM_GB"})
+      ${MEDSYN_STREAM_GB:+--stream-gb "$MEDSYN_STREAM_GB"} ${MEDSYN_WINDOW:+--window "$MEDSYN_WINDOW"})
 say "medsyn ${args[*]}"
 medsyn "${args[@]}"

@@ -188,6 +188,7 @@ def test_global_run_saves_each_round_resumes_and_samples(tmp_path):
     again.close()
     gen = Sampler(resolve_weights(tmp_path / "fed"), steps=1)  # as `medsyn sample --run` reads a run dir
     assert gen.federation["round"] == 2 and gen.federation["flower_run_id"] == "11"
+    assert gen.window == tuple(cfg.train.patch_size[::-1])  # federated weights sample on their training patch too
     with open(tmp_path / "fed" / "checkpoints" / "round_00002" / "global.pt", "r+b") as f:
         f.truncate(100)  # a damaged last round: a restart falls back to the newest intact one
     again = GlobalRun(s, cfg, run_id=12)

@@ -17,9 +17,9 @@ import torch
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDPMScheduler
 
-from medsyn_site.config import ConfigError, DiffusionConfig, ModelConfig
+from medsyn_site.config import ConfigError, DiffusionConfig, ModelConfig, SampleConfig
 from medsyn_site.diffusion.model import build_unet, hu_to_unit, padding, sampling_scheduler, scheduler
-from medsyn_site.diffusion.sample import Sampler
+from medsyn_site.diffusion.sample import Sampler, WindowedUNet
 
 # (weight, mean, std) per component, in the network's [-1, 1] units (well inside the clip range)
 GAUSS = [(1.0, 0.3, 0.2)]
@@ -307,3 +307,64 @@ def test_padding_rounds_each_axis_up_to_the_networks_multiple():
     assert pad == [0, 3, 0, 2, 0, 0]  # torch's order: x (last axis) first
     x = torch.nn.functional.pad(torch.ones(1, 1, 48, 50, 61), pad)
     assert tuple(x.shape[2:]) == padded and x[..., :48, :50, :61].min() == 1 and x.sum() == 48 * 50 * 61
+
+
+def test_windows_are_the_network_on_its_training_patch():
+    """Windows that tile the volume without overlap give, voxel for voxel, the network's output on
+    each window alone (what it computed on a training patch); the whole volume at once does not
+    (GroupNorm's statistics are the volume's), which is why sampling evaluates windows."""
+    torch.manual_seed(0)
+    net = build_unet(ModelConfig(channels=(8, 8), attention_levels=(False, False), norm_num_groups=4,
+                                 num_head_channels=8, coord_head=0)).eval()
+    for p in net.parameters():  # MONAI zero-initializes the output layer: a fresh network outputs 0
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(1, 5, 16, 32, 32) + torch.linspace(-2, 2, 32)  # content differs across the volume
+    t = torch.tensor([500])
+    with torch.no_grad():
+        got = WindowedUNet(net, (16, 16, 16), overlap=0.0)(x, t)
+        by_hand = torch.zeros_like(got)
+        for y in (0, 16):
+            for z in (0, 16):
+                by_hand[..., y:y + 16, z:z + 16] = net(x[..., y:y + 16, z:z + 16], timesteps=t)
+        whole = net(x, timesteps=t)
+        larger = WindowedUNet(net, (64, 64, 64))(x, t)  # a window larger than the volume: clipped to it
+    torch.testing.assert_close(got, by_hand, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(larger, whole, atol=1e-5, rtol=1e-5)  # (zero padding would change the statistics)
+    assert (whole - by_hand).abs().mean() > 10 * (got - by_hand).abs().max()
+
+
+class Pointwise(torch.nn.Module):
+    """A network with no spatial context: any blend of its windows is the whole-volume output."""
+
+    def forward(self, x, timesteps, context=None):
+        return x[:, :1] * 2 + x[:, 1:2] - timesteps.view(-1, 1, 1, 1, 1) / 1000
+
+
+@pytest.mark.parametrize("overlap", [0.25, 0.5])
+def test_window_blending_weights_sum_to_one_everywhere(overlap):
+    """Overlapping windows (Gaussian-blended) reproduce a pointwise network's whole-volume output
+    exactly, at the volume's edges too, for a volume no window size divides and an axis shorter than
+    the window."""
+    x = torch.randn(2, 5, 12, 40, 28)
+    t = torch.tensor([300])
+    got = WindowedUNet(Pointwise(), (16, 16, 16), overlap=overlap)(x, t)
+    torch.testing.assert_close(got, Pointwise()(x, t), atol=1e-5, rtol=1e-5)
+
+
+def test_sampler_windows_are_the_training_patch_the_weights_record(weights, caplog):
+    """Weights record the training patch (x y z); the Sampler evaluates windows of it (z y x),
+    `window="whole"` the whole volume; weights from before the record sample whole, saying so."""
+    cfg = DiffusionConfig(prediction_type="v_prediction", schedule="cosine")
+    path = weights(cfg)
+    blob = torch.load(path)
+    torch.save(blob | {"patch_size": [32, 24, 16]}, path.with_name("patched.pt"))
+    gen = Sampler(path.with_name("patched.pt"), "ddim", 2, device="cpu")
+    assert isinstance(gen.model, WindowedUNet) and gen.model.window == (16, 24, 32)
+    assert gen.model.overlap == SampleConfig().window_overlap
+    whole = Sampler(path.with_name("patched.pt"), "ddim", 2, device="cpu", window="whole")
+    assert whole.window is None and whole.model is whole.net
+    with caplog.at_level("WARNING"):
+        old = Sampler(path, "ddim", 2, device="cpu")
+    assert old.window is None and old.model is old.net and "records no training patch" in caplog.text
+    with pytest.raises(ConfigError, match="window 'slab'"):
+        Sampler(path, "ddim", 2, device="cpu", window="slab")

@@ -105,10 +105,12 @@ def test_sample_stream_gb_gives_the_same_volumes(run, phantom_cohort, key, tmp_p
     for rec in Cohort(whole).cases:
         a, b = Cohort(whole).arrays(rec.id)[0], Cohort(streamed).arrays(rec.id)[0]
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
-    # and with every level streamed in thin slabs (what a 512x512x256 volume gets)
+    # (above: within each window of the training patch); and the whole volume at once with every level
+    # streamed in thin slabs (what a 512x512x256 volume gets with --window whole)
     cohort = Cohort(phantom_cohort)
     mask = cohort.read(cohort.split("train")[0].id)[1]
-    gens = [Sampler(resolve_weights(run), "ddim", 2), Sampler(resolve_weights(run), "ddim", 2, stream_gb=0)]
+    gens = [Sampler(resolve_weights(run), "ddim", 2, window="whole"),
+            Sampler(resolve_weights(run), "ddim", 2, stream_gb=0, window="whole")]
     gens[1].model.slab_voxels, gens[1].model.whole_voxels = 64 * 64 * 3, 64
     a, b = (g.volumes([mask], [9])[0] for g in gens)
     assert gens[1].model.store.moved > 0

@@ -209,8 +209,7 @@ class RunDir:
         n = sum(p.numel() for p in engine.module.parameters())
 
         def finish() -> None:
-            torch.save({"ema": ema.state_dict(), "step": step, "model": cfg.model.model_dump(mode="json"),
-                        "diffusion": cfg.diffusion.model_dump(mode="json")}, tmp / tag / EMA_FILE)
+            torch.save(ema_blob(ema.state_dict(), step, cfg), tmp / tag / EMA_FILE)
             self._commit(tmp, tag)
 
         tmp = on_rank0(self._begin, tag, 4 * n * 4 + 2 ** 20)  # fp32 weights + Adam moments + EMA, + margin
@@ -277,6 +276,14 @@ class RunDir:
 
         tag = on_rank0(pick)
         return 0 if tag is None else on_every_rank(restore, tag)
+
+
+def ema_blob(ema_state: dict, step: int, cfg: Config, **extra) -> dict:
+    """An EMA weights file's content (one format for ``medsyn train`` and ``medsyn fl``): the weights,
+    the step, and what sampling needs: the network, the noise process and the training patch (x y z;
+    sampling evaluates the network on windows of it, sample.WindowedUNet)."""
+    return {"ema": ema_state, "step": step, "model": cfg.model.model_dump(mode="json"),
+            "diffusion": cfg.diffusion.model_dump(mode="json"), "patch_size": list(cfg.train.patch_size)} | extra
 
 
 def load_weights(path: str | Path) -> dict:

@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from medsyn_site.atomic import atomic_write_text
 from medsyn_site.config import CONFIG_DIR, Config, ConfigError, dump_config, load_config
 from medsyn_site.diffusion.model import EMA, build_unet
-from medsyn_site.diffusion.rundir import EMA_FILE, RunDir
+from medsyn_site.diffusion.rundir import EMA_FILE, RunDir, ema_blob
 from medsyn_site.federated.task import TRANSFERS, decode, encode, nbytes
 
 log = logging.getLogger(__name__)
@@ -221,9 +221,7 @@ class GlobalRun:
         fed = {"name": self.name, "flower_run_id": self.run_id, "round": rnd, "run_dir": str(self.root.resolve()),
                "sites": [r["node_id"] for r in ok], "strategy": self.s.strategy, "transfer": self.s.transfer,
                "dp_noise": self.s.dp_noise}
-        ema = {"ema": self.ema.state_dict(), "step": rnd * self.s.local_steps, "round": rnd,
-               "model": self.cfg.model.model_dump(mode="json"),
-               "diffusion": self.cfg.diffusion.model_dump(mode="json"), "federation": fed}
+        ema = ema_blob(self.ema.state_dict(), rnd * self.s.local_steps, self.cfg, round=rnd, federation=fed)
         final = self.run.write_checkpoint(tag, {EMA_FILE: ema, GLOBAL_FILE: weights}, self.cfg.train.keep_checkpoints)
         self.round = rnd
         self._record(rnd, rows)

@@ -259,6 +259,7 @@ def _card(header: dict, released: list[Decision], refused: list[Decision], calib
         "software": f"medsyn-site {__version__}",
         "model_sha256": header["checkpoint_sha256"],
         "sampler": header["sampler"], "steps": header["steps"], "seed": header["seed"],
+        "window": header.get("window", "whole"),  # provenance from before windows: the whole volume
         "mask_source": header["mask_source"],
         "verbatim_real_masks": allow_verbatim and any(entries[d.case]["mask_mode"] == "verbatim" for d in released),
         "counts": {"released": len(released), "refused": len(refused)},
@@ -276,7 +277,8 @@ def _card(header: dict, released: list[Decision], refused: list[Decision], calib
     md = "\n".join([
         f"# {card['name']}", "",
         f"- software: {card['software']}", f"- model (EMA weights) sha256: `{card['model_sha256']}`",
-        f"- sampler: {card['sampler']}, {card['steps']} steps, seed {card['seed']}",
+        f"- sampler: {card['sampler']}, {card['steps']} steps, seed {card['seed']}; network evaluated on "
+        + ("the whole volume" if card["window"] == "whole" else f"{'x'.join(map(str, card['window']))} windows"),
         f"- conditioning masks: {card['mask_source']}"
         + (" — INCLUDES VERBATIM REAL MASKS (published with --allow-verbatim-masks)" if card["verbatim_real_masks"] else ""),
         f"- released cases: {len(released)}; refused: {len(refused)}",

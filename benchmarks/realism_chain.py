@@ -1,0 +1,147 @@
+"""Where along the sampling chain do the synthetic scans part from real ones? Two probes of one model
+on the 6 held-out real scans of benchmarks/realism.py (seed 7), each result tested against those
+scans with the same CNN and feature two-sample tests and HU distances (medsyn_site/realism.py):
+
+  partial   each real scan noised to timestep T and denoised from there to 0 by the model (ancestral
+            DDPM-100, stride 10; T=999 is a whole chain): the defects made below T
+            (partial.json, keyed by WINDOW:T)
+  sampler   whole chains from the same masks in place and the same seeds, one per variant
+            SAMPLER:STEPS:WINDOW[:LAMBDA]; WINDOW: whole, patch (the toolkit's overlap) or patch/OVERLAP;
+            LAMBDA divides the network's noise estimate (the "epsilon scaling" of Ning et al.,
+            ICLR 2024, against exposure bias) (sampler.json)
+
+  python benchmarks/realism_chain.py --out benchmarks/out/realism --weights medsyn_site/pretrained/phantom-tiny.pt \\
+      --partial 50 150 300 500 999 --window whole
+  python benchmarks/realism_chain.py --out benchmarks/out/realism --weights medsyn_site/pretrained/phantom-tiny.pt \\
+      --sampler sde-dpm++:10:whole sde-dpm++:10:whole:1.01 sde-dpm++:10:whole:0.99 sde-dpm++:10:patch/0.5 \
+      sde-dpm++:10:patch
+
+Each entry is kept in its JSON file and skipped when there (stop and re-run freely).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+import realism as realism_bench  # noqa: E402  (benchmarks/realism.py: the same cohorts)
+from medsyn_site import realism
+from medsyn_site.config import SAMPLE
+from medsyn_site.diffusion.masks import mask_jobs
+from medsyn_site.diffusion.model import (coordinate_grid, hu_to_unit, mask_channel, network_input, padding,
+                                         sampling_scheduler, scheduler, unit_to_hu)
+from medsyn_site.diffusion.sample import Sampler
+
+
+class EpsilonScaled(torch.nn.Module):
+    """A v-prediction network whose implied noise estimate is divided by ``lam`` (x_t kept)."""
+
+    def __init__(self, net, abar: torch.Tensor, lam: float):
+        super().__init__()
+        self.net, self.abar, self.lam = net, abar, lam
+
+    def forward(self, x, timesteps, context=None):
+        v = self.net(x, timesteps=timesteps)
+        a = self.abar[timesteps.long()].view(-1, 1, 1, 1, 1).to(v.dtype)
+        xt = x[:, :1]
+        eps = ((1 - a).sqrt() * xt + a.sqrt() * v) / self.lam
+        x0 = (xt - (1 - a).sqrt() * eps) / a.sqrt()
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def load(res_file: Path) -> dict:
+    return json.loads(res_file.read_text()) if res_file.exists() else {}
+
+
+def tested(real: list, hu: list, extra: dict, cnn_steps: int) -> dict:
+    syn = [realism.Volume(h, v.mask, v.spacing, v.types) for h, v in zip(hu, real)]
+    cnn, feat = realism.cnn_c2st(real, syn, steps=cnn_steps), realism.feature_c2st(real, syn)
+    w1 = {r: round(realism._w1(realism.region_values(real, r), realism.region_values(syn, r)), 1) for r in ("lung", "wall")}
+    lung = np.concatenate([v.hu[v.cavity] for v in syn])
+    return extra | {"cnn": round(cnn["accuracy"], 3), "cnn_sd": round(cnn["std"], 3),
+                    "cnn_train": round(cnn["train_accuracy"], 3), "feat": round(feat["accuracy"], 3),
+                    "w1_lung": w1["lung"], "w1_wall": w1["wall"],
+                    "lung_p10_50_90": np.percentile(lung, [10, 50, 90]).round(0).tolist()}
+
+
+@torch.no_grad()
+def partial_chains(gen: Sampler, real: list, jobs: list, starts: list[int], key: str, res_file: Path,
+                   cnn_steps: int) -> None:
+    results = load(res_file)
+    train_s, window = scheduler(gen.diffusion), gen.diffusion.hu_window
+    shape = real[0].hu.shape
+    padded, pad = padding(shape, gen.model_cfg.multiple)
+    x0 = torch.cat([torch.nn.functional.pad(hu_to_unit(torch.from_numpy(v.hu), window)[None, None], pad, value=-1.0)
+                    for v in real])
+    m = torch.cat([torch.nn.functional.pad(mask_channel(c.codes[None], gen.model_cfg.nodule_types)[:, None], pad)
+                   for c in jobs])
+    coords = coordinate_grid(padded, (0, 0, 0), shape)[None].expand(len(real), -1, -1, -1, -1)
+    for start in starts:
+        label = f"{key}:{start}"
+        if label in results:
+            continue
+        t0 = time.perf_counter()
+        sch = sampling_scheduler(gen.diffusion, "ddpm", 100)
+        sch.set_timesteps(100)
+        steps = [int(t) for t in sch.timesteps if int(t) <= start]
+        torch.manual_seed(start)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(start))
+        x = train_s.add_noise(original_samples=x0, noise=noise, timesteps=torch.full((len(real),), steps[0]))
+        for t in steps:
+            x, _ = sch.step(gen.model(network_input(x, m, coords), timesteps=torch.tensor([t])), t, x)
+        hu = [unit_to_hu(x[i, 0, : shape[0], : shape[1], : shape[2]], window).numpy() for i in range(len(real))]
+        results[label] = tested(real, hu, {"from_t": steps[0], "seconds": round(time.perf_counter() - t0)}, cnn_steps)
+        res_file.write_text(json.dumps(results, indent=1))
+        print(label, results[label], flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/out/realism")
+    ap.add_argument("--weights", required=True)
+    ap.add_argument("--partial", type=int, nargs="*", default=[], help="start timesteps of the partial chains")
+    ap.add_argument("--window", default="whole", choices=["patch", "whole"], help="network evaluation of --partial")
+    ap.add_argument("--sampler", nargs="*", default=[], help="SAMPLER:STEPS:WINDOW[:LAMBDA] variants")
+    ap.add_argument("--cnn-steps", type=int, default=1500)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    paths = realism_bench.cohorts(out)
+    real = realism.cohort_volumes(paths["heldout"])
+    jobs = [j.conditioning(0) for j in mask_jobs(f"cohort:{paths['heldout']}", 1)]
+    for c, v in zip(jobs, real):
+        assert np.array_equal(c.codes > 0, v.mask), "held-out masks and scans out of order"
+    if a.partial:
+        partial_chains(Sampler(a.weights, device="cpu", window=a.window), real, jobs, a.partial, a.window,
+                       out / "partial.json", a.cnn_steps)
+    if a.sampler:
+        results = load(out / "sampler.json")
+        for spec in a.sampler:
+            if spec in results:
+                continue
+            sampler, steps, window, *lam = spec.split(":")
+            window, _, overlap = window.partition("/")
+            gen = Sampler(a.weights, sampler, int(steps), device="cpu", window=window,
+                          overlap=float(overlap) if overlap else SAMPLE.window_overlap)
+            if lam:
+                gen.model = EpsilonScaled(gen.model, scheduler(gen.diffusion).alphas_cumprod, float(lam[0]))
+            t0 = time.perf_counter()
+            hu = [sitk.GetArrayFromImage(gen.volumes([c.mask], [100 + i], [c.codes])[0]) for i, c in enumerate(jobs)]
+            sec = (time.perf_counter() - t0) / len(jobs)
+            np.save(out / f"chain_{spec.replace(':', '_')}.npy", np.stack(hu).astype(np.float32))
+            results[spec] = tested(real, hu, {"seconds_per_volume": round(sec, 1)}, a.cnn_steps)
+            (out / "sampler.json").write_text(json.dumps(results, indent=1))
+            print(spec, results[spec], flush=True)
+    for name in ("partial.json", "sampler.json"):
+        for k, v in load(out / name).items():
+            print(name, k, {x: v[x] for x in ("cnn", "cnn_train", "feat", "w1_lung", "w1_wall")})
+
+
+if __name__ == "__main__":
+    main()
