@@ -158,13 +158,13 @@ def seg_dice(ref: Reference, volumes) -> float | None:
     return float(np.mean(segs)) if segs else None
 
 
-def sample(weights: Path, held: Path, n: int, sampler: str = "ddim", steps: int = 20, window: str = "patch"
+def sample(weights: Path, held: Path, n: int, sampler: str = "ddim", steps: int = 20, **evaluation
            ) -> tuple[list, float]:
     from medsyn_site.diffusion.masks import mask_jobs
     from medsyn_site.diffusion.sample import Sampler
 
     jobs = mask_jobs(f"relocate:{held}", per_mask=1 + (n - 1) // len(Cohort(held).cases))[:n]
-    gen = Sampler(weights, sampler, steps, device="cpu", window=window)
+    gen = Sampler(weights, sampler, steps, device="cpu", **evaluation)  # window=, overlap=
     out, t0 = [], time.perf_counter()
     for i, j in enumerate(jobs):
         c = j.conditioning(0)

@@ -58,6 +58,12 @@ def cohorts(out: Path) -> dict[str, Path]:
     return {name: out / name for name in paths}
 
 
+def evaluation(spec: str) -> dict:
+    """Sampler keywords of a WINDOW spec: whole, patch (the toolkit's overlap) or patch/OVERLAP."""
+    window, _, overlap = spec.partition("/")
+    return {"window": window} | ({"overlap": float(overlap)} if overlap else {})
+
+
 def measure(out: Path, label: str, real: list, other: list, cnn_steps: int, extra: dict | None = None) -> dict:
     res_file = out / "results.json"
     results = json.loads(res_file.read_text()) if res_file.exists() else {}
@@ -119,7 +125,7 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
         if label in results:
             continue
         jobs = mask_jobs(f"{'cohort' if in_place else 'relocate'}:{paths['nodules']}", 1)[:n]
-        gen = Sampler(weights, sampler, steps, device="cpu", window=window)
+        gen = Sampler(weights, sampler, steps, device="cpu", **evaluation(window))
         vols, codes, t0 = [], [], time.perf_counter()
         for i, j in enumerate(jobs):
             c = j.conditioning(0)
@@ -164,15 +170,15 @@ def denoising_stage(out: Path, paths: dict, real: list, models: dict[str, tuple[
     for label, (weights, _, _, window) in models.items():
         if label in results:
             continue
-        gen = Sampler(weights, device="cpu", window=window)
-        sched, window = scheduler(gen.diffusion), gen.diffusion.hu_window
+        gen = Sampler(weights, device="cpu", **evaluation(window))
+        sched, hu_window = scheduler(gen.diffusion), gen.diffusion.hu_window
         rows = {t: {"body": [], "lung": [], "parenchyma": []} for t in DENOISE_T}
         for i, (c, v) in enumerate(zip(jobs, real)):
             assert np.array_equal(c.codes > 0, v.mask), "held-out masks and scans out of order"
             shape = v.hu.shape
             parenchyma = v.cavity & ~ndimage.binary_dilation((v.hu > -700) | v.mask, iterations=2)
             padded, pad = padding(shape, gen.model_cfg.multiple)
-            x0 = torch.nn.functional.pad(hu_to_unit(torch.from_numpy(v.hu), window)[None, None], pad, value=-1.0)
+            x0 = torch.nn.functional.pad(hu_to_unit(torch.from_numpy(v.hu), hu_window)[None, None], pad, value=-1.0)
             m = torch.nn.functional.pad(mask_channel(c.codes[None], gen.model_cfg.nodule_types)[:, None], pad)
             coords = coordinate_grid(padded, (0, 0, 0), shape)[None]
             for t in DENOISE_T:
@@ -182,7 +188,7 @@ def denoising_stage(out: Path, paths: dict, real: list, models: dict[str, tuple[
                 noisy = sched.add_noise(original_samples=x0, noise=noise, timesteps=tt)
                 pred = gen.model(network_input(noisy, m, coords), timesteps=tt)
                 est = predicted_x0(pred, noisy, sched.alphas_cumprod[tt].view(-1, 1, 1, 1, 1), gen.diffusion.prediction_type)
-                err = (unit_to_hu(est, window) - unit_to_hu(x0, window))[0, 0, : shape[0], : shape[1], : shape[2]].numpy()
+                err = (unit_to_hu(est, hu_window) - unit_to_hu(x0, hu_window))[0, 0, : shape[0], : shape[1], : shape[2]].numpy()
                 rows[t]["body"].append(float(np.mean(err[v.body] ** 2)))
                 rows[t]["lung"].append(float(np.mean(err[v.cavity] ** 2)))
                 rows[t]["parenchyma"].append(float(np.mean(err[parenchyma] ** 2)))
@@ -319,8 +325,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/realism")
     ap.add_argument("--model", action="append", default=[],
                     help="LABEL=WEIGHTS (an ema.pt or a pretrained .pt), optionally @SAMPLER:STEPS[:WINDOW] (default "
-                         "--sampler; WINDOW: patch or whole, the network evaluated on windows of its training patch "
-                         "or on the whole volume at once, default the toolkit's)")
+                         "--sampler; WINDOW: the network evaluated on windows of its training patch (patch, or "
+                         "patch/OVERLAP) or on the whole volume at once (whole); default the toolkit's)")
     ap.add_argument("--sampler", default=f"{SAMPLE.sampler}:{SAMPLE.steps}:{SAMPLE.window}", help="the toolkit's default")
     ap.add_argument("--nodules", type=int, default=48, help="volumes of the per-type nodule contrast stage (0: skip)")
     ap.add_argument("--nodules-in-place", action="store_true",
@@ -353,7 +359,7 @@ def main() -> None:
     for label, (weights, sampler, steps, window) in specs.items():
         npz = out / "samples" / f"{label}.npz"
         if not npz.exists():
-            vols, sec = quality_bench.sample(weights, paths["heldout"], a.samples, sampler, steps, window)
+            vols, sec = quality_bench.sample(weights, paths["heldout"], a.samples, sampler, steps, **evaluation(window))
             hu, mask = np.stack([v for v, _ in vols]), np.stack([m for _, m in vols])
             np.savez_compressed(npz, hu=hu, mask=mask)
             made[label] = {"weights": str(weights), "sampler": f"{sampler}:{steps}:{window}", "seconds_per_volume": round(sec, 1),

@@ -31,7 +31,6 @@ import torch
 
 import realism as realism_bench  # noqa: E402  (benchmarks/realism.py: the same cohorts)
 from medsyn_site import realism
-from medsyn_site.config import SAMPLE
 from medsyn_site.diffusion.masks import mask_jobs
 from medsyn_site.diffusion.model import (coordinate_grid, hu_to_unit, mask_channel, network_input, padding,
                                          sampling_scheduler, scheduler, unit_to_hu)
@@ -126,9 +125,7 @@ def main() -> None:
             if spec in results:
                 continue
             sampler, steps, window, *lam = spec.split(":")
-            window, _, overlap = window.partition("/")
-            gen = Sampler(a.weights, sampler, int(steps), device="cpu", window=window,
-                          overlap=float(overlap) if overlap else SAMPLE.window_overlap)
+            gen = Sampler(a.weights, sampler, int(steps), device="cpu", **realism_bench.evaluation(window))
             if lam:
                 gen.model = EpsilonScaled(gen.model, scheduler(gen.diffusion).alphas_cumprod, float(lam[0]))
             t0 = time.perf_counter()

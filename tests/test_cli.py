@@ -122,16 +122,18 @@ def test_phantom_validate_show(tmp_path):
 
 def assert_demo_realism(rz: dict, log: str) -> None:
     """The release card's realism at the level the shipped model reached (benchmarks/RESULTS.md,
-    "Realism"; the demo test measured with the model typed, annealed and trained on 48 phantoms:
-    strongest classifier 0.84 (the model shipped before: 0.89), body wall HU distance 14.1 HU (15.8),
-    lung 22.3 HU (28.8), vessel density 1.47x, outline 1.04x, lung texture power 1.37x, solid nodule
-    contrast 1.09x (0.93x)), with room for other CPUs' arithmetic."""
+    "Realism"; the demo test measured with the network evaluated on windows of its training patch:
+    strongest classifier 0.82 (the feature classifier; with whole-volume evaluation 0.84), the CNN
+    of 300 steps 0.53 (0.66 for the model before), body wall HU distance 11.0 HU (14.1), lung 8.2 HU
+    (22.3), vessel density 1.00x (1.47x), outline 1.00x, lung texture power 1.05x (1.37x), solid
+    nodule contrast 1.06x), with room for other CPUs' arithmetic."""
     base, syn = rz["real_vs_real"], rz["synthetic"]
     assert rz["real_volumes"] == 5 and rz["synthetic_volumes"] == 5
     assert base["strongest_c2st"] < 0.7, base  # the demo's real val scans against its real train scans
-    assert syn["strongest_c2st"] <= 0.92 and syn["hu_w1"]["wall"] < 17 and syn["hu_w1"]["lung"] < 30, syn
-    assert 0.8 <= syn["vessel_density_ratio"] <= 1.7 and syn["outline_sharpness_ratio"] >= 0.9, syn
-    assert 0.8 <= syn["lung_high_frequency_power_ratio"] <= 2.0, syn
+    assert syn["strongest_c2st"] <= 0.9 and syn["cnn_c2st"] <= 0.62, syn
+    assert syn["hu_w1"]["wall"] < 14 and syn["hu_w1"]["lung"] < 14, syn
+    assert 0.75 <= syn["vessel_density_ratio"] <= 1.3 and syn["outline_sharpness_ratio"] >= 0.9, syn
+    assert 0.8 <= syn["lung_high_frequency_power_ratio"] <= 1.5, syn
     assert 0.8 <= syn["contrast_ratio_by_type"]["solid"] <= 1.3, syn
     assert "the strongest classifier tells synthetic from real" in log and "nodule contrast by type: solid" in log
 

@@ -44,8 +44,8 @@ class WindowedUNet(torch.nn.Module):
     training patch in training. Over a whole volume (more air, both lungs) they differ, and so do the
     network's estimates at middle noise, where the layout of lung and vessels is decided: on the
     phantom, evaluating the same weights on patch-sized windows lowered the held-out denoising error
-    in the lungs by 10-15 % at t = 250-550 and the classifier test of the samples from 0.74 to 0.56
-    (benchmarks/RESULTS.md, "Closing the gap, part 5"). Each window carries its part of the whole
+    in the lungs by 10-16 % at t = 250-700 and a CNN's accuracy at telling the samples from real
+    scans from 0.74 to 0.59 (benchmarks/RESULTS.md, "Closing the gap, part 5"). Each window carries its part of the whole
     mask and the whole-volume coordinate grid (input channels), so it knows where it sits; the
     denoising itself stays whole-volume (one noise, one chain). Cost: up to (1 / (1 - overlap))^3 the
     voxel evaluations of one whole-volume pass (3x on the phantom, ~2.4x at 512x512x256 with 128^3
