@@ -151,6 +151,17 @@ DENOISE_T = (20, 100, 250, 400, 550, 700, 850, 980)  # training timesteps (of 10
 
 
 @torch.no_grad()
+def network_inputs(gen, hu: np.ndarray, codes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A real scan as ``gen``'s network sees it (a batch of one): the scan in [-1, 1] padded with air to
+    the network's multiple, its mask channel and the whole-volume coordinate grid."""
+    from medsyn_site.diffusion.model import coordinate_grid, hu_to_unit, mask_channel, padding
+
+    padded, pad = padding(hu.shape, gen.model_cfg.multiple)
+    x0 = torch.nn.functional.pad(hu_to_unit(torch.from_numpy(hu), gen.diffusion.hu_window)[None, None], pad, value=-1.0)
+    m = torch.nn.functional.pad(mask_channel(codes[None], gen.model_cfg.nodule_types)[:, None], pad)
+    return x0, m, coordinate_grid(padded, (0, 0, 0), hu.shape)[None]
+
+
 def denoising_stage(out: Path, paths: dict, real: list, models: dict[str, tuple[Path, str, int, str]], seed: int = 0) -> dict:
     """Held-out denoising error by noise level: each model's x0 estimate (from its v or epsilon
     prediction, the network evaluated as sampling evaluates it: on windows or the whole volume) for the 6 held-out real scans noised at DENOISE_T with fixed
@@ -160,8 +171,7 @@ def denoising_stage(out: Path, paths: dict, real: list, models: dict[str, tuple[
     scanner noise), so the best possible denoiser there is the Wiener filter: its RMSE ("Wiener floor")
     is the floor for that region (near-exact: the region is chosen on the clean scan)."""
     from medsyn_site.diffusion.masks import mask_jobs
-    from medsyn_site.diffusion.model import (coordinate_grid, hu_to_unit, mask_channel, network_input,
-                                             padding, predicted_x0, scheduler, unit_to_hu)
+    from medsyn_site.diffusion.model import network_input, predicted_x0, scheduler, unit_to_hu
     from medsyn_site.diffusion.sample import Sampler
 
     res_file = out / "denoising.json"
@@ -177,10 +187,7 @@ def denoising_stage(out: Path, paths: dict, real: list, models: dict[str, tuple[
             assert np.array_equal(c.codes > 0, v.mask), "held-out masks and scans out of order"
             shape = v.hu.shape
             parenchyma = v.cavity & ~ndimage.binary_dilation((v.hu > -700) | v.mask, iterations=2)
-            padded, pad = padding(shape, gen.model_cfg.multiple)
-            x0 = torch.nn.functional.pad(hu_to_unit(torch.from_numpy(v.hu), hu_window)[None, None], pad, value=-1.0)
-            m = torch.nn.functional.pad(mask_channel(c.codes[None], gen.model_cfg.nodule_types)[:, None], pad)
-            coords = coordinate_grid(padded, (0, 0, 0), shape)[None]
+            x0, m, coords = network_inputs(gen, v.hu, c.codes)
             for t in DENOISE_T:
                 g = torch.Generator().manual_seed(seed * 7919 + i * 1000 + t)
                 noise = torch.randn(x0.shape, generator=g)
