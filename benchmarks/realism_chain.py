@@ -96,6 +96,16 @@ def partial_chains(gen: Sampler, real: list, jobs: list, starts: list[int], key:
         print(label, results[label], flush=True)
 
 
+def plane_step(vols: list, ax: int, k: int) -> float:
+    """Mean |HU difference| between planes k and k + 1 of axis ``ax``, over body voxels (nan: none)."""
+    steps = []
+    for v in vols:
+        a, b = np.take(v.hu, k, ax), np.take(v.hu, k + 1, ax)
+        steps.append(np.abs(b - a)[np.take(v.body, k, ax) & np.take(v.body, k + 1, ax)])
+    steps = np.concatenate(steps)
+    return float(steps.mean()) if steps.size else float("nan")
+
+
 def seams(labels: list[str], real: list, out: Path, window: int = 32, overlap: float = 0.25) -> dict:
     """Do windowed samples show where the windows meet? For each axis, the mean |HU step| between
     neighbouring planes (body voxels) at each window boundary, over its mean 2-4 planes either side:
@@ -115,9 +125,7 @@ def seams(labels: list[str], real: list, out: Path, window: int = 32, overlap: f
         ratios = []
         for ax in range(3):
             edges = sorted({int(e) for s in slices for e in (s[ax].start, s[ax].stop)} - {0, shape[ax]})
-            prof = np.array([np.mean(np.concatenate([
-                np.abs(np.take(v.hu, k + 1, ax) - np.take(v.hu, k, ax))[np.take(v.body, k, ax) & np.take(v.body, k + 1, ax)]
-                for v in vs]) if any(np.take(v.body, k, ax).any() for v in vs) else [np.nan]) for k in range(shape[ax] - 1)])
+            prof = np.array([plane_step(vs, ax, k) for k in range(shape[ax] - 1)])
             for e in edges:
                 ratios.append(round(float(prof[e - 1] / np.nanmean(np.r_[prof[max(e - 5, 0):e - 2], prof[e + 1:e + 4]])), 3))
         res[name] = ratios
