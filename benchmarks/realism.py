@@ -150,7 +150,6 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
 DENOISE_T = (20, 100, 250, 400, 550, 700, 850, 980)  # training timesteps (of 1000) the held-out loss is read at
 
 
-@torch.no_grad()
 def network_inputs(gen, hu: np.ndarray, codes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A real scan as ``gen``'s network sees it (a batch of one): the scan in [-1, 1] padded with air to
     the network's multiple, its mask channel and the whole-volume coordinate grid."""
@@ -162,6 +161,7 @@ def network_inputs(gen, hu: np.ndarray, codes: np.ndarray) -> tuple[torch.Tensor
     return x0, m, coordinate_grid(padded, (0, 0, 0), hu.shape)[None]
 
 
+@torch.no_grad()
 def denoising_stage(out: Path, paths: dict, real: list, models: dict[str, tuple[Path, str, int, str]], seed: int = 0) -> dict:
     """Held-out denoising error by noise level: each model's x0 estimate (from its v or epsilon
     prediction, the network evaluated as sampling evaluates it: on windows or the whole volume) for the 6 held-out real scans noised at DENOISE_T with fixed
