@@ -18,7 +18,8 @@ scans with the same CNN and feature two-sample tests and HU distances (medsyn_si
       --sampler sde-dpm++:10:whole sde-dpm++:10:whole:1.01 sde-dpm++:10:whole:0.99 sde-dpm++:10:patch/0.5 \
       sde-dpm++:10:patch
 
-Each entry is kept in its JSON file and skipped when there (stop and re-run freely).
+Each entry is kept in its JSON file and skipped when there (stop and re-run freely). --tag TAG keys
+another model's entries TAG/KEY (the keys without a tag are the shipped model's).
 """
 from __future__ import annotations
 
@@ -141,23 +142,24 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=10, help="timesteps per ancestral step of --partial (1: every one)")
     ap.add_argument("--sampler", nargs="*", default=[], help="SAMPLER:STEPS:WINDOW[:LAMBDA] variants")
     ap.add_argument("--seams", nargs="*", default=[], help="LABELs: window-boundary steps of benchmarks/realism.py's samples/LABEL.npz")
+    ap.add_argument("--tag", default="", help="prefix of the result keys (TAG/KEY): another model than the shipped one")
     ap.add_argument("--cnn-steps", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    out = Path(a.out)
+    out, tag = Path(a.out), a.tag + "/" if a.tag else ""
     paths = realism_bench.cohorts(out)
     real = realism.cohort_volumes(paths["heldout"])
     jobs = [j.conditioning(0) for j in mask_jobs(f"cohort:{paths['heldout']}", 1)]
     for c, v in zip(jobs, real):
         assert np.array_equal(c.codes > 0, v.mask), "held-out masks and scans out of order"
     if a.partial:
-        partial_chains(Sampler(a.weights, device="cpu", window=a.window), real, jobs, a.partial, a.window,
+        partial_chains(Sampler(a.weights, device="cpu", window=a.window), real, jobs, a.partial, tag + a.window,
                        out / "partial.json", a.cnn_steps, a.stride)
     if a.sampler:
         results = load(out / "sampler.json")
         for spec in a.sampler:
-            if spec in results:
+            if tag + spec in results:
                 continue
             sampler, steps, window, *lam = spec.split(":")
             gen = Sampler(a.weights, sampler, int(steps), device="cpu", **realism_bench.evaluation(window))
@@ -166,10 +168,10 @@ def main() -> None:
             t0 = time.perf_counter()
             hu = [sitk.GetArrayFromImage(gen.volumes([c.mask], [100 + i], [c.codes])[0]) for i, c in enumerate(jobs)]
             sec = (time.perf_counter() - t0) / len(jobs)
-            np.save(out / f"chain_{spec.replace(':', '_')}.npy", np.stack(hu).astype(np.float32))
-            results[spec] = tested(real, hu, {"seconds_per_volume": round(sec, 1)}, a.cnn_steps)
+            np.save(out / f"chain_{(tag + spec).replace(':', '_').replace('/', '_')}.npy", np.stack(hu).astype(np.float32))
+            results[tag + spec] = tested(real, hu, {"seconds_per_volume": round(sec, 1), "weights": a.weights}, a.cnn_steps)
             (out / "sampler.json").write_text(json.dumps(results, indent=1))
-            print(spec, results[spec], flush=True)
+            print(tag + spec, results[tag + spec], flush=True)
     if a.seams:
         with warnings.catch_warnings():  # a boundary plane outside every body: nan
             warnings.simplefilter("ignore", RuntimeWarning)

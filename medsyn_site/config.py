@@ -133,6 +133,12 @@ class DiffusionConfig(Strict):
 
     num_train_timesteps: int = Field(1000, ge=2)
     schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = "linear_beta"
+    # the cosine schedule's offset s (Nichol & Dhariwal 2021; MONAI's default 0.008). It sets the
+    # smallest noise, that of timestep 0: sigma_min ~ (pi / 2) sqrt((1 / T) (1 / T + 2 s)) of the HU
+    # window's half-width, 6.6 HU at 0.008 and 2.3 HU at 0.0005 with T = 1000 and a 2048-HU window. The
+    # last denoising step removes detail below it (the scanner noise's finest band is ~5-6 HU on the
+    # phantom), so CT wants it small (benchmarks/RESULTS.md, "Closing the gap, part 7").
+    cosine_s: float = Field(0.008, gt=0, le=0.1)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     loss: Literal["l1", "l2"] = "l2"
     # "min_snr": each sample's loss weighted as Min-SNR-gamma (Hang et al. 2023) does, the x0 error

@@ -222,6 +222,15 @@ def test_weights_from_before_nodule_types_start_a_typed_run(tmp_path):
     weighted = cfg.model_copy(update={"diffusion": cfg.diffusion.model_copy(update={"loss": "l2", "loss_weighting": "min_snr"})})
     got = initial_weights(str(old), weighted)
     assert all(torch.equal(got[k], state[k]) for k in state)
+    # so is the cosine schedule's offset (a fine-tune to a smaller smallest noise), also from weights
+    # written before the offset was a setting
+    finer = cfg.model_copy(update={"diffusion": cfg.diffusion.model_copy(update={"cosine_s": 0.0005})})
+    before = cfg.diffusion.model_dump(mode="json")
+    before.pop("cosine_s")
+    torch.save({"ema": state, "step": 7, "model": model, "diffusion": before}, other)
+    for path in (old, other):
+        got = initial_weights(str(path), finer)
+        assert all(torch.equal(got[k], state[k]) for k in state)
     noise = cfg.diffusion.model_dump(mode="json")
     noise.pop("loss_weighting"), noise.pop("min_snr_gamma")
     torch.save({"ema": state, "step": 7, "model": model, "diffusion": noise | {"prediction_type": "epsilon"}}, other)

@@ -92,7 +92,12 @@ def build_unet(cfg: ModelConfig) -> MedsynUNet:
 def scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     """MONAI's DDPM scheduler for this noise process (training: add_noise, get_velocity)."""
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
-                         prediction_type=cfg.prediction_type)
+                         prediction_type=cfg.prediction_type, **schedule_args(cfg))
+
+
+def schedule_args(cfg: DiffusionConfig) -> dict:
+    """MONAI's extra arguments of the noise schedule (the cosine schedule's offset)."""
+    return {"s": cfg.cosine_s} if cfg.schedule == "cosine" else {}
 
 
 def predicted_x0(model_output: torch.Tensor, sample: torch.Tensor, abar: torch.Tensor, prediction_type: str):
@@ -230,7 +235,7 @@ def sampling_scheduler(cfg: DiffusionConfig, sampler: str, steps: int):
     else:
         cls = StridedDDPMScheduler if sampler == "ddpm" else TrailingDDIMScheduler
         sched = cls(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
-                    prediction_type=cfg.prediction_type)
+                    prediction_type=cfg.prediction_type, **schedule_args(cfg))
     sched.set_timesteps(steps)
     return sched
 

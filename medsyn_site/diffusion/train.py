@@ -145,16 +145,21 @@ def initial_weights(source: str, cfg: Config) -> dict:
     blob = torch.load(path, map_location="cpu")
     # the same network and noise process; whether the mask channel carries nodule types may change
     # (0/1 weights learn the types' levels when fine-tuned with nodule_types on), and so may the loss
+    # and the cosine schedule's offset (it moves the timesteps' noise by < 1 % of their index except
+    # at the low-noise end, which a fine-tune relearns first: the v loss weighs it most)
     model = ModelConfig.of_weights(blob.get("model") or {})
+    have_diffusion = DiffusionConfig(**blob["diffusion"]) if blob.get("diffusion") else None
     for section, have, want in (("model", model.model_dump(mode="json", exclude={"nodule_types"}),
                                  cfg.model.model_dump(mode="json", exclude={"nodule_types"})),
-                                ("diffusion", DiffusionConfig(**blob["diffusion"]).noise_process() if blob.get("diffusion")
-                                 else None, cfg.diffusion.noise_process())):
+                                ("diffusion", have_diffusion and have_diffusion.noise_process() | {"cosine_s": None},
+                                 cfg.diffusion.noise_process() | {"cosine_s": None})):
         if have != want:
             raise RunError(f"{path}: train.init_weights was trained with another {section} config "
                            f"({blob.get(section)}); use the config it was made with")
-    log.info("starting from %s (step %s of its run%s)", path, blob.get("step"),
-             "; its 0/1 mask channel now carries nodule types" if cfg.model.nodule_types > model.nodule_types else "")
+    notes = ["its 0/1 mask channel now carries nodule types"] if cfg.model.nodule_types > model.nodule_types else []
+    if have_diffusion.cosine_s != cfg.diffusion.cosine_s:
+        notes.append(f"cosine schedule offset {have_diffusion.cosine_s} -> {cfg.diffusion.cosine_s}")
+    log.info("starting from %s (step %s of its run%s)", path, blob.get("step"), "".join(f"; {n}" for n in notes))
     return blob["ema"]
 
 
