@@ -132,9 +132,9 @@ def preview(net, cfg: Config, samples: list[dict], out: Path, dev, dtype) -> Pat
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
 
 
-def initial_weights(source: str, cfg: Config) -> dict:
-    """The EMA weights a new run starts from: a weights file, a run dir (its latest), or
-    ``builtin:NAME`` (medsyn_site/pretrained/NAME.pt). The model and noise process must match."""
+def weights_path(source: str) -> Path:
+    """The file behind a ``train.init_weights`` value: a weights file, a run dir (its latest), or
+    ``builtin:NAME`` (medsyn_site/pretrained/NAME.pt)."""
     from medsyn_site.diffusion.rundir import RunDir, RunError
 
     path = PRETRAINED / f"{source.partition(':')[2]}.pt" if source.startswith("builtin:") else Path(source)
@@ -142,6 +142,14 @@ def initial_weights(source: str, cfg: Config) -> dict:
         path = RunDir(path).latest_weights()
     if not path.is_file():
         raise RunError(f"{path}: train.init_weights not found")
+    return path
+
+
+def initial_weights(source: str, cfg: Config) -> dict:
+    """The EMA weights a new run starts from (``weights_path``). The model and noise process must match."""
+    from medsyn_site.diffusion.rundir import RunError
+
+    path = weights_path(source)
     blob = torch.load(path, map_location="cpu")
     # the same network and noise process; whether the mask channel carries nodule types may change
     # (0/1 weights learn the types' levels when fine-tuned with nodule_types on), and so may the loss
