@@ -4,24 +4,23 @@ The tiny model (configs/tiny.yaml, from the shipped phantom model) is trained on
 (whole-volume patches) until it reproduces them: ``steps`` at lr 1e-3 (EMA 0.9), then
 ``polish_steps`` at lr 3e-4 (EMA 0.99; at 1e-3 alone the loss stays noisy and after 2,000 steps one
 of three samples is still a partial copy). An honest model is the control: the shipped phantom model
-fine-tuned at this phantom's scale (``honest_steps`` at lr 5e-4 on 16 scans of another seed; the
-shipped model alone, made for 64x64x48 volumes of the same voxel size, draws bodies without lungs at
-32x32x24, and a sample without lungs tests nothing), bound to the same cohort by one training step at
-a negligible learning rate. Each samples on the noise process it was trained on. Both sample the training masks verbatim (what lets a memorizing model reproduce a
-scan), both go through `publish` (provenance, memorization audit; --allow-verbatim-masks, so only
-the audit can refuse). Expected: every overfit sample refused as a copy of the training scan whose
-mask it was given; every honest sample released, with lungs (``lung_fraction``). Writes OUT/overfit.json and OUT/privacy_scores.png
-(score distributions: unseen real scans, honest and overfit samples, thresholds).
+(trained on other phantom seeds) bound to a cohort of the same seed and split at its own size
+(HONEST: 64x64x48, tiny.yaml's phantom; at 32x32x24 it draws bodies without lungs, and a sample
+without lungs tests nothing), by one training step at a negligible learning rate. Each model samples
+on the noise process it was trained on, its cohort's training masks verbatim (what lets a memorizing
+model reproduce a scan), with DDIM-10, and goes through `publish` (provenance, memorization audit;
+--allow-verbatim-masks, so only the audit can refuse) against its own cohort. Expected: every
+overfit sample refused as a copy of the training scan whose mask it was given; every honest sample
+released; both with lungs (``lung_fraction``). Writes OUT/overfit.json, OUT/privacy_scores.png and
+OUT/privacy_scores_honest.png (score distributions of unseen real scans and each arm's samples, thresholds).
 
-The training takes ~40 min on 2 cores (the control's ~5 min), so tests/test_overfit.py does not
-train: it binds the memorizing model this script exported (``--export``, tests/data/overfit-tiny.pt,
-with the voxel sha256s of the scans it memorized) and the control (``--export-honest``,
-tests/data/honest-tiny.pt) to a freshly written phantom cohort and runs the rest.
+The training takes ~40 min on 2 cores, so tests/test_overfit.py does not train: it binds the
+memorizing model this script exported (``--export``, tests/data/overfit-tiny.pt, with the voxel
+sha256s of the scans it memorized) to a freshly written phantom cohort and runs the rest.
 
     python benchmarks/overfit.py --out benchmarks/out/overfit [--steps 2000 --polish-steps 500]
-                                 [--export tests/data/overfit-tiny.pt] [--export-honest tests/data/honest-tiny.pt]
-    python benchmarks/overfit.py --out benchmarks/out/overfit --weights tests/data/overfit-tiny.pt \
-                                 [--honest tests/data/honest-tiny.pt | --export-honest tests/data/honest-tiny.pt]
+                                 [--export tests/data/overfit-tiny.pt]
+    python benchmarks/overfit.py --out benchmarks/out/overfit --weights tests/data/overfit-tiny.pt
 """
 from __future__ import annotations
 
@@ -48,7 +47,8 @@ from medsyn_site.sitekey import load_site_key, pseudonym
 # 8 phantom cases at 32x32x24 (3 mm): 3 train, 5 held out for the audit's calibration
 PHANTOM = PhantomConfig(cases=8, seed=21, shape=(32, 32, 24), spacing=(3.0, 3.0, 3.33))
 SPLIT = SplitConfig(train=0.375, val=0.25)
-HONEST = PhantomConfig(cases=16, seed=121, shape=PHANTOM.shape, spacing=PHANTOM.spacing)  # another seed
+# the honest arm: the same seed and split at the shipped model's own size (tiny.yaml's phantom: 64x64x48)
+HONEST = PhantomConfig(cases=8, seed=21, shape=(64, 64, 48), spacing=(3.0, 3.0, 3.33))
 RECIPE = {"train.init_weights": "builtin:phantom-tiny", "train.patch_size": list(PHANTOM.shape),
           "train.batch_size": 1, "train.warmup_steps": 0, "train.ema_decay": 0.9, "train.checkpoint_every": 10_000,
           "train.preview_every": 100_000, "train.log_every": 50}
@@ -69,10 +69,10 @@ def tiny_config(weights: str, overrides: dict):
     return load_config("tiny", RECIPE | own | {"train.init_weights": weights} | overrides)
 
 
-def bind(weights: str, cohort: Path, run_dir: Path, threads: int) -> None:
+def bind(weights: str, cohort: Path, run_dir: Path, threads: int, **overrides) -> None:
     """A run of ``weights`` bound to ``cohort`` (its training-cohort identity): one step at lr 1e-9."""
-    train(tiny_config(weights, {"train.steps": 1, "train.lr": 1e-9, "train.threads": threads}), cohort, run_dir,
-          force=True)
+    train(tiny_config(weights, {"train.steps": 1, "train.lr": 1e-9, "train.threads": threads} | overrides), cohort,
+          run_dir, force=True)
 
 
 def lung_fraction(hu: np.ndarray) -> float:
@@ -82,35 +82,19 @@ def lung_fraction(hu: np.ndarray) -> float:
     return float((body & (hu < -300)).sum() / max(body.sum(), 1))
 
 
-def train_honest(out: Path, steps: int, threads: int) -> Path:
-    """The control: the shipped model fine-tuned at this phantom's scale on HONEST's 16 scans, none of
-    them this cohort's. Unchanged, the shipped model (trained on 64x64x48 volumes of 3 mm, twice this
-    field of view) draws bodies without lungs here, which say nothing about the audit's false alarms."""
-    cohort = out / "honest-cohort"
-    if not cohort.exists():
-        write_phantom_cohort(HONEST, SplitConfig(train=1.0, val=0.0), cohort)
-    run_dir = out / "honest-model"
-    train(tiny_config("builtin:phantom-tiny", {"train.steps": steps, "train.lr": 5e-4, "train.ema_decay": 0.99,
-                                               "train.threads": threads}), cohort, run_dir, force=True)
-    return RunDir(run_dir).latest_weights()
-
-
 def run(out: Path, steps: int = 2000, polish_steps: int = 500, threads: int = 2, sample_steps: int = 10,
-        weights: Path | None = None, export: Path | None = None, honest: Path | None = None,
-        honest_steps: int = 600, export_honest: Path | None = None) -> dict:
+        weights: Path | None = None, export: Path | None = None, honest_sampler: str = "ddim") -> dict:
     """``weights``: an exported memorizing model to use instead of training one (its scans must be
-    this phantom's training scans); ``honest``: an exported control model instead of training one."""
+    this phantom's training scans)."""
     out.mkdir(parents=True, exist_ok=True)
-    cohort = out / "cohort"
-    if not cohort.exists():
-        write_phantom_cohort(PHANTOM, SPLIT, cohort)
+    cohort, honest_cohort = out / "cohort", out / "honest-cohort"
+    for cfg, path in ((PHANTOM, cohort), (HONEST, honest_cohort)):
+        if not path.exists():
+            write_phantom_cohort(cfg, SPLIT, path)
     key_file = out / "site.key"
     key = load_site_key(key_file, create=True)
-    source = {pseudonym(key, c.id, "src"): c.id for c in Cohort(cohort).split("train")}
     scans = train_scans_sha256(cohort)
-    result = {"train_scans": sorted(source.values()), "models": {},
-              "train_lung_fraction": {r.id: round(lung_fraction(Cohort(cohort).arrays(r.id)[0]), 3)
-                                      for r in Cohort(cohort).split("train")}}
+    result = {"models": {}}
     t0 = time.time()
     if weights is not None:
         made = torch.load(weights, map_location="cpu")
@@ -122,36 +106,25 @@ def run(out: Path, steps: int = 2000, polish_steps: int = 500, threads: int = 2,
     else:
         base = RECIPE | {"train.threads": threads}
         first = out / ("overfit-1" if polish_steps else "overfit")
-        train(load_config("tiny", base | {"train.steps": steps, "train.lr": 1e-3}), cohort, first, force=True)
+        train(tiny_config("builtin:phantom-tiny", base | {"train.steps": steps, "train.lr": 1e-3}), cohort, first,
+              force=True)
         if polish_steps:
-            train(load_config("tiny", base | {"train.init_weights": str(first), "train.steps": polish_steps,
-                                              "train.lr": 3e-4, "train.ema_decay": 0.99}), cohort, out / "overfit", force=True)
+            train(tiny_config("builtin:phantom-tiny", base | {"train.init_weights": str(first), "train.steps": polish_steps,
+                                                              "train.lr": 3e-4, "train.ema_decay": 0.99}),
+                  cohort, out / "overfit", force=True)
         result["overfit_model"] = f"{steps} steps at lr 1e-3 + {polish_steps} at 3e-4"
     result["train_seconds"] = round(time.time() - t0, 1)
-    if honest is not None:
-        made = torch.load(honest, map_location="cpu")
-        if made.get("phantom") != HONEST.model_dump(mode="json"):
-            raise SystemExit(f"{honest}: not trained on this benchmark's honest phantom {HONEST}; export it again: "
-                             "python benchmarks/overfit.py --export-honest FILE")
-        result["honest_model"] = made.get("made_by")
-    else:
+    # the shipped model at its own size and patch (at 32x32x24 it draws bodies without lungs)
+    bind("builtin:phantom-tiny", honest_cohort, out / "honest", threads,
+         **{"train.patch_size": load_config("tiny").train.patch_size})
+    arms = {"overfit": (cohort, "ddim"), "honest": (honest_cohort, honest_sampler)}
+    for name, (real, sampler) in arms.items():
         t0 = time.time()
-        honest = train_honest(out, honest_steps, threads)
-        result["honest_model"] = f"the shipped model + {honest_steps} steps at lr 5e-4 on {HONEST}"
-        result["honest_train_seconds"] = round(time.time() - t0, 1)
-        if export_honest is not None:
-            blob = torch.load(honest, map_location="cpu")
-            blob |= {"made_by": f"benchmarks/overfit.py ({result['honest_model']})", "phantom": HONEST.model_dump(mode="json")}
-            export_honest.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(blob, export_honest)
-    bind(str(honest), cohort, out / "honest", threads)  # bound to this cohort, as the overfit model is
-    groups = {}
-    for name in ("overfit", "honest"):
-        t0 = time.time()
-        synth = sample_cohort(out / name, f"cohort:{cohort}", out / f"{name}-samples", sampler="ddim",
+        source = {pseudonym(key, c.id, "src"): c.id for c in Cohort(real).split("train")}
+        synth = sample_cohort(out / name, f"cohort:{real}", out / f"{name}-samples", sampler=sampler,
                               steps=sample_steps, seed=1, force=True, site_key=key_file)
         try:
-            report = publish(synth, cohort, out / f"{name}-release", fmt="nifti", allow_verbatim=True, force=True,
+            report = publish(synth, real, out / f"{name}-release", fmt="nifti", allow_verbatim=True, force=True,
                              site_key=key_file)
         except ReleaseError as e:
             report = e.report
@@ -163,11 +136,15 @@ def run(out: Path, steps: int = 2000, polish_steps: int = 500, threads: int = 2,
                   "global": c["scores"].get("global"), "local": c["scores"].get("local"),
                   "disguise": c["scores"].get("disguise"), "released": not c["reasons"], "reasons": c["reasons"]}
                  for c in report["cases"]]
-        result["models"][name] = {"cases": cases, "seconds": round(time.time() - t0, 1)}
-        groups[f"{name} model's samples"] = [c["scores"] for c in report["cases"]]
         cal = report["calibration"]
-    result["thresholds"] = {k: cal[k]["threshold"] for k in ("global", "local")}
-    score_figure({"unseen real (calibration)": cal["null_scores"], **groups}, cal, out / "privacy_scores.png")
+        result["models"][name] = {
+            "sampler": f"{sampler} {sample_steps}", "cases": cases, "seconds": round(time.time() - t0, 1),
+            "thresholds": {k: cal[k]["threshold"] for k in ("global", "local")},
+            "train_lung_fraction": {c.id: round(lung_fraction(Cohort(real).arrays(c.id)[0]), 3)
+                                    for c in Cohort(real).split("train")}}
+        score_figure({"unseen real (calibration)": cal["null_scores"],
+                      f"{name} model's samples": [c["scores"] for c in report["cases"]]}, cal,
+                     out / ("privacy_scores.png" if name == "overfit" else f"privacy_scores_{name}.png"))
     (out / "overfit.json").write_text(json.dumps(result, indent=1, default=str))
     if export is not None and weights is None:
         blob = torch.load(RunDir(out / "overfit").latest_weights(), map_location="cpu")
@@ -185,17 +162,16 @@ def main() -> None:
     ap.add_argument("--polish-steps", type=int, default=500, help="then steps at lr 3e-4")
     ap.add_argument("--weights", type=Path, default=None, help="an exported memorizing model instead of training")
     ap.add_argument("--export", type=Path, default=None, help="save the memorizing model's weights here")
-    ap.add_argument("--honest", type=Path, default=None, help="an exported control model instead of training")
-    ap.add_argument("--honest-steps", type=int, default=600, help="the control's steps at lr 5e-4")
-    ap.add_argument("--export-honest", type=Path, default=None, help="save the control model's weights here")
+    ap.add_argument("--honest-sampler", default="ddim", help="the honest arm's sampler (the overfit arm: ddim)")
     args = ap.parse_args()
-    res = run(args.out, args.steps, args.polish_steps, weights=args.weights, export=args.export, honest=args.honest,
-              honest_steps=args.honest_steps, export_honest=args.export_honest)
+    res = run(args.out, args.steps, args.polish_steps, weights=args.weights, export=args.export,
+              honest_sampler=args.honest_sampler)
     for name, m in res["models"].items():
         for c in m["cases"]:
             print(f"{name:8s} {c['case']} conditioned on {c['conditioned_on']}: lungs {c['lung_fraction']:.3f} nearest {c['nearest']} "
                   f"global {c['global']:.3f} local {c['local']:.3f} {'released' if c['released'] else 'REFUSED'}")
-    print(f"thresholds {res['thresholds']}; training scans' lungs {res['train_lung_fraction']}")
+    for name, m in res["models"].items():
+        print(f"{name}: {m['sampler']}, thresholds {m['thresholds']}, training scans' lungs {m['train_lung_fraction']}")
 
 
 if __name__ == "__main__":

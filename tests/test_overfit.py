@@ -1,8 +1,10 @@
 """The overfit check (benchmarks/overfit.py): a tiny model that reproduces its 3 training scans has
 every sample refused by `medsyn publish`'s memorization audit, attributed to the training scan whose
-mask it was given; the honest model's samples (the shipped phantom model fine-tuned at this phantom's
-scale on 16 scans of another seed: tests/data/honest-tiny.pt) are released, and are chest CT (lungs
-in the body as in the real scans), so the control is not passed by samples the audit cannot read.
+mask it was given; the honest model's samples (the shipped phantom model, trained on other phantom
+seeds, bound to a cohort of the same seed at its own size, 64x64x48, and sampling its training masks
+verbatim too) are released, and are chest CT (lungs in the body as in the real scans), so the control
+is not passed by samples the audit cannot read (at 32x32x24 the shipped model draws bodies without
+lungs).
 
 The memorizing model is tests/data/overfit-tiny.pt, exported by the benchmark after training on
 this phantom's 3 training scans (2,000 steps at lr 1e-3 + 500 at 3e-4: ~40 min on 2 cores, too long
@@ -18,7 +20,6 @@ import pytest
 
 BENCH = Path(__file__).parents[1] / "benchmarks" / "overfit.py"
 WEIGHTS = Path(__file__).parent / "data" / "overfit-tiny.pt"
-HONEST = Path(__file__).parent / "data" / "honest-tiny.pt"
 
 
 @pytest.mark.slow
@@ -26,7 +27,7 @@ def test_overfit_model_refused_honest_model_released(tmp_path):
     spec = importlib.util.spec_from_file_location("overfit_bench", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    res = bench.run(tmp_path, threads=1, weights=WEIGHTS, honest=HONEST)
+    res = bench.run(tmp_path, threads=1, weights=WEIGHTS)
     over, honest = res["models"]["overfit"]["cases"], res["models"]["honest"]["cases"]
     for c in over + honest:
         print(f"{c['case']} conditioned on {c['conditioned_on']}: lungs {c['lung_fraction']:.3f} nearest {c['nearest']} global {c['global']:.3f} "
@@ -37,7 +38,8 @@ def test_overfit_model_refused_honest_model_released(tmp_path):
     assert all(c["nearest"] == c["conditioned_on"] and f"nearest training scan {c['nearest']}" in " ".join(c["reasons"])
                for c in over), over
     assert all(c["released"] for c in honest), honest
-    # the control draws lungs: at least half the real scans' share of the body at lung density
-    real = min(res["train_lung_fraction"].values())
-    assert real > 0.1 and all(c["lung_fraction"] > real / 2 for c in honest), (res["train_lung_fraction"], honest)
+    # both models draw lungs: at least half the real scans' share of the body at lung density
+    for name, cases in (("overfit", over), ("honest", honest)):
+        real = min(res["models"][name]["train_lung_fraction"].values())
+        assert real > 0.1 and all(c["lung_fraction"] > real / 2 for c in cases), (name, real, cases)
     assert (tmp_path / "privacy_scores.png").stat().st_size > 5000
