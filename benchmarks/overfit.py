@@ -49,9 +49,10 @@ PHANTOM = PhantomConfig(cases=8, seed=21, shape=(32, 32, 24), spacing=(3.0, 3.0,
 SPLIT = SplitConfig(train=0.375, val=0.25)
 # the honest arm: the same seed and split at the shipped model's own size (tiny.yaml's phantom: 64x64x48)
 HONEST = PhantomConfig(cases=8, seed=21, shape=(64, 64, 48), spacing=(3.0, 3.0, 3.33))
-RECIPE = {"train.init_weights": "builtin:phantom-tiny", "train.patch_size": list(PHANTOM.shape),
-          "train.batch_size": 1, "train.warmup_steps": 0, "train.ema_decay": 0.9, "train.checkpoint_every": 10_000,
+RECIPE = {"train.init_weights": "builtin:phantom-tiny", "train.batch_size": 1, "train.warmup_steps": 0,
+          "train.ema_decay": 0.9, "train.checkpoint_every": 10_000,
           "train.preview_every": 100_000, "train.log_every": 50}
+WHOLE_VOLUME = {"train.patch_size": list(PHANTOM.shape)}  # the memorizing model's patch: its whole scans
 
 
 def train_scans_sha256(cohort: Path) -> dict[str, str]:
@@ -69,10 +70,10 @@ def tiny_config(weights: str, overrides: dict):
     return load_config("tiny", RECIPE | own | {"train.init_weights": weights} | overrides)
 
 
-def bind(weights: str, cohort: Path, run_dir: Path, threads: int, **overrides) -> None:
+def bind(weights: str, cohort: Path, run_dir: Path, threads: int, overrides: dict | None = None) -> None:
     """A run of ``weights`` bound to ``cohort`` (its training-cohort identity): one step at lr 1e-9."""
-    train(tiny_config(weights, {"train.steps": 1, "train.lr": 1e-9, "train.threads": threads} | overrides), cohort,
-          run_dir, force=True)
+    train(tiny_config(weights, {"train.steps": 1, "train.lr": 1e-9, "train.threads": threads} | (overrides or {})),
+          cohort, run_dir, force=True)
 
 
 def lung_fraction(hu: np.ndarray) -> float:
@@ -101,10 +102,10 @@ def run(out: Path, steps: int = 2000, polish_steps: int = 500, threads: int = 2,
         if made.get("train_scans_sha256") != scans:
             raise SystemExit(f"{weights}: memorized other scans than this phantom's training scans (the phantom "
                              "generator changed?); export it again: python benchmarks/overfit.py --export FILE")
-        bind(str(weights), cohort, out / "overfit", threads)
+        bind(str(weights), cohort, out / "overfit", threads, WHOLE_VOLUME)
         result["overfit_model"] = made.get("made_by")
     else:
-        base = RECIPE | {"train.threads": threads}
+        base = WHOLE_VOLUME | {"train.threads": threads}
         first = out / ("overfit-1" if polish_steps else "overfit")
         train(tiny_config("builtin:phantom-tiny", base | {"train.steps": steps, "train.lr": 1e-3}), cohort, first,
               force=True)
@@ -115,8 +116,7 @@ def run(out: Path, steps: int = 2000, polish_steps: int = 500, threads: int = 2,
         result["overfit_model"] = f"{steps} steps at lr 1e-3 + {polish_steps} at 3e-4"
     result["train_seconds"] = round(time.time() - t0, 1)
     # the shipped model at its own size and patch (at 32x32x24 it draws bodies without lungs)
-    bind("builtin:phantom-tiny", honest_cohort, out / "honest", threads,
-         **{"train.patch_size": load_config("tiny").train.patch_size})
+    bind("builtin:phantom-tiny", honest_cohort, out / "honest", threads)
     arms = {"overfit": (cohort, "ddim"), "honest": (honest_cohort, honest_sampler)}
     for name, (real, sampler) in arms.items():
         t0 = time.time()
