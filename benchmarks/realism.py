@@ -40,8 +40,11 @@ from scipy import ndimage  # noqa: E402
 import quality as quality_bench  # noqa: E402  (benchmarks/quality.py: the same relocated-mask sampling)
 from medsyn_site import realism  # noqa: E402
 from medsyn_site.config import SAMPLE, SplitConfig, load_config  # noqa: E402
+from medsyn_site.data.cohort import Cohort  # noqa: E402
 from medsyn_site.data.phantom import write_phantom_cohort  # noqa: E402
 from medsyn_site.data.show import LUNG_WINDOW  # noqa: E402
+from medsyn_site.diffusion.rundir import training_scale  # noqa: E402
+from medsyn_site.targeted import recorded_training_cohort  # noqa: E402
 
 ALL_TRAIN = SplitConfig(train=1.0, val=0.0)
 SOFT_WINDOW = (-160, 240)  # soft-tissue window (level 40, width 400)
@@ -398,6 +401,8 @@ def main() -> None:
         run_config = Path(made[label]["weights"]).parents[2] / "config.yaml"  # RUN/checkpoints/step_N/ema.pt
         if "patch_size" not in blob and run_config.is_file():  # weights from before they recorded it
             blob["patch_size"] = list(load_config(run_config).train.patch_size)
+        if "scale" not in blob and run_config.is_file():  # weights from before they recorded the training scale
+            blob["scale"] = training_scale(Cohort(recorded_training_cohort(run_config.parent)).split("train"))
         blob["made_by"] = (f"medsyn train with benchmarks/configs/ ({label}, training step {blob.get('step')}); "
                            f"measured by benchmarks/realism.py --out {a.out}")
         torch.save(blob, dest)

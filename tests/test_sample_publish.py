@@ -253,3 +253,34 @@ def test_verbatim_masks_need_the_flag(run, phantom_cohort, key, tmp_path):
     publish(syn, phantom_cohort, tmp_path / "r2", fmt="nifti", site_key=key, allow_verbatim=True)
     card = json.loads((tmp_path / "r2" / "dataset_card.json").read_text())
     assert card["verbatim_real_masks"] is True and "VERBATIM REAL MASKS" in (tmp_path / "r2" / "dataset_card.md").read_text()
+
+
+def test_sampling_masks_at_another_scale_warns(run, phantom_cohort, key, tmp_path, caplog):
+    """`medsyn train` records the training scans' voxel size and field of view in the weights
+    (the phantom's, by hand: 2 x 2 x 2.5 mm voxels, 64 x 64 x 40 of them); masks at that scale sample
+    without a word, masks at half the resolution (the same field in 4 x 4 x 5 mm voxels, where the
+    phantom model drew bodies without lungs) or of half the field warn once a geometry, naming the weights."""
+    from medsyn_site.config import PhantomConfig, SplitConfig
+    from medsyn_site.data.phantom import write_phantom_cohort
+    from medsyn_site.diffusion.rundir import load_weights
+    from medsyn_site.diffusion.sample import resolve_weights
+
+    weights = resolve_weights(run)
+    assert load_weights(weights)["scale"] == {"voxel_mm": {"min": [2.0, 2.0, 2.5], "max": [2.0, 2.0, 2.5]},
+                                              "field_mm": {"min": [128.0, 128.0, 100.0], "max": [128.0, 128.0, 100.0]}}
+    coarse, small = tmp_path / "coarse", tmp_path / "small"
+    write_phantom_cohort(PhantomConfig(cases=3, seed=3, shape=(32, 32, 20), spacing=(4, 4, 5)), SplitConfig(), coarse)
+    write_phantom_cohort(PhantomConfig(cases=1, seed=3, shape=(32, 32, 20)), SplitConfig(), small)
+    for masks, said in ((phantom_cohort, None), (coarse, "voxel size 4 x 4 x 5 mm is more than 1.25x off the "
+                                                         "training scans' 2 x 2 x 2.5 mm"),
+                        (small, "field of view 64 x 64 x 50 mm is more than 1.25x off the training scans' "
+                                "128 x 128 x 100 mm")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="medsyn_site.diffusion.sample"):
+            sample_cohort(run, f"cohort:{masks}", tmp_path / f"s-{masks.name}", sampler="ddim", steps=1,
+                          site_key=key)
+        warned = [r.getMessage() for r in caplog.records if "trained on" in r.getMessage()]
+        if said is None:
+            assert warned == []
+        else:
+            assert len(warned) == 1 and said in warned[0] and str(weights) in warned[0], warned

@@ -199,17 +199,17 @@ class RunDir:
                 raise
             raise err from e
 
-    def save(self, engine, ema, step: int, cfg: Config, keep: int) -> Path:
+    def save(self, engine, ema, step: int, cfg: Config, keep: int, scale: dict | None = None) -> Path:
         """Collective (every rank calls it): rank 0 checks the free space and names one temp folder;
         every rank writes its part through DeepSpeed's save_checkpoint (its own ZeRO shard file);
         rank 0 adds the EMA and SHA256SUMS, renames it into place, moves ``latest``, prunes old ones.
-        An error on any rank is raised on every rank."""
+        An error on any rank is raised on every rank. ``scale``: the training cohort's (``training_scale``)."""
         tag = f"step_{step:08d}"
         final = self.ckpt / tag
         n = sum(p.numel() for p in engine.module.parameters())
 
         def finish() -> None:
-            torch.save(ema_blob(ema.state_dict(), step, cfg), tmp / tag / EMA_FILE)
+            torch.save(ema_blob(ema.state_dict(), step, cfg, **({"scale": scale} if scale else {})), tmp / tag / EMA_FILE)
             self._commit(tmp, tag)
 
         tmp = on_rank0(self._begin, tag, 4 * n * 4 + 2 ** 20)  # fp32 weights + Adam moments + EMA, + margin
@@ -281,7 +281,8 @@ class RunDir:
 def ema_blob(ema_state: dict, step: int, cfg: Config, **extra) -> dict:
     """An EMA weights file's content (one format for ``medsyn train`` and ``medsyn fl``): the weights,
     the step, and what sampling needs: the network, the noise process and the training patch (x y z;
-    sampling evaluates the network on windows of it, sample.WindowedUNet)."""
+    sampling evaluates the network on windows of it, sample.WindowedUNet); ``medsyn train`` adds the
+    training cohort's ``scale`` (``training_scale``)."""
     return {"ema": ema_state, "step": step, "model": cfg.model.model_dump(mode="json"),
             "diffusion": cfg.diffusion.model_dump(mode="json"), "patch_size": list(cfg.train.patch_size)} | extra
 
@@ -299,3 +300,33 @@ def load_weights(path: str | Path) -> dict:
         raise RunError(f"{path}: not an EMA weights file written by `medsyn train`")
     blob["sha256"] = sha256_file(path)
     return blob
+
+
+SCALE_TOLERANCE = 1.25  # a mask this much finer or coarser than every training scan (or its field larger or smaller)
+
+
+def training_scale(records) -> dict:
+    """The voxel size and field of view (x y z mm, least and most over the cohort records
+    ``records``) a model is trained at, recorded in its weights (``scale``)."""
+    voxel = np.array([r.spacing for r in records], float)
+    field = np.array([np.multiply(r.shape, r.spacing) for r in records], float)
+    return {"voxel_mm": {"min": voxel.min(0).round(3).tolist(), "max": voxel.max(0).round(3).tolist()},
+            "field_mm": {"min": field.min(0).round(1).tolist(), "max": field.max(0).round(1).tolist()}}
+
+
+def scale_mismatch(scale: dict | None, spacing, size) -> str | None:
+    """Why a mask of ``size`` voxels (x y z) at ``spacing`` mm is not at the ``scale`` a model was
+    trained at (None if it is, or if the weights record none). The network draws anatomy at the size
+    in voxels it learnt, over coordinates that span the volume: at another voxel size or field of
+    view its samples lose their anatomy (on the phantom: bodies without lungs at half the resolution,
+    benchmarks/RESULTS.md, "The overfit check")."""
+    if not scale:
+        return None
+    span = lambda lo, hi: " x ".join(f"{a:g}" if a == b else f"{a:g}-{b:g}" for a, b in zip(lo, hi))
+    for key, what, have in (("voxel_mm", "voxel size", np.asarray(spacing, float)),
+                            ("field_mm", "field of view", np.multiply(size, spacing))):
+        lo, hi = np.asarray(scale[key]["min"], float), np.asarray(scale[key]["max"], float)
+        if np.any(have < lo / SCALE_TOLERANCE) or np.any(have > hi * SCALE_TOLERANCE):
+            return (f"{what} {' x '.join(f'{x:g}' for x in have.round(1))} mm is more than {SCALE_TOLERANCE:g}x "
+                    f"off the training scans' {span(scale[key]['min'], scale[key]['max'])} mm")
+    return None

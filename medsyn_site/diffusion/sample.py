@@ -20,7 +20,7 @@ from medsyn_site.data.cohort import ResumableCohortWriter
 from medsyn_site.diffusion.masks import mask_jobs
 from medsyn_site.diffusion.model import (build_unet, coordinate_grid, mask_channel, padding, sampling_scheduler,
                                          unit_to_hu)
-from medsyn_site.diffusion.rundir import RunDir, load_weights
+from medsyn_site.diffusion.rundir import RunDir, load_weights, scale_mismatch
 from medsyn_site.diffusion.shards import shard_jobs
 from medsyn_site.diffusion.streamed import StreamedUNet
 from medsyn_site.imaging import NODULE_CODES
@@ -79,6 +79,7 @@ class Sampler:
         self.sha256, self.model_cfg = blob["sha256"], ModelConfig.of_weights(blob["model"])
         self.diffusion = DiffusionConfig(**blob["diffusion"])
         self.federation = blob.get("federation")  # the federation run and round, for weights trained by `medsyn fl`
+        self.weights, self.scale, self.warned = Path(weights), blob.get("scale"), set()  # the training cohort's
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else "cpu" if device == "auto" else device)
         self.net = build_unet(self.model_cfg)
@@ -100,6 +101,17 @@ class Sampler:
         if self.window:
             self.model = WindowedUNet(self.model, self.window, overlap)
 
+    def check_scale(self, mask: sitk.Image) -> None:
+        """A warning (once per geometry) for masks not at the scale the weights were trained at."""
+        geometry = (tuple(np.round(mask.GetSpacing(), 3)), mask.GetSize())
+        problem = geometry not in self.warned and scale_mismatch(self.scale, *geometry)
+        if problem:
+            self.warned.add(geometry)
+            log.warning("masks of %s voxels: %s that %s was trained on; the network draws anatomy at the scale "
+                        "it learnt, so these samples may lack lungs or organs: resample the masks to the "
+                        "training scans' spacing and field of view (`medsyn data prepare`, prepare.spacing)",
+                        " x ".join(map(str, mask.GetSize())), problem, self.weights)
+
     @torch.no_grad()
     def volumes(self, masks: list[sitk.Image], seeds: list[int], codes: list[np.ndarray] | None = None
                 ) -> list[sitk.Image]:
@@ -107,6 +119,7 @@ class Sampler:
         keeps its mask's geometry. ``codes``: the nodules' types per voxel (masks.Conditioning; without
         them every nodule is of unknown type). The starting noise is per volume (its seed); the DDPM
         step noise follows the batch's first seed, so a batch is reproducible as a unit."""
+        self.check_scale(masks[0])
         arrays = codes or [np.where(sitk.GetArrayFromImage(m) > 0, NODULE_CODES["unknown"], 0) for m in masks]
         shape = arrays[0].shape
         if any(a.shape != shape for a in arrays) or any(a.shape != m.GetSize()[::-1] for a, m in zip(arrays, masks)):

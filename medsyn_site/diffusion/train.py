@@ -20,7 +20,7 @@ from medsyn_site.data.cohort import Cohort
 from medsyn_site.diffusion import engine as eng
 from medsyn_site.diffusion.model import EMA, build_unet, network_input, scheduler
 from medsyn_site.diffusion.patches import PatchDataset
-from medsyn_site.diffusion.rundir import RunDir
+from medsyn_site.diffusion.rundir import RunDir, training_scale
 from medsyn_site.diffusion.stop import Interrupted, StopSignals
 from medsyn_site.errors import write_failure
 
@@ -325,7 +325,8 @@ class Trainer:
     def save(self) -> Path:
         """A checkpoint of the current step (once per step). Collective: every rank calls it."""
         if self.saved_step != self.step or not self.run.tags():
-            self.run.save(self.engine, self.ema, self.step, self.cfg, self.cfg.train.keep_checkpoints)
+            self.run.save(self.engine, self.ema, self.step, self.cfg, self.cfg.train.keep_checkpoints,
+                          scale=training_scale(self.cohort.split("train")))
             self.saved_step = self.step
         return self.run.ckpt / self.run.latest()
 
