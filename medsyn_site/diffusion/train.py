@@ -216,6 +216,7 @@ class Trainer:
                  force: bool = False, stop: StopSignals | None = None):
         self.cfg, self.stop = cfg, stop
         self.cohort = Cohort(cohort_dir)  # fails early: missing or broken cohort
+        self.scale = training_scale(self.cohort.split("train"))  # recorded in the weights (sampling checks masks)
         self.run = run = RunDir(run_dir)
         t = cfg.train
         eng.select_accelerator(t.device)
@@ -326,7 +327,7 @@ class Trainer:
         """A checkpoint of the current step (once per step). Collective: every rank calls it."""
         if self.saved_step != self.step or not self.run.tags():
             self.run.save(self.engine, self.ema, self.step, self.cfg, self.cfg.train.keep_checkpoints,
-                          scale=training_scale(self.cohort.split("train")))
+                          scale=self.scale)
             self.saved_step = self.step
         return self.run.ckpt / self.run.latest()
 
