@@ -401,7 +401,7 @@ def main() -> None:
         run_config = Path(made[label]["weights"]).parents[2] / "config.yaml"  # RUN/checkpoints/step_N/ema.pt
         if "patch_size" not in blob and run_config.is_file():  # weights from before they recorded it
             blob["patch_size"] = list(load_config(run_config).train.patch_size)
-        if "scale" not in blob and run_config.is_file():  # weights from before they recorded the training scale
+        if not blob.get("scale") and run_config.is_file():  # weights from before they recorded the training scale
             blob["scale"] = training_scale(Cohort(recorded_training_cohort(run_config.parent)).split("train"))
         blob["made_by"] = (f"medsyn train with benchmarks/configs/ ({label}, training step {blob.get('step')}); "
                            f"measured by benchmarks/realism.py --out {a.out}")

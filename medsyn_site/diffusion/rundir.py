@@ -209,7 +209,7 @@ class RunDir:
         n = sum(p.numel() for p in engine.module.parameters())
 
         def finish() -> None:
-            torch.save(ema_blob(ema.state_dict(), step, cfg, **({"scale": scale} if scale else {})), tmp / tag / EMA_FILE)
+            torch.save(ema_blob(ema.state_dict(), step, cfg, scale=scale), tmp / tag / EMA_FILE)
             self._commit(tmp, tag)
 
         tmp = on_rank0(self._begin, tag, 4 * n * 4 + 2 ** 20)  # fp32 weights + Adam moments + EMA, + margin
