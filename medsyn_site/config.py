@@ -56,6 +56,9 @@ class PhantomConfig(Strict):
     nodule_median_mm: float = Field(7.0, gt=0)
     nodule_min_mm: float = Field(3.5, ge=3.0, le=30.0)
     noise_hu: float = Field(18.0, ge=0)
+    # how often a nodule is solid, part-solid, ground-glass: LIDC-IDRI's mix by default; a training
+    # cohort may hold more of a rare type (benchmarks/configs/realism_ggo.yaml)
+    nodule_type_p: Triple = (0.65, 0.15, 0.20)
 
     @model_validator(mode="after")
     def _sizes(self) -> "PhantomConfig":
@@ -63,6 +66,9 @@ class PhantomConfig(Strict):
             raise ValueError(f"phantom shape {self.shape} is too small (each side >= 16 voxels)")
         if min(self.spacing) <= 0:
             raise ValueError(f"phantom spacing {self.spacing} must be positive")
+        if min(self.nodule_type_p) < 0 or abs(sum(self.nodule_type_p) - 1) > 1e-6:
+            raise ValueError(f"phantom nodule_type_p {self.nodule_type_p}: three shares (solid, part-solid, "
+                             "ground-glass), none negative, that sum to 1")
         return self
 
 

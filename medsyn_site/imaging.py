@@ -87,6 +87,15 @@ def lung_mask(hu: np.ndarray) -> np.ndarray:
     return (np.asarray(hu) < -400) & body_mask(hu)
 
 
+def pleural_depth(lungs: np.ndarray) -> np.ndarray:
+    """For each voxel of the lung cavity (``lungs`` with its holes, i.e. vessels and nodules, filled
+    per axial slice), how many voxels (6-connected steps) it lies from the nearest voxel outside the
+    cavity: 1 next to the chest wall or the mediastinum, 0 outside. A nodule touches the pleura where
+    its least depth is 1."""
+    cavity = np.stack([ndimage.binary_fill_holes(s) for s in np.asarray(lungs, bool)])
+    return ndimage.distance_transform_cdt(cavity, metric="taxicab")
+
+
 def lung_region(hu: np.ndarray, body: np.ndarray | None = None) -> np.ndarray:
     """Lung-parenchyma voxels (-950..-500 HU) inside the body, slightly opened to drop speckle: what
     the quality measures compare."""

@@ -3,7 +3,7 @@ real ones, and means something only beside the same measure between two sets of 
 real-vs-real baseline, ``compare(real_a, real_b)``).
 
 - two classifier two-sample tests (C2ST) on patches inside the body, split by volume (no volume
-  gives patches to both training and test): a logistic regression on 20 hand-made patch features
+  gives patches to both training and test): a logistic regression on 19 hand-made patch features
   (HU histogram, gradient and Laplacian statistics) with cross-validation by volume, and a 3-D CNN
   with batch norm trained until its training accuracy stops rising, tested on the other volumes'
   patches (its held-out curve is kept). Accuracy 0.5: the classifier cannot tell the sets apart.
@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage, stats
 
-from medsyn_site.imaging import body_mask, component_types, label_nodules, lung_region, nodule_codes
+from medsyn_site.imaging import (body_mask, component_types, label_nodules, lung_mask, lung_region, nodule_codes,
+                                 pleural_depth)
 from medsyn_site.quality import nodule_contrasts
 
 HU_WINDOW = (-1024.0, 1024.0)  # what the classifiers see, scaled to [-1, 1]
@@ -77,7 +78,7 @@ def body_patches(vols: list[Volume], per_volume: int, size: int, rng: np.random.
 
 
 def patch_features(p: np.ndarray) -> np.ndarray:
-    """20 features per patch (n, s, s, s): the HU histogram (10 bins), mean and spread, gradient
+    """19 features per patch (n, s, s, s): the HU histogram (10 bins), mean and spread, gradient
     magnitude (mean, spread, 10/50/90th percentiles), |Laplacian| mean, and the share of neighbour
     pairs along z that cross -500 HU (air-tissue edges)."""
     n = len(p)
@@ -302,6 +303,20 @@ def contrasts_by_type(vols: list[Volume], reference: str = "lung") -> dict[str, 
                 c = [x.contrast for x in nodule_contrasts(v.hu, comp)]
             if c:
                 out.setdefault(v.types.get(int(comp.sum()), "unknown"), []).append(c[0])
+    return out
+
+
+def pleural_by_type(vols: list[Volume]) -> dict[str, list[bool]]:
+    """Whether each nodule touches the pleura (``imaging.pleural_depth`` of its scan's lungs, the
+    nodules included), grouped by type: a faint nodule against the wall reads brighter (partial
+    volume), so two sets' contrasts compare only at like shares."""
+    out: dict[str, list[bool]] = {}
+    for v in vols:
+        labels, n = label_nodules(v.mask)
+        depth = pleural_depth(lung_mask(v.hu) | v.mask)
+        for lab in range(1, n + 1):
+            comp = labels == lab
+            out.setdefault(v.types.get(int(comp.sum()), "unknown"), []).append(bool(depth[comp].min() <= 1))
     return out
 
 

@@ -98,3 +98,14 @@ def test_real_lidc_shapes():
     assert sum(len(c.nodules) for c in placed) >= 3
     for case in placed:
         assert ndimage.label(case.mask, structure=np.ones((3, 3, 3)))[1] == len(case.nodules)
+
+
+def test_nodule_type_shares_are_a_setting():
+    cfg = PhantomConfig(shape=(48, 48, 32), nodule_type_p=(0.0, 0.0, 1.0))
+    types = [n["type"] for seed in range(6) for n in make_case(cfg, seed).nodules]
+    assert types and set(types) == {"ground-glass"}
+    default = PhantomConfig(shape=(48, 48, 32))
+    assert make_case(default, 3).nodules == make_case(default.model_copy(update={"nodule_type_p": (0.65, 0.15, 0.2)}),
+                                                      3).nodules
+    with pytest.raises(ValueError, match="sum to 1"):
+        PhantomConfig(nodule_type_p=(0.5, 0.5, 0.5))

@@ -284,3 +284,37 @@ def test_sampling_masks_at_another_scale_warns(run, phantom_cohort, key, tmp_pat
             assert warned == []
         else:
             assert len(warned) == 1 and said in warned[0] and str(weights) in warned[0], warned
+
+
+def test_relocated_nodules_keep_their_contact_with_the_pleura():
+    """A box of lung (-850 HU) in a box of soft tissue, by hand: the pleural depth is the distance to
+    the box's nearest face, and a nodule touching a face lands against a face again, an interior one
+    in the interior, at places that change with the seed."""
+    from medsyn_site.diffusion.masks import relocate_nodules
+    from medsyn_site.imaging import label_nodules, pleural_depth
+
+    hu = np.full((48, 48, 48), -1000.0)
+    hu[4:44, 4:44, 4:44] = 40.0
+    hu[12:36, 12:36, 12:36] = -850.0
+    z, y, x = np.indices(hu.shape)
+    lo, hi = 12, 35
+    inside = (np.minimum(z, np.minimum(y, x)) >= lo) & (np.maximum(z, np.maximum(y, x)) <= hi)
+    expected = np.where(inside, 1 + np.minimum.reduce([z - lo, hi - z, y - lo, hi - y, x - lo, hi - x]), 0)
+    depth = pleural_depth(lung_mask(hu))
+    assert np.array_equal(depth, expected)
+    mask = np.zeros(hu.shape, np.uint8)
+    mask[12:15, 20:23, 20:23] = 1  # against the box's z = 12 face
+    mask[22:25, 22:25, 22:26] = 2  # in the middle, 10 voxels from every face
+    hu[mask > 0] = 40.0
+    places = {1: set(), 2: set()}
+    for seed in range(12):
+        out = relocate_nodules(mask, hu, np.random.default_rng(seed))
+        labels, n = label_nodules(out)
+        assert n == 2 and lung_mask(hu)[out > 0].all()
+        for lab in (1, 2):
+            comp = labels == lab
+            value = int(out[comp].max())
+            assert comp.sum() == (mask == value).sum()
+            assert (depth[comp].min() == 1) == (value == 1), (seed, value, depth[comp].min())
+            places[value].add(tuple(np.argwhere(comp).mean(0).round(1)))
+    assert len(places[1]) >= 8 and len(places[2]) >= 8

@@ -25,7 +25,6 @@ LUNG_TEXTURE = (1.5, 25.0)
 NOISE_SIGMA_VOX = 0.7
 CANCELLOUS, CORTICAL = 300.0, 800.0
 NODULE_TYPES = ("solid", "part-solid", "ground-glass")
-TYPE_P = (0.65, 0.15, 0.20)  # LIDC-IDRI is mostly solid
 ATTACH = ("isolated", "pleural", "vascular")
 ATTACH_P = (0.4, 0.3, 0.3)
 
@@ -317,7 +316,7 @@ def make_case(cfg: PhantomConfig, seed: int) -> PhantomCase:
         else:
             diameter = float(np.clip(rng.lognormal(np.log(cfg.nodule_median_mm), 0.5), cfg.nodule_min_mm, 30.0))
             inside, reach = _procedural_shape(rng, diameter / 2)
-        ntype = str(rng.choice(NODULE_TYPES, p=TYPE_P))
+        ntype = str(rng.choice(NODULE_TYPES, p=cfg.nodule_type_p))
         attachment = str(rng.choice(ATTACH, p=ATTACH_P))
         free = lung & (labels == 0)
         if label > 1:  # keep nodules apart, so each is its own connected component

@@ -4,7 +4,8 @@
   request:FILE  the cases a request file lists (medsyn_site/request.py; the targeted test), as many
                 per mask and in the mask mode it asks (relocated unless it asks verbatim)
   relocate:DIR  privacy-preserving: each train mask's nodules, flipped and moved to random places
-                inside that scan's lungs, so no real mask is reused verbatim
+                inside that scan's lungs (against the pleura if they were), so no real mask is
+                reused verbatim
 
 A plain DIR means cohort:DIR. Publishing samples made from verbatim real masks needs an explicit flag.
 """
@@ -20,7 +21,7 @@ from scipy import ndimage
 from medsyn_site import request as request_contract
 from medsyn_site.config import SAMPLE
 from medsyn_site.data.cohort import Cohort, CohortError
-from medsyn_site.imaging import label_nodules, lung_mask, nodule_codes, nodule_records
+from medsyn_site.imaging import label_nodules, lung_mask, nodule_codes, nodule_records, pleural_depth
 
 
 @dataclass
@@ -55,29 +56,40 @@ def _int(text: str) -> int:
     return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little")
 
 
-def relocate_nodules(mask: np.ndarray, hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def relocate_nodules(mask: np.ndarray, hu: np.ndarray, rng: np.random.Generator, tries: int = 400) -> np.ndarray:
     """Each nodule of ``mask``, randomly flipped, placed at a random spot inside the lungs of ``hu``
-    where it fits whole and touches no other nodule; it keeps its value (a 0/1 mask stays 0/1,
-    nodule codes keep their types)."""
+    where it fits whole, touches no other nodule, and touches the pleura (the chest wall or the
+    mediastinum) if and only if it did where it was; it keeps its value (a 0/1 mask stays 0/1, nodule
+    codes keep their types). Placed anywhere in the lungs, most nodules of a small scan land against
+    the wall (17 of 18 ground-glass nodules of the phantom benchmark, against 10 of 18 in real scans),
+    where the pleura's partial volume changes how they look: relocation moves a nodule, not what it
+    sits against. A nodule with no such spot in ``tries`` trials goes wherever it fits whole; one that
+    fits nowhere is dropped rather than placed badly."""
     labels, n = label_nodules(mask)
     lungs = lung_mask(hu)
+    depth = pleural_depth(lungs | (mask > 0))
+    lung_voxels = np.argwhere(lungs)
     out = np.zeros_like(mask, dtype=np.uint8)
+    taken = np.zeros(mask.shape, bool)  # the placed nodules and the voxels that touch them
+    around = np.stack(np.meshgrid(*[(-1, 0, 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
     for box, lab in zip(ndimage.find_objects(labels), range(1, n + 1)):
         shape = labels[box] == lab
         value = mask[box][shape].max()
+        pleural = bool(depth[box][shape].min() <= 1)
         for axis in range(3):
             if rng.random() < 0.5:
                 shape = np.flip(shape, axis)
         offsets = np.argwhere(shape) - np.array(shape.shape) // 2
-        lung_voxels = np.argwhere(lungs)
-        for _ in range(200 if len(lung_voxels) else 0):  # random trials: whole nodule in the lungs
+        for trial in range(tries + 200 if len(lung_voxels) else 0):  # random trials: whole nodule in the lungs
             vox = lung_voxels[rng.integers(len(lung_voxels))] + offsets
             if np.all((vox >= 0) & (vox < mask.shape)):
                 idx = tuple(vox.T)
-                if lungs[idx].all() and not out[idx].any():
+                if lungs[idx].all() and not taken[idx].any() and (trial >= tries or (depth[idx].min() <= 1) == pleural):
                     out[idx] = value
+                    halo = np.unique((vox[:, None] + around).reshape(-1, 3), axis=0)
+                    halo = halo[np.all((halo >= 0) & (halo < mask.shape), 1)]
+                    taken[tuple(halo.T)] = True
                     break
-        # a nodule with no room in this scan's lungs is dropped rather than placed badly
     return out
 
 
