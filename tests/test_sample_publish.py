@@ -318,3 +318,20 @@ def test_relocated_nodules_keep_their_contact_with_the_pleura():
             assert (depth[comp].min() == 1) == (value == 1), (seed, value, depth[comp].min())
             places[value].add(tuple(np.argwhere(comp).mean(0).round(1)))
     assert len(places[1]) >= 8 and len(places[2]) >= 8
+
+
+def test_relocated_nodules_never_touch_each_other():
+    """125 one-voxel nodules, 4 voxels apart in a lung box by hand: relocated, they stay 125 separate
+    nodules (placed side by side, two would become one 26-connected nodule of another size)."""
+    from medsyn_site.diffusion.masks import relocate_nodules
+    from medsyn_site.imaging import label_nodules
+
+    hu = np.full((48, 48, 48), -1000.0)
+    hu[4:44, 4:44, 4:44] = 40.0
+    hu[12:36, 12:36, 12:36] = -850.0
+    dots = np.zeros(hu.shape, np.uint8)
+    dots[14:34:4, 14:34:4, 14:34:4] = 1
+    hu[dots > 0] = 40.0
+    for seed in range(3):
+        out = relocate_nodules(dots, hu, np.random.default_rng(seed))
+        assert out.sum() == 125 and label_nodules(out)[1] == 125
