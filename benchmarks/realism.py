@@ -111,29 +111,44 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
     real_vols = realism.cohort_volumes(paths["nodules"])
     real, real_pleural = realism.contrasts_by_type(real_vols), realism.pleural_by_type(real_vols)
 
-    def entry(got: dict, pleural: dict) -> dict:
+    def entry(vols: list) -> dict:
+        got, pleural = realism.contrasts_by_type(vols), realism.pleural_by_type(vols)
         rng = np.random.default_rng(seed)
         e = {}
         for t in realism.NODULE_TYPES:
             a, b = np.array(real.get(t, [])), np.array(got.get(t, []))
             if len(a) and len(b):
                 boot = [rng.choice(b, len(b)).mean() / rng.choice(a, len(a)).mean() for _ in range(2000)]
+                pa, pb = np.array(real_pleural[t]), np.array(pleural[t])
                 e[t] = {"real_hu": round(float(a.mean()), 1), "hu": round(float(b.mean()), 1), "n_real": len(a),
                         "n": len(b), "ratio": round(float(b.mean() / a.mean()), 3),
                         "ci95": [round(float(q), 3) for q in np.percentile(boot, [2.5, 97.5])],
-                        "pleural_real": round(float(np.mean(real_pleural[t])), 2),
-                        "pleural": round(float(np.mean(pleural[t])), 2)}
+                        "pleural_real": round(float(pa.mean()), 2), "pleural": round(float(pb.mean()), 2),
+                        # mean contrast (real, synthetic) and counts of the nodules touching the pleura or not
+                        "by_contact": {where: {"real_hu": round(float(a[pa == touch].mean()), 1) if (pa == touch).any() else None,
+                                               "hu": round(float(b[pb == touch].mean()), 1) if (pb == touch).any() else None,
+                                               "n_real": int((pa == touch).sum()), "n": int((pb == touch).sum())}
+                                       for where, touch in (("interior", False), ("pleural", True))}}
         return e
     if BASELINE not in results:
-        base = realism.cohort_volumes(paths["nodules2"])
-        results[BASELINE] = entry(realism.contrasts_by_type(base), realism.pleural_by_type(base))
+        results[BASELINE] = entry(realism.cohort_volumes(paths["nodules2"]))
     for label, (weights, sampler, steps, window) in models.items():
         label = f"{label} in place" if in_place else label
         if label in results:
             continue
         jobs = mask_jobs(f"{'cohort' if in_place else 'relocate'}:{paths['nodules']}", 1)[:n]
-        gen = Sampler(weights, sampler, steps, device="cpu", **evaluation(window))
+        saved = out / "samples" / f"{label}-nodules.npz"
         vols, codes, t0 = [], [], time.perf_counter()
+        if saved.exists():  # sampled before (e.g. before a measure was added): measured again as they are
+            z = np.load(saved)
+            for hu, c in zip(z["hu"], z["codes"]):
+                labels, kinds = component_types(c)
+                vols.append(realism.Volume(hu, c > 0, jobs[0].conditioning(0).mask.GetSpacing(),
+                                           dict(zip(np.bincount(labels.ravel())[1:].tolist(), kinds))))
+            results[label] = entry(vols)
+            res_file.write_text(json.dumps(results, indent=1))
+            continue
+        gen = Sampler(weights, sampler, steps, device="cpu", **evaluation(window))
         for i, j in enumerate(jobs):
             c = j.conditioning(0)
             hu = sitk.GetArrayFromImage(gen.volumes([c.mask], [2000 + i], [c.codes])[0])
@@ -141,16 +156,15 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
             types = dict(zip(np.bincount(labels.ravel())[1:].tolist(), kinds))
             vols.append(realism.Volume(hu, sitk.GetArrayFromImage(c.mask), c.mask.GetSpacing(), types))
             codes.append(c.codes)
-        np.savez_compressed(out / "samples" / f"{label}-nodules.npz", hu=np.rint([v.hu for v in vols]).astype(np.int16),
-                            codes=np.stack(codes))
-        results[label] = entry(realism.contrasts_by_type(vols), realism.pleural_by_type(vols)) | {
-            "seconds_per_volume": round((time.perf_counter() - t0) / len(jobs), 1)}
+        np.savez_compressed(saved, hu=np.rint([v.hu for v in vols]).astype(np.int16), codes=np.stack(codes))
+        results[label] = entry(vols) | {"seconds_per_volume": round((time.perf_counter() - t0) / len(jobs), 1)}
         res_file.write_text(json.dumps(results, indent=1))
     nodule_figure(out, paths, [m for m in results if m != BASELINE and m.endswith(" in place") == in_place],
                   "nodules_in_place.png" if in_place else "nodules.png")
     for label, e in results.items():
-        print("nodules", label, {t: (v["ratio"], v["ci95"], v["n"], v.get("pleural")) for t, v in e.items()
-                                 if isinstance(v, dict)},
+        print("nodules", label, {t: (v["ratio"], v["ci95"], v["n"], v.get("pleural"),
+                                     {w: (c["hu"], c["real_hu"]) for w, c in v.get("by_contact", {}).items()})
+                                 for t, v in e.items() if isinstance(v, dict)},
               flush=True)
     return results
 

@@ -309,9 +309,12 @@ def contrasts_by_type(vols: list[Volume], reference: str = "lung") -> dict[str, 
 def pleural_by_type(vols: list[Volume]) -> dict[str, list[bool]]:
     """Whether each nodule touches the pleura (``imaging.pleural_depth`` of its scan's lungs, the
     nodules included), grouped by type: a faint nodule against the wall reads brighter (partial
-    volume), so two sets' contrasts compare only at like shares."""
+    volume), so two sets' contrasts compare only at like shares. In ``contrasts_by_type``'s order (a
+    volume without lung parenchyma is left out of both)."""
     out: dict[str, list[bool]] = {}
     for v in vols:
+        if not (v.cavity & ~v.mask).any():
+            continue
         labels, n = label_nodules(v.mask)
         depth = pleural_depth(lung_mask(v.hu) | v.mask)
         for lab in range(1, n + 1):
