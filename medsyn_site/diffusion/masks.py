@@ -60,10 +60,10 @@ def relocate_nodules(mask: np.ndarray, hu: np.ndarray, rng: np.random.Generator,
     """Each nodule of ``mask``, randomly flipped, placed at a random spot inside the lungs of ``hu``
     where it fits whole, touches no other nodule, and touches the pleura (the chest wall or the
     mediastinum) if and only if it did where it was; it keeps its value (a 0/1 mask stays 0/1, nodule
-    codes keep their types). Placed anywhere in the lungs, most nodules of a small scan land against
-    the wall (17 of 18 ground-glass nodules of the phantom benchmark, against 10 of 18 in real scans),
-    where the pleura's partial volume changes how they look: relocation moves a nodule, not what it
-    sits against. A nodule with no such spot in ``tries`` trials goes wherever it fits whole; one that
+    codes keep their types). Placed anywhere in the lungs, nodules land against the pleura as often
+    as its share of the lungs' room says (on the phantom benchmark 33 % of ground-glass nodules
+    against 22 % where they were, 39 % of solid ones against 46 %), and there the pleura's partial
+    volume changes how they look: relocation moves a nodule, not what it sits against. A nodule with no such spot in ``tries`` trials goes wherever it fits whole; one that
     fits nowhere is dropped rather than placed badly."""
     labels, n = label_nodules(mask)
     lungs = lung_mask(hu)
