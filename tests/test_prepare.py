@@ -183,9 +183,10 @@ def test_dicom_seg_mask(site, tmp_path):
     assert mask.sum() == 27 and np.array_equal(mask.astype(bool), image == 1000)
 
 
-def _lidc_xml(path: Path, folder: Path):
+def _lidc_xml(path: Path, folder: Path, textures=("", "", "", "")):
     """Four reading sessions: readers 1-2 outline the marker, reader 3 another spot, reader 4 none;
-    all four mark a 2x2-pixel speck (< 3 mm) that consensus must drop."""
+    all four mark a 2x2-pixel speck (< 3 mm) that consensus must drop. ``textures``: each reader's
+    texture rating of its nodule (LIDC: 1 ground-glass .. 5 solid; "" none)."""
     ds = sorted(read_series_datasets(folder), key=lambda d: float(d.ImagePositionPatient[2]))
     x, y, z = MARK
     def roi(k, xs, ys):
@@ -197,8 +198,9 @@ def _lidc_xml(path: Path, folder: Path):
     speck = roi(15, [30, 31, 31, 30], [30, 30, 31, 31])
     other = roi(10, [20, 24, 24, 20], [20, 20, 24, 24])
     sessions = [marker + speck, marker + speck, other + speck, speck]
-    body = "".join(f"<readingSession><unblindedReadNodule><noduleID>n</noduleID>{s}</unblindedReadNodule>"
-                   f"</readingSession>" for s in sessions)
+    rated = [f"<characteristics><texture>{t}</texture></characteristics>" if t else "" for t in textures]
+    body = "".join(f"<readingSession><unblindedReadNodule><noduleID>n</noduleID>{r}{s}</unblindedReadNodule>"
+                   f"</readingSession>" for r, s in zip(rated, sessions))
     path.write_text(f'<?xml version="1.0"?><LidcReadMessage xmlns="http://www.nih.gov">{body}</LidcReadMessage>')
     return path
 
@@ -210,6 +212,22 @@ def test_lidc_xml_consensus(site, tmp_path):
     prepare_cohort(man, out, _cfg(spacing=None), site_key=tmp_path / "key")
     image, mask = Cohort(out).arrays(Cohort(out).cases[0].id)
     assert np.array_equal(mask.astype(bool), image == 1000)  # only the 2-of-4 marker survives
+    assert [n.type for n in Cohort(out).cases[0].nodules] == ["unknown"]  # no texture ratings
+
+
+@pytest.mark.parametrize("textures, expected", [((1, 2, 5, 5), "ground-glass"), ((3, 3, 1, 1), "part-solid"),
+                                                ((5, 4, 1, 1), "solid")])
+def test_lidc_xml_nodules_typed_by_their_readers_texture(site, tmp_path, textures, expected):
+    """The marker's type is the median texture of the two readers who outlined it (readers 3-4 rate
+    nodules elsewhere and must not count)."""
+    xml = _lidc_xml(tmp_path / "069.xml", site / "axial", textures)
+    out = tmp_path / "cohort"
+    prepare_cohort(_manifest(site, [["axial", str(xml), ""]]), out, _cfg(spacing=None), site_key=tmp_path / "key")
+    case = Cohort(out).cases[0]
+    image, mask = Cohort(out).arrays(case.id)
+    (nodule,) = case.nodules
+    x, y, z = nodule.center_voxel
+    assert nodule.type == expected and image[z, y, x] == 1000 and mask[z, y, x] == 1
 
 
 def test_crop_to_lungs(site, tmp_path):

