@@ -140,11 +140,10 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
         saved = out / "samples" / f"{label}-nodules.npz"
         vols, codes, t0 = [], [], time.perf_counter()
         if saved.exists():  # sampled before (e.g. before a measure was added): measured again as they are
-            z = np.load(saved)
+            z, spacing = np.load(saved), jobs[0].cohort.case(jobs[0].source_id).spacing
             for hu, c in zip(z["hu"], z["codes"]):
                 labels, kinds = component_types(c)
-                vols.append(realism.Volume(hu, c > 0, jobs[0].conditioning(0).mask.GetSpacing(),
-                                           dict(zip(np.bincount(labels.ravel())[1:].tolist(), kinds))))
+                vols.append(realism.Volume(hu, c > 0, spacing, dict(zip(np.bincount(labels.ravel())[1:].tolist(), kinds))))
             results[label] = entry(vols)
             res_file.write_text(json.dumps(results, indent=1))
             continue
