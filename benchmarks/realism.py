@@ -178,7 +178,7 @@ def network_inputs(gen, hu: np.ndarray, codes: np.ndarray) -> tuple[torch.Tensor
 
     padded, pad = padding(hu.shape, gen.model_cfg.multiple)
     x0 = torch.nn.functional.pad(hu_to_unit(torch.from_numpy(hu), gen.diffusion.hu_window)[None, None], pad, value=-1.0)
-    m = torch.nn.functional.pad(mask_channel(codes[None], gen.model_cfg.nodule_types)[:, None], pad)
+    m = torch.nn.functional.pad(mask_channel(codes[None], gen.model_cfg.mask_levels())[:, None], pad)
     return x0, m, coordinate_grid(padded, (0, 0, 0), hu.shape)[None]
 
 

@@ -104,14 +104,22 @@ class ModelConfig(Strict):
     # hidden width of the coordinate prior head (a per-voxel MLP of position and timestep added to
     # the UNet's output, see diffusion/model.py: CoordPriorHead); 0 = none
     coord_head: int = Field(0, ge=0)
-    # the mask channel carries each nodule's type (cohort.json's records: ground-glass 1/3, part-solid
-    # 2/3, solid and unknown 1), so one model paints each type with its own contrast; off = 0/1 mask
+    # the mask channel carries each nodule's type (cohort.json's records) as its level in type_levels,
+    # so one model paints each type with its own contrast; off = 0/1 mask
     nodule_types: bool = True
+    # the mask channel's value for a ground-glass, a part-solid and a solid nodule (unknown: solid's)
+    type_levels: tuple[float, float, float] = (1 / 3, 2 / 3, 1.0)
 
     @classmethod
     def of_weights(cls, model: dict) -> "ModelConfig":
         """The config a weights file was trained with (files written before nodule types: 0/1 masks)."""
         return cls(**({"nodule_types": False} | model))
+
+    def mask_levels(self) -> tuple[float, ...] | None:
+        """The mask channel's value of each nodule code (imaging.NODULE_CODES: none, ground-glass,
+        part-solid, solid, unknown), or None for a 0/1 mask (``nodule_types`` off)."""
+        ggo, part, solid = self.type_levels
+        return (0.0, ggo, part, solid, solid) if self.nodule_types else None
 
     @model_validator(mode="after")
     def _shape(self) -> "ModelConfig":
@@ -120,6 +128,9 @@ class ModelConfig(Strict):
                              "(noisy CT, mask, and x/y/z coordinates)")
         if self.out_channels != 1:
             raise ValueError(f"model.out_channels is {self.out_channels}; the network predicts 1 channel")
+        if not all(0 < v <= 1 for v in self.type_levels):
+            raise ValueError(f"model.type_levels is {list(self.type_levels)}; each level must be in (0, 1] "
+                             "(0 is the mask channel's value outside nodules)")
         if len(self.attention_levels) != len(self.channels):
             raise ValueError(f"model.attention_levels has {len(self.attention_levels)} entries; "
                              f"model.channels has {len(self.channels)} levels")

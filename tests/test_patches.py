@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from medsyn_site.config import ModelConfig
 from medsyn_site.data.cohort import Cohort
 from medsyn_site.diffusion.patches import PatchDataset
 
@@ -49,12 +50,12 @@ def test_background_centres_avoid_nodules_uniformly():
 
 
 def test_typed_mask_channel_is_each_nodules_type_level(phantom_cohort, tmp_path):
-    from medsyn_site.diffusion.model import TYPE_LEVELS
     from medsyn_site.imaging import NODULE_CODES, label_nodules
 
     cohort = Cohort(phantom_cohort)
     binary = _dataset(phantom_cohort)
-    typed = PatchDataset(cohort, "train", (32, 32, 16), (-1024.0, 2048.0), 0.5, 0, nodule_types=True)
+    levels = ModelConfig(type_levels=(0.2, 0.55, 0.9)).mask_levels()  # model.type_levels, not the defaults
+    typed = PatchDataset(cohort, "train", (32, 32, 16), (-1024.0, 2048.0), 0.5, 0, levels=levels)
     for k, rec in enumerate(typed.cases):  # the codes: each recorded nodule's type at its centre, whole
         _, mask = cohort.arrays(rec.id)
         _, codes = typed._read(k)
@@ -67,15 +68,15 @@ def test_typed_mask_channel_is_each_nodules_type_level(phantom_cohort, tmp_path)
 
     for rec in typed.cases:
         _spill(tmp_path / "cache", rec.sha256["mask"], cohort.arrays(rec.id)[1])
-    spilled = PatchDataset(cohort, "train", (32, 32, 16), (-1024.0, 2048.0), 0.5, 0, nodule_types=True).load(
+    spilled = PatchDataset(cohort, "train", (32, 32, 16), (-1024.0, 2048.0), 0.5, 0, levels=levels).load(
         cache_bytes=0, spill_dir=tmp_path / "cache")
     assert all(torch.equal(spilled[i]["mask"], typed[i]["mask"]) for i in range(60))
-    levels = set()
+    seen = set()
     for i in range(60):  # the same patches; the channel's level is the type's, where 0/1 says nodule
         a, b = binary[i], typed[i]
         assert (a["image"] == b["image"]).all() and torch.equal(b["mask"] > 0, a["mask"] > 0)
-        levels |= {round(float(v), 4) for v in b["mask"].unique()}
-    assert levels - {0.0} <= {round(float(v), 4) for v in TYPE_LEVELS[1:]} and len(levels - {0.0}) >= 2, levels
+        seen |= {round(float(v), 4) for v in b["mask"].unique()}
+    assert seen - {0.0} <= {0.2, 0.55, 0.9} and len(seen - {0.0}) >= 2, seen
 
 
 def test_type_balanced_centres_reach_rare_nodules_as_often_as_common_ones(tmp_path):
@@ -103,7 +104,7 @@ def test_type_balanced_centres_reach_rare_nodules_as_often_as_common_ones(tmp_pa
 
     def centre_codes(sampling: str, n: int = 600) -> np.ndarray:
         data = PatchDataset(Cohort(tmp_path / "c"), "train", (8, 8, 8), (-1024.0, 2048.0), 0.5, 0,
-                            nodule_types=True, pos_sampling=sampling).load()
+                            levels=ModelConfig().mask_levels(), pos_sampling=sampling).load()
         centres = []
         for i in range(n):
             p = data[i]["mask"][0]

@@ -335,3 +335,80 @@ def test_relocated_nodules_never_touch_each_other():
     for seed in range(3):
         out = relocate_nodules(dots, hu, np.random.default_rng(seed))
         assert out.sum() == 125 and label_nodules(out)[1] == 125
+
+
+def _chest(shape, lung_lo, lung_hi) -> np.ndarray:
+    """A box of lung (-850 HU) from ``lung_lo`` to ``lung_hi`` (z, y, x; end excluded) in soft tissue."""
+    hu = np.full(shape, -1000.0)
+    hu[tuple(slice(2, n - 2) for n in shape)] = 40.0
+    hu[tuple(slice(a, b) for a, b in zip(lung_lo, lung_hi))] = -850.0
+    return hu
+
+
+def test_lung_prior_is_the_share_of_scans_with_lung_there(tmp_path):
+    """Four scans by hand whose lung boxes are shifted along x by 0..3 voxels: the prior at a voxel is
+    the share of boxes that hold it (exactly, at the cohort's own shape). A fifth scan at twice the
+    resolution, its box at the first one's relative position, counts as that box."""
+    from medsyn_site.data.cohort import CohortWriter
+    from medsyn_site.diffusion.masks import lung_prior
+
+    with CohortWriter(tmp_path / "c") as w:
+        for k in range(4):
+            hu = _chest((12, 24, 24), (3, 6, 6 + k), (9, 18, 14 + k))
+            w.add(f"s{k}", patient=f"p{k}", split="train", source="real",
+                  image=sitk.GetImageFromArray(hu.astype(np.int16)), mask=sitk.GetImageFromArray(np.zeros(hu.shape, np.uint8)))
+    prior = lung_prior(str(tmp_path / "c"), (12, 24, 24))
+    x = np.arange(24)
+    want = sum(((x >= 6 + k) & (x < 14 + k)).astype(float) for k in range(4)) / 4
+    expected = np.zeros((12, 24, 24))
+    expected[3:9, 6:18, :] = want
+    np.testing.assert_allclose(prior, expected, atol=1e-6)
+
+    # the same first box at twice the resolution (23 x 47 x 47: align-corners positions k / (n - 1) match 2k)
+    with CohortWriter(tmp_path / "d") as w:
+        for k, (shape, lo, hi) in enumerate([((12, 24, 24), (3, 6, 6), (9, 18, 14)), ((23, 47, 47), (6, 12, 12), (17, 35, 27))]):
+            hu = _chest(shape, lo, hi)
+            w.add(f"s{k}", patient=f"p{k}", split="train", source="real",
+                  image=sitk.GetImageFromArray(hu.astype(np.int16)), mask=sitk.GetImageFromArray(np.zeros(hu.shape, np.uint8)))
+    box = np.zeros((12, 24, 24))
+    box[3:9, 6:18, 6:14] = 1.0
+    np.testing.assert_allclose(lung_prior(str(tmp_path / "d"), (12, 24, 24)), box, atol=1e-6)
+
+
+def test_relocated_nodules_go_where_the_cohorts_lungs_are():
+    """A lung box 24 voxels wide by hand, with a prior (the cohort's share of lung) of 1 in its middle
+    8 voxels along x, 0.4 in its first 4 and 0.5 elsewhere: an interior nodule lands with every
+    voxel around it in the middle, a pleural one against a face where the share is at least a half
+    (over 12 seeds, at several places); without the prior both land elsewhere too."""
+    from medsyn_site.diffusion.masks import relocate_nodules
+    from medsyn_site.imaging import label_nodules, pleural_depth
+
+    hu = _chest((48, 48, 48), (12, 12, 12), (36, 36, 36))
+    mask = np.zeros(hu.shape, np.uint8)
+    mask[12:15, 20:23, 20:23] = 1  # against the box's z = 12 face
+    mask[22:25, 22:25, 22:25] = 2  # in the middle
+    hu[mask > 0] = 40.0
+    lungs = lung_mask(hu) | (mask > 0)
+    prior = np.where(lungs, 0.5, 0.0)
+    prior[:, :, 20:28] = np.where(lungs[:, :, 20:28], 1.0, 0.0)
+    prior[:, :, 12:16] = np.where(lungs[:, :, 12:16], 0.4, 0.0)
+    depth = pleural_depth(lungs)
+    places, astray = {1: set(), 2: set()}, {1: 0, 2: 0}
+    for seed in range(12):
+        for given in (prior, None):
+            out = relocate_nodules(mask, hu, np.random.default_rng(seed), prior=given)
+            labels, n = label_nodules(out)
+            assert n == 2
+            inner, wall = labels == labels[out == 2][0], labels == labels[out == 1][0]
+            assert depth[wall].min() == 1 and depth[inner].min() > 1
+            xs = np.argwhere(ndimage.binary_dilation(inner, np.ones((3, 3, 3))))[:, 2]
+            inner_ok, wall_ok = xs.min() >= 20 and xs.max() < 28, np.argwhere(wall)[:, 2].min() >= 16
+            if given is not None:
+                assert inner_ok and wall_ok, (seed, xs.min(), xs.max(), np.argwhere(wall)[:, 2].min())
+                places[2].add(tuple(np.argwhere(inner).mean(0).round(1)))
+                places[1].add(tuple(np.argwhere(wall).mean(0).round(1)))
+            else:
+                astray[2] += not inner_ok
+                astray[1] += not wall_ok
+    assert len(places[1]) >= 8 and len(places[2]) >= 8
+    assert astray[2] >= 6 and astray[1] >= 1, astray

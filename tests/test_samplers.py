@@ -273,7 +273,7 @@ class MaskRecorder(torch.nn.Module):
 def test_the_network_sees_each_nodules_type_level(weights):
     """A model trained with nodule types sees ground-glass 1/3, part-solid 2/3, solid and unknown 1;
     a mask given without types is all unknown; weights from before types (no ``nodule_types`` in
-    their config) see 0/1."""
+    their config) see 0/1; weights trained with other ``type_levels`` see theirs."""
     from medsyn_site.imaging import NODULE_CODES
 
     cfg = DiffusionConfig(prediction_type="v_prediction", schedule="cosine")
@@ -281,13 +281,17 @@ def test_the_network_sees_each_nodules_type_level(weights):
     for k, t in enumerate(("ground-glass", "part-solid", "solid", "unknown")):
         codes[2, 2 + 3 * k, 2] = NODULE_CODES[t]
     mask = sitk.GetImageFromArray((codes > 0).astype(np.uint8))
-    want = {"typed": [1 / 3, 2 / 3, 1, 1], "untyped": [1, 1, 1, 1], "old": [1, 1, 1, 1]}
+    want = {"typed": [1 / 3, 2 / 3, 1, 1], "untyped": [1, 1, 1, 1], "old": [1, 1, 1, 1], "relevelled": [0.2, 0.5, 0.9, 0.9]}
     path = weights(cfg)
     old = torch.load(path)
     old["model"].pop("nodule_types")
     torch.save(old, path.with_name("old.pt"))
+    relevelled = torch.load(path)
+    relevelled["model"]["type_levels"] = [0.2, 0.5, 0.9]
+    torch.save(relevelled, path.with_name("relevelled.pt"))
     for case, (file, given) in {"typed": (path, [codes]), "untyped": (path, None),
-                                "old": (path.with_name("old.pt"), [codes])}.items():
+                                "old": (path.with_name("old.pt"), [codes]),
+                                "relevelled": (path.with_name("relevelled.pt"), [codes])}.items():
         gen = Sampler(file, "ddim", 2, device="cpu")
         gen.model = MaskRecorder()
         gen.volumes([mask], [0], given)

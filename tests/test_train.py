@@ -182,6 +182,7 @@ def test_stop_signal_while_loading_libraries(phantom_cohort, tmp_path):
     ({"train.patch_size": (128, 128, 128)}, PatchError, "larger than the volume"),
     ({"diffusion.schedule": "wavy"}, ConfigError, "diffusion.schedule"),
     ({"model.in_channels": 4}, ConfigError, "takes 5 channels"),
+    ({"model.type_levels": (0.0, 0.5, 1.0)}, ConfigError, "type_levels"),
     ({"train.patch_size": (18, 18, 18)}, ConfigError, "must be divisible by 4"),
 ])
 def test_bad_config_fails_before_work(phantom_cohort, tmp_path, change, error, expect):
@@ -212,6 +213,12 @@ def test_weights_from_before_nodule_types_start_a_typed_run(tmp_path):
     old = tmp_path / "old.pt"
     torch.save({"ema": state, "step": 7, "model": model, "diffusion": cfg.diffusion.model_dump(mode="json")}, old)
     got = initial_weights(str(old), cfg)
+    assert all(torch.equal(got[k], state[k]) for k in state)
+    # and typed weights may start a run with other type levels (the fine-tune relearns what each paints)
+    torch.save({"ema": state, "step": 7, "model": cfg.model.model_dump(mode="json"),
+                "diffusion": cfg.diffusion.model_dump(mode="json")}, tmp_path / "typed.pt")
+    relevelled = cfg.model_copy(update={"model": cfg.model.model_copy(update={"type_levels": (0.15, 0.6, 1.0)})})
+    got = initial_weights(str(tmp_path / "typed.pt"), relevelled)
     assert all(torch.equal(got[k], state[k]) for k in state)
     other = tmp_path / "other.pt"
     torch.save({"ema": state, "step": 7, "model": model | {"channels": [16, 32, 64]},

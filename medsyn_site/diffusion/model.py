@@ -256,16 +256,12 @@ def padding(shape_zyx, multiple: int) -> tuple[tuple[int, ...], list[int]]:
     return padded, [p for n, q in zip(reversed(shape_zyx), reversed(padded)) for p in (0, q - n)]
 
 
-# conditioning value of each nodule code (imaging.NODULE_CODES: none, ground-glass, part-solid, solid, unknown)
-TYPE_LEVELS = torch.tensor([0.0, 1 / 3, 2 / 3, 1.0, 1.0])
-
-
-def mask_channel(codes, nodule_types: bool) -> torch.Tensor:
+def mask_channel(codes, levels: tuple[float, ...] | None) -> torch.Tensor:
     """The network's mask channel (float) of nodule codes (integer array or tensor, 0 = no nodule):
-    the type's level for a model trained with ``model.nodule_types``, else 0/1."""
+    each code's level (``ModelConfig.mask_levels()``), or 0/1 where ``levels`` is None."""
     # a copy (np.array): the codes may be a read-only memory map, which torch warns about sharing
     codes = codes.long() if isinstance(codes, torch.Tensor) else torch.from_numpy(np.array(codes, dtype=np.int64))
-    return TYPE_LEVELS[codes] if nodule_types else (codes > 0).float()
+    return torch.tensor(levels, dtype=torch.float32)[codes] if levels is not None else (codes > 0).float()
 
 
 def network_input(noisy: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:

@@ -38,17 +38,17 @@ class PatchError(MedsynError):
 
 class PatchDataset(Dataset):
     """``dataset[i]`` -> dict(image (1,z,y,x) in [-1,1], mask (1,z,y,x), coords (3,z,y,x), case).
-    ``nodule_types``: the mask channel carries each nodule's type level (model.mask_channel, types from
-    cohort.json's records), else 0/1.
+    ``levels``: the mask channel carries each nodule's type level (``ModelConfig.mask_levels()``, types
+    from cohort.json's records); None: 0/1.
 
     Construction only validates (cohort.json shapes); ``load()`` reads every case once (nodule
     indices, the memory cache, the spill files). Without it, cases are read on first use."""
 
     def __init__(self, cohort: Cohort, split: str, patch_xyz, window, pos_fraction: float,
-                 seed: int, length: int = 2 ** 62, nodule_types: bool = False, pos_sampling: str = "voxel"):
+                 seed: int, length: int = 2 ** 62, levels: tuple[float, ...] | None = None, pos_sampling: str = "voxel"):
         self.patch = tuple(int(p) for p in patch_xyz[::-1])  # z, y, x
         self.window, self.pos_fraction, self.seed, self.length = window, pos_fraction, seed, length
-        self.nodule_types, self.pos_sampling = nodule_types, pos_sampling
+        self.levels, self.pos_sampling = levels, pos_sampling
         self.cohort = cohort
         self.cases = [c for c in cohort.cases if c.split == split]
         if not self.cases:
@@ -149,7 +149,7 @@ class PatchDataset(Dataset):
         box = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
         return {
             "image": hu_to_unit(torch.from_numpy(np.array(image[box]))[None], self.window),
-            "mask": mask_channel(mask[box], self.nodule_types)[None],
+            "mask": mask_channel(mask[box], self.levels)[None],
             "coords": coordinate_grid(self.patch, start, shape),
             "case": self.cases[k].id,
         }

@@ -125,7 +125,7 @@ class Sampler:
         if any(a.shape != shape for a in arrays) or any(a.shape != m.GetSize()[::-1] for a, m in zip(arrays, masks)):
             raise ValueError("a sampling batch needs masks (and nodule codes) of one shape")
         padded, pad = padding(shape, self.model_cfg.multiple)
-        m = torch.nn.functional.pad(mask_channel(np.stack(arrays), self.model_cfg.nodule_types)[:, None], pad)
+        m = torch.nn.functional.pad(mask_channel(np.stack(arrays), self.model_cfg.mask_levels())[:, None], pad)
         coords = coordinate_grid(padded, (0, 0, 0), shape)[None].expand(len(arrays), -1, -1, -1, -1)
         cond = torch.cat([m, coords], 1).to(self.device)  # whole mask + whole grid, extended into the pad
         noise = torch.cat([torch.randn((1, 1, *padded), generator=torch.Generator().manual_seed(s)) for s in seeds])

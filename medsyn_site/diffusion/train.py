@@ -145,6 +145,9 @@ def weights_path(source: str) -> Path:
     return path
 
 
+TYPING = {"nodule_types", "type_levels"}  # model settings a fine-tune may change (the mask channel's values)
+
+
 def initial_weights(source: str, cfg: Config) -> dict:
     """The EMA weights a new run starts from (``weights_path``). The model and noise process must match."""
     from medsyn_site.diffusion.rundir import RunError
@@ -152,19 +155,22 @@ def initial_weights(source: str, cfg: Config) -> dict:
     path = weights_path(source)
     blob = torch.load(path, map_location="cpu")
     # the same network and noise process; whether the mask channel carries nodule types may change
-    # (0/1 weights learn the types' levels when fine-tuned with nodule_types on), and so may the loss
+    # (0/1 weights learn the types' levels when fine-tuned with nodule_types on), and so may the levels
+    # themselves (a fine-tune relearns what each level paints), the loss
     # and the cosine schedule's offset (it moves the timesteps' noise by < 1 % of their index except
     # at the low-noise end, which a fine-tune relearns first: the v loss weighs it most)
     model = ModelConfig.of_weights(blob.get("model") or {})
     have_diffusion = DiffusionConfig(**blob["diffusion"]) if blob.get("diffusion") else None
-    for section, have, want in (("model", model.model_dump(mode="json", exclude={"nodule_types"}),
-                                 cfg.model.model_dump(mode="json", exclude={"nodule_types"})),
+    for section, have, want in (("model", model.model_dump(mode="json", exclude=TYPING),
+                                 cfg.model.model_dump(mode="json", exclude=TYPING)),
                                 ("diffusion", have_diffusion and have_diffusion.noise_process() | {"cosine_s": None},
                                  cfg.diffusion.noise_process() | {"cosine_s": None})):
         if have != want:
             raise RunError(f"{path}: train.init_weights was trained with another {section} config "
                            f"({blob.get(section)}); use the config it was made with")
     notes = ["its 0/1 mask channel now carries nodule types"] if cfg.model.nodule_types > model.nodule_types else []
+    if model.nodule_types and cfg.model.nodule_types and model.type_levels != cfg.model.type_levels:
+        notes.append(f"nodule type levels {list(model.type_levels)} -> {list(cfg.model.type_levels)}")
     if have_diffusion.cosine_s != cfg.diffusion.cosine_s:
         notes.append(f"cosine schedule offset {have_diffusion.cosine_s} -> {cfg.diffusion.cosine_s}")
     log.info("starting from %s (step %s of its run%s)", path, blob.get("step"), "".join(f"; {n}" for n in notes))
@@ -224,12 +230,12 @@ class Trainer:
         self.rank, self.world = rank, _ = eng.rank_world()
         # rank 0 is the one writer of the run dir; checked before the volumes are cached
         eng.on_rank0(run.check_resume, cfg) if resume else eng.on_rank0(run.check_new, force)
-        typed = cfg.model.nodule_types
+        levels = cfg.model.mask_levels()
         self.data = PatchDataset(self.cohort, "train", t.patch_size, cfg.diffusion.hu_window, t.pos_fraction, t.seed,
-                                 nodule_types=typed, pos_sampling=t.pos_sampling)
+                                 levels=levels, pos_sampling=t.pos_sampling)
         val_split = "val" if self.cohort.split("val") else "train"
         previews = PatchDataset(self.cohort, val_split, t.patch_size, cfg.diffusion.hu_window, 1.0, t.seed + 1,
-                                nodule_types=typed)
+                                levels=levels)
 
         def start_run() -> None:
             from medsyn_site.provenance import record_training_cohort
