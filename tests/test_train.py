@@ -270,7 +270,7 @@ def test_runs_begun_before_a_setting_existed_resume_with_what_they_trained_with(
     from medsyn_site.diffusion.rundir import ADDED_SETTINGS, RunError
 
     other = {("train", "pos_sampling"): "type", ("diffusion", "loss_weighting"): "min_snr",
-             ("diffusion", "min_snr_gamma"): 2.0, ("model", "nodule_types"): True}
+             ("diffusion", "min_snr_gamma"): 2.0, ("model", "nodule_types"): True, ("model", "type_levels"): [0.2, 0.5, 1.0]}
     for (section, key), old in ADDED_SETTINGS.items():
         cfg = _cfg(**{f"{section}.{key}": old})
         run = RunDir(tmp_path / key)

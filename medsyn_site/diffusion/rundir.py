@@ -90,7 +90,8 @@ def _torch_load(path: Path):
 
 
 # settings added to the config since runs began, with the value an older run dir trained with
-ADDED_SETTINGS = {("model", "nodule_types"): False, ("train", "pos_sampling"): "voxel",
+ADDED_SETTINGS = {("model", "nodule_types"): False, ("model", "type_levels"): [1 / 3, 2 / 3, 1.0],
+                  ("train", "pos_sampling"): "voxel",
                   ("diffusion", "loss_weighting"): "none", ("diffusion", "min_snr_gamma"): 5.0}
 
 
