@@ -108,9 +108,9 @@ def relocate_nodules(mask: np.ndarray, hu: np.ndarray, rng: np.random.Generator,
     ground-glass nodule then shows the wall's density). With ``prior`` (``lung_prior``: the share of
     the cohort's scans with lung at each voxel), an interior nodule goes where that share is at
     least ``clearance`` on the nodule and every voxel around it, and one against the pleura where
-    it is at least a half on the nodule (most scans' pleura is not nearer). Each rule is dropped in
-    turn after ``tries`` trials: the prior, then the contact; a nodule that fits nowhere is dropped
-    rather than placed badly."""
+    at least half of them have lung on the nodule (inside the typical lungs, not in their wall).
+    Each rule is dropped in turn after ``tries`` trials: the prior, then the contact; a nodule that
+    fits nowhere is dropped rather than placed badly."""
     labels, n = label_nodules(mask)
     lungs = lung_mask(hu)
     depth = pleural_depth(lungs | (mask > 0))
