@@ -67,6 +67,7 @@ def main() -> None:
     if "real" not in results:
         results["real"] = by_contact(realism.cohort_volumes(paths["nodules"]))
     if a.label not in results:
+        lung_prior = masks.lung_prior
         if a.no_prior:  # the relocation before the prior: MaskJob passes no prior
             masks.lung_prior = lambda root, shape: None
         jobs = masks.mask_jobs(f"relocate:{paths['nodules']}", 1)
@@ -76,12 +77,12 @@ def main() -> None:
         gen = Sampler(Path(a.weights), sampler, int(steps), device="cpu", **realism_bench.evaluation(window))
         if a.ggo_level is not None:
             gen.model_cfg = gen.model_cfg.model_copy(update={"type_levels": (a.ggo_level, *gen.model_cfg.type_levels[1:])})
-        prior = masks._cohort_lungs(str(paths["nodules"])).numpy()
         vols, nodules, t0 = [], [], time.perf_counter()
         for i in chosen:
             c = conds[i]
             hu = sitk.GetArrayFromImage(gen.volumes([c.mask], [2000 + i], [c.codes])[0])
             src = jobs[i].cohort.arrays(jobs[i].source_id)[0]
+            prior = lung_prior(str(paths["nodules"]), src.shape)
             labels, kinds = component_types(c.codes)
             vols.append(realism.Volume(hu, c.codes > 0, c.mask.GetSpacing(),
                                        dict(zip(np.bincount(labels.ravel())[1:].tolist(), kinds))))
