@@ -104,7 +104,6 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
 
     from medsyn_site.diffusion.masks import mask_jobs
     from medsyn_site.diffusion.sample import Sampler
-    from medsyn_site.imaging import component_types
 
     res_file = out / "nodules.json"
     results = json.loads(res_file.read_text()) if res_file.exists() else {}
@@ -141,9 +140,7 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
         vols, codes, t0 = [], [], time.perf_counter()
         if saved.exists():  # sampled before (e.g. before a measure was added): measured again as they are
             z, spacing = np.load(saved), jobs[0].cohort.case(jobs[0].source_id).spacing
-            for hu, c in zip(z["hu"], z["codes"]):
-                labels, kinds = component_types(c)
-                vols.append(realism.Volume(hu, c > 0, spacing, dict(zip(np.bincount(labels.ravel())[1:].tolist(), kinds))))
+            vols = [typed_volume(hu, c, spacing) for hu, c in zip(z["hu"], z["codes"])]
             results[label] = entry(vols)
             res_file.write_text(json.dumps(results, indent=1))
             continue
@@ -151,9 +148,7 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
         for i, j in enumerate(jobs):
             c = j.conditioning(0)
             hu = sitk.GetArrayFromImage(gen.volumes([c.mask], [2000 + i], [c.codes])[0])
-            labels, kinds = component_types(c.codes)
-            types = dict(zip(np.bincount(labels.ravel())[1:].tolist(), kinds))
-            vols.append(realism.Volume(hu, sitk.GetArrayFromImage(c.mask), c.mask.GetSpacing(), types))
+            vols.append(typed_volume(hu, c.codes, c.mask.GetSpacing()))
             codes.append(c.codes)
         np.savez_compressed(saved, hu=np.rint([v.hu for v in vols]).astype(np.int16), codes=np.stack(codes))
         results[label] = entry(vols) | {"seconds_per_volume": round((time.perf_counter() - t0) / len(jobs), 1)}
@@ -166,6 +161,15 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
                                  for t, v in e.items() if isinstance(v, dict)},
               flush=True)
     return results
+
+
+def typed_volume(hu: np.ndarray, codes: np.ndarray, spacing) -> realism.Volume:
+    """A sample as the realism measures take it, each nodule typed by its conditioning codes
+    (``Volume.types`` is keyed by voxel count)."""
+    from medsyn_site.imaging import component_types
+
+    labels, kinds = component_types(codes)
+    return realism.Volume(hu, codes > 0, spacing, dict(zip(np.bincount(labels.ravel())[1:].tolist(), kinds)))
 
 
 DENOISE_T = (20, 100, 250, 400, 550, 700, 850, 980)  # training timesteps (of 1000) the held-out loss is read at

@@ -83,9 +83,8 @@ def main() -> None:
             hu = sitk.GetArrayFromImage(gen.volumes([c.mask], [2000 + i], [c.codes])[0])
             src = jobs[i].cohort.arrays(jobs[i].source_id)[0]
             prior = lung_prior(str(paths["nodules"]), src.shape)
+            vols.append(realism_bench.typed_volume(hu, c.codes, c.mask.GetSpacing()))
             labels, kinds = component_types(c.codes)
-            vols.append(realism.Volume(hu, c.codes > 0, c.mask.GetSpacing(),
-                                       dict(zip(np.bincount(labels.ravel())[1:].tolist(), kinds))))
             d_own, d_src = (pleural_depth(lung_mask(x) | (c.codes > 0)) for x in (hu, src))
             for lab, kind in enumerate(kinds, 1):
                 comp = labels == lab
