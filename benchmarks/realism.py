@@ -164,12 +164,8 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
 
 
 def typed_volume(hu: np.ndarray, codes: np.ndarray, spacing) -> realism.Volume:
-    """A sample as the realism measures take it, each nodule typed by its conditioning codes
-    (``Volume.types`` is keyed by voxel count)."""
-    from medsyn_site.imaging import component_types
-
-    labels, kinds = component_types(codes)
-    return realism.Volume(hu, codes > 0, spacing, dict(zip(np.bincount(labels.ravel())[1:].tolist(), kinds)))
+    """A sample as the realism measures take it, each nodule typed by its conditioning codes."""
+    return realism.Volume(hu, None, spacing, codes=codes)
 
 
 DENOISE_T = (20, 100, 250, 400, 550, 700, 850, 980)  # training timesteps (of 1000) the held-out loss is read at

@@ -42,13 +42,26 @@ class Volume:
     hu: np.ndarray                       # z, y, x
     mask: np.ndarray | None = None       # nodule mask (nonzero = nodule)
     spacing: tuple = (1.0, 1.0, 1.0)     # x, y, z mm
-    types: dict = field(default_factory=dict)  # nodule voxel count -> type (relocation keeps counts)
+    types: dict = field(default_factory=dict)  # voxel count -> type, for nodules ``codes`` leaves unknown
+    codes: np.ndarray | None = None      # imaging.NODULE_CODES per voxel (types each nodule; mask = codes > 0)
 
     def __post_init__(self):
         self.hu = np.asarray(self.hu, np.float32)
+        if self.mask is None and self.codes is not None:
+            self.mask = self.codes
         self.mask = np.zeros(self.hu.shape, bool) if self.mask is None else np.asarray(self.mask) > 0
         self.body = body_mask(self.hu)
         self.cavity = lung_cavity(self.hu, self.body)
+
+    def nodules(self) -> tuple[np.ndarray, list[str]]:
+        """The nodules as labels 1..n and each one's type: its code where ``codes`` knows it, else
+        ``types`` by its voxel count (a relocated nodule keeps its count), else "unknown"."""
+        labels, n = label_nodules(self.mask)
+        kinds = component_types(np.where(self.mask, self.codes, 0))[1] if self.codes is not None else ["unknown"] * n
+        if "unknown" in kinds:
+            sizes = np.bincount(labels.ravel(), minlength=n + 1)
+            kinds = [self.types.get(int(sizes[i + 1]), "unknown") if k == "unknown" else k for i, k in enumerate(kinds)]
+        return labels, kinds
 
 
 def lung_cavity(hu: np.ndarray, body: np.ndarray | None = None) -> np.ndarray:
@@ -286,23 +299,23 @@ def outline_sharpness(v: Volume) -> float:
 
 
 def contrasts_by_type(vols: list[Volume], reference: str = "lung") -> dict[str, list[float]]:
-    """Nodule contrasts (HU) grouped by the nodule's type (``Volume.types`` by voxel count): the
+    """Nodule contrasts (HU) grouped by the nodule's type (``Volume.nodules``): the
     nodule's mean HU minus the median HU of its scan's lung cavity (``reference="lung"``: the
     parenchyma, whatever lies next to the nodule), or minus a 2-voxel shell around it ("shell", as
     ``quality.nodule_contrasts``: swings with what the nodule touches, pleura or vessel)."""
     out: dict[str, list[float]] = {}
     for v in vols:
-        labels, n = label_nodules(v.mask)
+        labels, kinds = v.nodules()
         lung = v.cavity & ~v.mask
         background = float(np.median(v.hu[lung])) if lung.any() else None
-        for lab in range(1, n + 1):
+        for lab, kind in enumerate(kinds, start=1):
             comp = labels == lab
             if reference == "lung":
                 c = [float(v.hu[comp].mean()) - background] if background is not None else []
             else:
                 c = [x.contrast for x in nodule_contrasts(v.hu, comp)]
             if c:
-                out.setdefault(v.types.get(int(comp.sum()), "unknown"), []).append(c[0])
+                out.setdefault(kind, []).append(c[0])
     return out
 
 
@@ -315,11 +328,10 @@ def pleural_by_type(vols: list[Volume]) -> dict[str, list[bool]]:
     for v in vols:
         if not (v.cavity & ~v.mask).any():
             continue
-        labels, n = label_nodules(v.mask)
+        labels, kinds = v.nodules()
         depth = pleural_depth(lung_mask(v.hu) | v.mask)
-        for lab in range(1, n + 1):
-            comp = labels == lab
-            out.setdefault(v.types.get(int(comp.sum()), "unknown"), []).append(bool(depth[comp].min() <= 1))
+        for lab, kind in enumerate(kinds, start=1):
+            out.setdefault(kind, []).append(bool(depth[labels == lab].min() <= 1))
     return out
 
 
@@ -378,9 +390,10 @@ def compare(real: list[Volume], other: list[Volume], cnn_steps: int = 600, seed:
 
 def cohort_volumes(root, split: str | None = None, types: dict | None = None, only: set[str] | None = None
                    ) -> list[Volume]:
-    """A cohort's volumes (optionally one split, or the cases in ``only``). Nodule types come from the cohort's own records,
-    or from ``types`` (voxel count -> type; a synthetic cohort sampled from relocated real masks
-    takes its real cohort's: relocation keeps each nodule's voxel count)."""
+    """A cohort's volumes (optionally one split, or the cases in ``only``). Each nodule's type comes
+    from the cohort's own records (found at their centre voxels), else from ``types`` (voxel count ->
+    type; a synthetic cohort sampled from relocated real masks takes its real cohort's: relocation
+    keeps each nodule's voxel count)."""
     from medsyn_site.data.cohort import Cohort
 
     c = Cohort(root)
@@ -389,7 +402,7 @@ def cohort_volumes(root, split: str | None = None, types: dict | None = None, on
         if (split and rec.split != split) or (only is not None and rec.id not in only):
             continue
         hu, mask = c.arrays(rec.id)
-        out.append(Volume(hu, mask, tuple(rec.spacing), dict(types or {}) | record_types(rec, mask)))
+        out.append(Volume(hu, mask, tuple(rec.spacing), dict(types or {}), nodule_codes(mask, rec.nodules)))
     return out
 
 
@@ -400,8 +413,14 @@ def record_types(rec, mask: np.ndarray) -> dict[int, str]:
 
 
 def nodule_types(vols: list[Volume]) -> dict[int, str]:
-    """Voxel count -> type over a set of real volumes (to type a synthetic set's relocated nodules)."""
-    return {k: t for v in vols for k, t in v.types.items()}
+    """Voxel count -> type over a set of real volumes (to type a synthetic set's relocated nodules
+    its records do not type)."""
+    out = {}
+    for v in vols:
+        labels, kinds = v.nodules()
+        sizes = np.bincount(labels.ravel())
+        out |= {int(sizes[i]): k for i, k in enumerate(kinds, start=1) if k != "unknown"}
+    return out
 
 
 def short(m: dict) -> dict:

@@ -9,6 +9,7 @@ from scipy import ndimage
 from medsyn_site import realism
 from medsyn_site.config import PhantomConfig, SplitConfig
 from medsyn_site.data.phantom import write_phantom_cohort
+from medsyn_site.imaging import NODULE_CODES
 
 SP = (1.5, 1.5, 2.0)  # x, y, z mm
 
@@ -82,6 +83,21 @@ def test_mmd_is_the_squared_distance_of_the_means():
     same = realism.mmd(vols, [realism.Volume(_chest(noise=50.0, seed=s + 10), None, SP) for s in range(4)])
     assert abs(same) < 2e-3
     assert realism.mmd(vols, shifted) == pytest.approx(0.01, abs=3e-3)
+
+
+def test_nodules_of_one_size_are_typed_by_their_codes():
+    hu = _chest()
+    codes = np.zeros(hu.shape, np.uint8)
+    hu[8:11, 14:17, 14:17], codes[8:11, 14:17, 14:17] = 100.0, NODULE_CODES["solid"]          # 27 voxels each
+    hu[8:11, 24:27, 24:27], codes[8:11, 24:27, 24:27] = -550.0, NODULE_CODES["ground-glass"]
+    hu[16:19, 20:23, 20:23], codes[16:19, 20:23, 20:23] = -250.0, NODULE_CODES["unknown"]    # typed by its count
+    v = realism.Volume(hu, None, SP, {27: "part-solid"}, codes)
+    assert v.mask.sum() == 81
+    assert realism.contrasts_by_type([v]) == {"solid": [pytest.approx(950.0)], "ground-glass": [pytest.approx(300.0)],
+                                              "part-solid": [pytest.approx(600.0)]}
+    assert sorted(realism.pleural_by_type([v])) == ["ground-glass", "part-solid", "solid"]
+    # without codes all three are one size: the count map can only type them alike
+    assert set(realism.contrasts_by_type([realism.Volume(hu, codes, SP, {27: "solid"})])) == {"solid"}
 
 
 @pytest.fixture(scope="module")

@@ -315,6 +315,7 @@ def measure_realism(synth: dict[str, tuple], cohort: Cohort, training_cohort: st
     if cfg is None or not cfg.enabled:
         return None
     from medsyn_site import realism
+    from medsyn_site.imaging import nodule_codes
 
     rng = np.random.default_rng(0)
 
@@ -329,7 +330,7 @@ def measure_realism(synth: dict[str, tuple], cohort: Cohort, training_cohort: st
     real = realism.cohort_volumes(training_cohort, only=set(split["train"]))
     other = realism.cohort_volumes(training_cohort, only=set(split["val"])) if len(split["val"]) >= 2 else None
     types = realism.nodule_types(real)
-    synth_vols = [realism.Volume(hu, m, tuple(cohort.case(c).spacing), types | realism.record_types(cohort.case(c), m))
+    synth_vols = [realism.Volume(hu, m, tuple(cohort.case(c).spacing), types, nodule_codes(m, cohort.case(c).nodules))
                   for c, (hu, m) in sorted(synth.items())]
     log.info("realism: %d released volumes against %d training scans", len(synth_vols), len(real))
     return realism.summarize(real, synth_vols, other, cnn_steps=cfg.cnn_steps)
