@@ -284,6 +284,15 @@ def test_sampling_masks_at_another_scale_warns(run, phantom_cohort, key, tmp_pat
             assert warned == []
         else:
             assert len(warned) == 1 and said in warned[0] and str(weights) in warned[0], warned
+    # one batch, one shape: the second mask's voxels twice the size (the field twice as large) warns too
+    right = Cohort(phantom_cohort).read(Cohort(phantom_cohort).cases[0].id)[1]
+    wrong = sitk.Image(right)
+    wrong.SetSpacing([2 * s for s in right.GetSpacing()])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medsyn_site.diffusion.sample"):
+        sample_mod.Sampler(weights, "ddim", 1, device="cpu").volumes([right, wrong], [0, 1])
+    warned = [r.getMessage() for r in caplog.records if "trained on" in r.getMessage()]
+    assert len(warned) == 1 and "voxel size 4 x 4 x 5 mm" in warned[0], warned
 
 
 def test_relocated_nodules_keep_their_contact_with_the_pleura():

@@ -119,7 +119,8 @@ class Sampler:
         keeps its mask's geometry. ``codes``: the nodules' types per voxel (masks.Conditioning; without
         them every nodule is of unknown type). The starting noise is per volume (its seed); the DDPM
         step noise follows the batch's first seed, so a batch is reproducible as a unit."""
-        self.check_scale(masks[0])
+        for mask in masks:  # one shape, but each its own voxel size
+            self.check_scale(mask)
         arrays = codes or [np.where(sitk.GetArrayFromImage(m) > 0, NODULE_CODES["unknown"], 0) for m in masks]
         shape = arrays[0].shape
         if any(a.shape != shape for a in arrays) or any(a.shape != m.GetSize()[::-1] for a, m in zip(arrays, masks)):
