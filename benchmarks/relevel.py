@@ -2,8 +2,10 @@
 a calibration. The level a type is painted with sets its density (RESULTS, "Realism", parts 10-11: the
 phantom model trained at 1/3 paints ground-glass nodules 1.4x as dense as real ones; sampled at 0.2,
 0.97x). The levels the network was trained at are kept in ``trained_type_levels`` and ``made_by``.
+``--training-cohort DIR``: weights from before ``medsyn train`` recorded the training scans' voxel
+size and field of view (``scale``; a sampler warns for masks at another) get them from DIR's train split.
 
-    python benchmarks/relevel.py IN.pt OUT.pt --type-levels 0.2 0.6666666666666666 1.0
+    python benchmarks/relevel.py IN.pt OUT.pt --type-levels 0.2 0.6666666666666666 1.0 [--training-cohort DIR]
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from pathlib import Path
 import torch
 
 from medsyn_site.config import ModelConfig
+from medsyn_site.data.cohort import Cohort
+from medsyn_site.diffusion.rundir import training_scale
 
 
 def main() -> None:
@@ -20,6 +24,7 @@ def main() -> None:
     ap.add_argument("weights", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--type-levels", type=float, nargs=3, required=True, metavar=("GGO", "PART_SOLID", "SOLID"))
+    ap.add_argument("--training-cohort", type=Path, help="the cohort the weights were trained on (records their scale)")
     a = ap.parse_args()
     blob = torch.load(a.weights, map_location="cpu", weights_only=False)
     trained = ModelConfig.of_weights(blob["model"])
@@ -33,10 +38,12 @@ def main() -> None:
     blob["model"] = dict(blob["model"], type_levels=list(levels))
     blob["made_by"] = (f"{blob.get('made_by', a.weights.name)}; sampled at type levels {list(levels)} "
                        f"(trained at {blob['trained_type_levels']}): benchmarks/relevel.py")
+    if a.training_cohort and not blob.get("scale"):
+        blob["scale"] = training_scale(Cohort(a.training_cohort).split("train"))
     tmp = a.out.with_suffix(".tmp")
     torch.save(blob, tmp)
     tmp.replace(a.out)
-    print("wrote", a.out, "type levels", list(levels), "trained at", blob["trained_type_levels"])
+    print("wrote", a.out, "type levels", list(levels), "trained at", blob["trained_type_levels"], "scale", blob.get("scale"))
 
 
 if __name__ == "__main__":
