@@ -9,6 +9,9 @@ runs: ``sampling_scheduler``, MONAI's DiffusionInferer, HU conversion) with only
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,9 +289,17 @@ def test_the_network_sees_each_nodules_type_level(weights):
     old = torch.load(path)
     old["model"].pop("nodule_types")
     torch.save(old, path.with_name("old.pt"))
-    relevelled = torch.load(path)
-    relevelled["model"]["type_levels"] = [0.2, 0.5, 0.9]
-    torch.save(relevelled, path.with_name("relevelled.pt"))
+    relevel = [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "relevel.py"), str(path)]
+    res = subprocess.run(relevel + [str(path.with_name("relevelled.pt")), "--type-levels", "0.2", "0.5", "0.9"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-1500:]
+    blob = torch.load(path.with_name("relevelled.pt"))
+    assert blob["trained_type_levels"] == pytest.approx([1 / 3, 2 / 3, 1]) and "relevel.py" in blob["made_by"]
+    assert all(torch.equal(blob["ema"][k], v) for k, v in torch.load(path)["ema"].items())  # the network unchanged
+    res = subprocess.run(relevel + [str(path.with_name("bad.pt")), "--type-levels", "0", "0.5", "0.9"],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and res.stderr.strip().count("\n") == 0 and "must be in (0, 1]" in res.stderr, res.stderr
+    assert not path.with_name("bad.pt").exists()
     for case, (file, given) in {"typed": (path, [codes]), "untyped": (path, None),
                                 "old": (path.with_name("old.pt"), [codes]),
                                 "relevelled": (path.with_name("relevelled.pt"), [codes])}.items():
