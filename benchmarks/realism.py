@@ -140,7 +140,7 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
         vols, codes, t0 = [], [], time.perf_counter()
         if saved.exists():  # sampled before (e.g. before a measure was added): measured again as they are
             z, spacing = np.load(saved), jobs[0].cohort.case(jobs[0].source_id).spacing
-            vols = [typed_volume(hu, c, spacing) for hu, c in zip(z["hu"], z["codes"])]
+            vols = [realism.Volume(hu, None, spacing, codes=c) for hu, c in zip(z["hu"], z["codes"])]
             results[label] = entry(vols)
             res_file.write_text(json.dumps(results, indent=1))
             continue
@@ -148,7 +148,7 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
         for i, j in enumerate(jobs):
             c = j.conditioning(0)
             hu = sitk.GetArrayFromImage(gen.volumes([c.mask], [2000 + i], [c.codes])[0])
-            vols.append(typed_volume(hu, c.codes, c.mask.GetSpacing()))
+            vols.append(realism.Volume(hu, None, c.mask.GetSpacing(), codes=c.codes))
             codes.append(c.codes)
         np.savez_compressed(saved, hu=np.rint([v.hu for v in vols]).astype(np.int16), codes=np.stack(codes))
         results[label] = entry(vols) | {"seconds_per_volume": round((time.perf_counter() - t0) / len(jobs), 1)}
@@ -161,11 +161,6 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
                                  for t, v in e.items() if isinstance(v, dict)},
               flush=True)
     return results
-
-
-def typed_volume(hu: np.ndarray, codes: np.ndarray, spacing) -> realism.Volume:
-    """A sample as the realism measures take it, each nodule typed by its conditioning codes."""
-    return realism.Volume(hu, None, spacing, codes=codes)
 
 
 DENOISE_T = (20, 100, 250, 400, 550, 700, 850, 980)  # training timesteps (of 1000) the held-out loss is read at

@@ -34,7 +34,7 @@ import realism as realism_bench  # noqa: E402  (benchmarks/realism.py: the held-
 from medsyn_site import realism
 from medsyn_site.diffusion import masks
 from medsyn_site.diffusion.sample import Sampler
-from medsyn_site.imaging import component_types, lung_mask, pleural_depth
+from medsyn_site.imaging import lung_mask, pleural_depth
 
 
 def by_contact(vols: list) -> dict:
@@ -83,8 +83,8 @@ def main() -> None:
             hu = sitk.GetArrayFromImage(gen.volumes([c.mask], [2000 + i], [c.codes])[0])
             src = jobs[i].cohort.arrays(jobs[i].source_id)[0]
             prior = lung_prior(str(paths["nodules"]), src.shape)
-            vols.append(realism_bench.typed_volume(hu, c.codes, c.mask.GetSpacing()))
-            labels, kinds = component_types(c.codes)
+            vols.append(realism.Volume(hu, None, c.mask.GetSpacing(), codes=c.codes))
+            labels, kinds = vols[-1].nodules()
             d_own, d_src = (pleural_depth(lung_mask(x) | (c.codes > 0)) for x in (hu, src))
             for lab, kind in enumerate(kinds, 1):
                 comp = labels == lab
