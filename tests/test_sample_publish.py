@@ -421,3 +421,35 @@ def test_relocated_nodules_go_where_the_cohorts_lungs_are():
                 astray[1] += not wall_ok
     assert len(places[1]) >= 8 and len(places[2]) >= 8
     assert astray[2] >= 6 and astray[1] >= 1, astray
+
+
+def test_pleural_nodules_go_where_the_typical_lungs_end_too():
+    """This scan's lung box (24 voxels a side) is smaller than the cohort's typical lungs past five of
+    its six faces (the prior runs on at 0.9 beyond them) and ends with them only at its z = 12 face:
+    against those five faces a nodule touches this scan's pleura but would sit inside the generator's
+    lungs. A pleural nodule lands against the z = 12 face only (over 12 seeds, at several places), an
+    interior one still where the prior is 1 (the middle 16 voxels); without the rule about the typical wall it lands elsewhere."""
+    from medsyn_site.diffusion import masks
+    from medsyn_site.imaging import label_nodules, pleural_depth
+
+    hu = _chest((48, 48, 48), (12, 12, 12), (36, 36, 36))
+    mask = np.zeros(hu.shape, np.uint8)
+    mask[12:15, 20:23, 20:23] = 1  # against the z = 12 face
+    mask[22:25, 22:25, 22:25] = 2
+    hu[mask > 0] = 40.0
+    lungs = lung_mask(hu) | (mask > 0)
+    prior = np.zeros(hu.shape)
+    prior[12:40, 8:40, 8:40] = 0.9  # the typical lungs: past every face but z = 12
+    prior[lungs] = 0.5
+    prior[16:32, 16:32, 16:32] = 1.0
+    depth = pleural_depth(lungs)
+    places = set()
+    for seed in range(12):
+        out = masks.relocate_nodules(mask, hu, np.random.default_rng(seed), prior=prior)
+        labels, n = label_nodules(out)
+        assert n == 2
+        wall = np.argwhere(labels == labels[out == 1][0])
+        assert depth[tuple(wall.T)].min() == 1 and wall[:, 0].min() == 12, (seed, wall.min(0), wall.max(0))
+        assert (np.argwhere(out == 2) >= 17).all() and (np.argwhere(out == 2) <= 30).all()
+        places.add(tuple(wall.mean(0).round(1)))
+    assert len(places) >= 8

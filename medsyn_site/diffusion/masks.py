@@ -108,14 +108,19 @@ def relocate_nodules(mask: np.ndarray, hu: np.ndarray, rng: np.random.Generator,
     ground-glass nodule then shows the wall's density). With ``prior`` (``lung_prior``: the share of
     the cohort's scans with lung at each voxel), an interior nodule goes where that share is at
     least ``clearance`` on the nodule and every voxel around it, and one against the pleura where
-    at least half of them have lung on the nodule (inside the typical lungs, not in their wall).
+    at least half of them have lung on the nodule (inside the typical lungs, not in their wall) and
+    fewer than half just beside it (against the typical wall: where this scan's lungs end before the
+    typical ones, a nodule at its pleura would lie inside the generator's lungs, touching nothing).
     Each rule is dropped in turn after ``tries`` trials: the prior, then the contact; a nodule that
     fits nowhere is dropped rather than placed badly."""
     labels, n = label_nodules(mask)
     lungs = lung_mask(hu)
     depth = pleural_depth(lungs | (mask > 0))
     # where the prior holds an interior nodule's voxel (with every voxel around it) or a pleural one's
-    held = None if prior is None else {False: ndimage.minimum_filter(prior, size=3) >= clearance, True: prior >= 0.5}
+    # (a pleural one also reaches the typical wall: a voxel beside it where fewer than half the scans have lung)
+    typical = None if prior is None else ndimage.minimum_filter(prior, size=3)
+    held = None if prior is None else {False: typical >= clearance, True: prior >= 0.5}
+    at_wall = None if prior is None else typical < 0.5
     lung_voxels = np.argwhere(lungs)
     out = np.zeros_like(mask, dtype=np.uint8)
     taken = np.zeros(mask.shape, bool)  # the placed nodules and the voxels that touch them
@@ -134,7 +139,8 @@ def relocate_nodules(mask: np.ndarray, hu: np.ndarray, rng: np.random.Generator,
             idx = _place(rng, trials if len(lung_voxels) else 0, lung_voxels, offsets, mask.shape,
                          lambda idx: (lungs[idx].all() and not taken[idx].any()
                                       and (not contact or (depth[idx].min() <= 1) == pleural)
-                                      and (not inside or held[pleural][idx].all())))
+                                      and (not inside or (held[pleural][idx].all()
+                                                          and (not pleural or at_wall[idx].any())))))
             if idx is not None:
                 out[idx] = value
                 halo = np.unique((np.stack(idx, 1)[:, None] + around).reshape(-1, 3), axis=0)
