@@ -428,7 +428,8 @@ def test_pleural_nodules_go_where_the_typical_lungs_end_too():
     its six faces (the prior runs on at 0.9 beyond them) and ends with them only at its z = 12 face:
     against those five faces a nodule touches this scan's pleura but would sit inside the generator's
     lungs. A pleural nodule lands against the z = 12 face only (over 12 seeds, at several places), an
-    interior one still where the prior is 1 (the middle 16 voxels); without the rule about the typical wall it lands elsewhere."""
+    interior one still where the prior is 1 (the middle 16 voxels). Without the rule about the typical
+    wall (a prior < 0.5 beside the nodule) the pleural one lands against another face at seed 1."""
     from medsyn_site.diffusion import masks
     from medsyn_site.imaging import label_nodules, pleural_depth
 
