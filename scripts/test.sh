@@ -18,4 +18,4 @@ if [ "${1:-}" = "--fast" ]; then
   shift
   set -- -m "not slow" "$@"
 fi
-exec "${MEDSYN_VENV:-$root/.venv}/bin/python" -m pytest -ra "$@"
+exec "${MEDSYN_VENV:-$root/.venv}/bin/python" -m pytest -ra --durations=25 "$@"  # the 25 slowest: where the suite's time goes
