@@ -89,6 +89,9 @@ class DataConfig(Strict):
     prepare: PrepareConfig = PrepareConfig()
 
 
+OLD_TYPE_LEVELS = (1 / 3, 2 / 3, 1.0)  # model.type_levels of weights and run dirs that do not record them
+
+
 class ModelConfig(Strict):
     """MONAI DiffusionModelUNet (3-D). Input: noisy CT + mask + 3 coordinate channels."""
 
@@ -107,13 +110,17 @@ class ModelConfig(Strict):
     # the mask channel carries each nodule's type (cohort.json's records) as its level in type_levels,
     # so one model paints each type with its own contrast; off = 0/1 mask
     nodule_types: bool = True
-    # the mask channel's value for a ground-glass, a part-solid and a solid nodule (unknown: solid's)
-    type_levels: tuple[float, float, float] = (1 / 3, 2 / 3, 1.0)
+    # the mask channel's value for a ground-glass, a part-solid and a solid nodule (unknown: solid's).
+    # The small networks paint a type's density roughly in proportion to its level: trained at 1/3
+    # (the default before; weights without recorded levels were trained at it) the phantom model painted
+    # ground-glass 1.4x as dense as real, at 0.2 0.9x (benchmarks/RESULTS.md, "Closing the gap", parts 11, 13)
+    type_levels: tuple[float, float, float] = (0.2, 2 / 3, 1.0)
 
     @classmethod
     def of_weights(cls, model: dict) -> "ModelConfig":
-        """The config a weights file was trained with (files written before nodule types: 0/1 masks)."""
-        return cls(**({"nodule_types": False} | model))
+        """The config a weights file was trained with: files written before nodule types had 0/1 masks,
+        files with types that record no levels were trained at the first default, 1/3 for ground-glass."""
+        return cls(**({"nodule_types": False, "type_levels": OLD_TYPE_LEVELS} | model))
 
     def mask_levels(self) -> tuple[float, ...] | None:
         """The mask channel's value of each nodule code (imaging.NODULE_CODES: none, ground-glass,

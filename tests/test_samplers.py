@@ -274,9 +274,10 @@ class MaskRecorder(torch.nn.Module):
 
 
 def test_the_network_sees_each_nodules_type_level(weights):
-    """A model trained with nodule types sees ground-glass 1/3, part-solid 2/3, solid and unknown 1;
+    """A model trained with nodule types sees ground-glass 0.2, part-solid 2/3, solid and unknown 1;
     a mask given without types is all unknown; weights from before types (no ``nodule_types`` in
-    their config) see 0/1; weights trained with other ``type_levels`` see theirs."""
+    their config) see 0/1; weights with types that record no levels (written when the default was
+    1/3 for ground-glass) see 1/3; weights trained with other ``type_levels`` see theirs."""
     from medsyn_site.imaging import NODULE_CODES
 
     cfg = DiffusionConfig(prediction_type="v_prediction", schedule="cosine")
@@ -284,17 +285,20 @@ def test_the_network_sees_each_nodules_type_level(weights):
     for k, t in enumerate(("ground-glass", "part-solid", "solid", "unknown")):
         codes[2, 2 + 3 * k, 2] = NODULE_CODES[t]
     mask = sitk.GetImageFromArray((codes > 0).astype(np.uint8))
-    want = {"typed": [1 / 3, 2 / 3, 1, 1], "untyped": [1, 1, 1, 1], "old": [1, 1, 1, 1], "relevelled": [0.2, 0.5, 0.9, 0.9]}
+    want = {"typed": [0.2, 2 / 3, 1, 1], "untyped": [1, 1, 1, 1], "old": [1, 1, 1, 1], "unlevelled": [1 / 3, 2 / 3, 1, 1],
+            "relevelled": [0.3, 0.5, 0.9, 0.9]}
     path = weights(cfg)
     old = torch.load(path)
+    old["model"].pop("type_levels")
+    torch.save(old, path.with_name("unlevelled.pt"))
     old["model"].pop("nodule_types")
     torch.save(old, path.with_name("old.pt"))
     relevel = [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "relevel.py"), str(path)]
-    res = subprocess.run(relevel + [str(path.with_name("relevelled.pt")), "--type-levels", "0.2", "0.5", "0.9"],
+    res = subprocess.run(relevel + [str(path.with_name("relevelled.pt")), "--type-levels", "0.3", "0.5", "0.9"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-1500:]
     blob = torch.load(path.with_name("relevelled.pt"))
-    assert blob["trained_type_levels"] == pytest.approx([1 / 3, 2 / 3, 1]) and "relevel.py" in blob["made_by"]
+    assert blob["trained_type_levels"] == pytest.approx([0.2, 2 / 3, 1]) and "relevel.py" in blob["made_by"]
     assert all(torch.equal(blob["ema"][k], v) for k, v in torch.load(path)["ema"].items())  # the network unchanged
     res = subprocess.run(relevel + [str(path.with_name("bad.pt")), "--type-levels", "0", "0.5", "0.9"],
                          capture_output=True, text=True)
@@ -302,6 +306,7 @@ def test_the_network_sees_each_nodules_type_level(weights):
     assert not path.with_name("bad.pt").exists()
     for case, (file, given) in {"typed": (path, [codes]), "untyped": (path, None),
                                 "old": (path.with_name("old.pt"), [codes]),
+                                "unlevelled": (path.with_name("unlevelled.pt"), [codes]),
                                 "relevelled": (path.with_name("relevelled.pt"), [codes])}.items():
         gen = Sampler(file, "ddim", 2, device="cpu")
         gen.model = MaskRecorder()

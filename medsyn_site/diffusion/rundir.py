@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from medsyn_site.atomic import atomic_write_text, clean_stale, owner_tag, refuse_existing, sha256_file
-from medsyn_site.config import Config, dump_config
+from medsyn_site.config import OLD_TYPE_LEVELS, Config, dump_config
 from medsyn_site.diffusion.engine import on_every_rank, on_rank0, rank_world
 from medsyn_site.errors import MedsynError, check_free, write_failure
 
@@ -90,7 +90,7 @@ def _torch_load(path: Path):
 
 
 # settings added to the config since runs began, with the value an older run dir trained with
-ADDED_SETTINGS = {("model", "nodule_types"): False, ("model", "type_levels"): [1 / 3, 2 / 3, 1.0],
+ADDED_SETTINGS = {("model", "nodule_types"): False, ("model", "type_levels"): list(OLD_TYPE_LEVELS),
                   ("train", "pos_sampling"): "voxel",
                   ("diffusion", "loss_weighting"): "none", ("diffusion", "min_snr_gamma"): 5.0}
 
