@@ -113,7 +113,7 @@ class ModelConfig(Strict):
     # the mask channel's value for a ground-glass, a part-solid and a solid nodule (unknown: solid's).
     # The small networks paint a type's density roughly in proportion to its level: trained at 1/3
     # (the default before; weights without recorded levels were trained at it) the phantom model painted
-    # ground-glass 1.4x as dense as real, at 0.2 0.9x (benchmarks/RESULTS.md, "Closing the gap", parts 11, 13)
+    # ground-glass 1.4x as dense as real, at 0.2 0.9x (benchmarks/RESULTS.md, "Closing the gap, part 11")
     type_levels: tuple[float, float, float] = (0.2, 2 / 3, 1.0)
 
     @classmethod
