@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from medsyn_site.config import PhantomConfig, SplitConfig, load_config
+from medsyn_site.config import ModelConfig, PhantomConfig, SplitConfig, load_config
 from medsyn_site.data.cohort import Cohort
 from medsyn_site.data.phantom import write_phantom_cohort
 from medsyn_site.diffusion.rundir import RunDir
@@ -62,11 +62,14 @@ def train_scans_sha256(cohort: Path) -> dict[str, str]:
 
 
 def tiny_config(weights: str, overrides: dict):
-    """tiny.yaml with RECIPE and ``overrides``, starting from ``weights`` on the noise process they were
-    trained on (tiny.yaml's may differ: a fine-tune may change the cosine offset, and a model sampled
-    on another schedule than its own is not the model)."""
+    """tiny.yaml with RECIPE and ``overrides``, starting from ``weights`` on the noise process and the
+    mask channel they were trained on (tiny.yaml's may differ: a fine-tune may change the cosine offset
+    or the nodule type levels, and a model sampled on another schedule or other mask values than its
+    own is not the model: tests/data/overfit-tiny.pt saw 0/1 masks)."""
     blob = torch.load(weights_path(weights), map_location="cpu")
     own = {f"diffusion.{k}": v for k, v in (blob.get("diffusion") or {}).items()}
+    typing = ModelConfig.of_weights(blob["model"])
+    own |= {"model.nodule_types": typing.nodule_types, "model.type_levels": list(typing.type_levels)}
     return load_config("tiny", RECIPE | own | {"train.init_weights": weights} | overrides)
 
 
