@@ -7,6 +7,8 @@ phantom at the demo's size, each beside the same measure between two real phanto
                  against those 6 real scans
   nodules        contrast by nodule type on 48 more held-out scans (seed 9; baseline seed 10) and 48
                  volumes per model sampled from their masks (nodules.json; --nodules 0 skips it)
+  audit          with --audit-cohort DIR (the cohort the models trained on): publish's memorization
+                 audit of those 48 samples per model (audit.json)
 
 Stages keep their outputs in --out and are skipped when they exist (stop and re-run freely):
 
@@ -160,6 +162,47 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
                                      {w: (c["hu"], c["real_hu"]) for w, c in v.get("by_contact", {}).items()})
                                  for t, v in e.items() if isinstance(v, dict)},
               flush=True)
+    return results
+
+
+def audit_stage(out: Path, paths: dict, labels: list[str], training_cohort: Path) -> dict:
+    """``medsyn publish``'s memorization audit (tiny.yaml's ``publish.audit``) on each model's nodule-stage
+    samples, against the cohort the model was trained on. cohort48 holds training scans only, so the
+    12 held-out real scans (heldout, heldout2) stand in for a cohort's val/test scans in the
+    calibration, beside each training scan left out of the bank in turn (as ``audit.training_bank``)."""
+    from tqdm import tqdm
+
+    from medsyn_site.publish import audit
+
+    res_file = out / "audit.json"
+    results = json.loads(res_file.read_text()) if res_file.exists() else {}
+    todo = [lab for lab in labels if lab not in results and (out / "samples" / f"{lab}-nodules.npz").exists()]
+    if todo:
+        p = load_config(None).publish.audit
+        train = Cohort(training_cohort)
+        feats = {r.id: audit.Features.of(train.arrays(r.id)[0], r.spacing, p)
+                 for r in tqdm(train.cases, desc="audit: training scans", unit="scan")}
+        bank = audit.Bank(list(feats), list(feats.values()), p)
+        unseen = [(audit.Features.of(c.arrays(r.id)[0], r.spacing, p), None)
+                  for name in ("heldout", "heldout2") for c in [Cohort(paths[name])] for r in c.cases]
+        null = audit.nearest_many(unseen + [(f, cid) for cid, f in feats.items()], bank, progress=tqdm,
+                                  desc="audit: calibration")
+        cal = audit.calibrate(null, p)
+        spacing = Cohort(paths["nodules"]).cases[0].spacing
+        for label in todo:
+            hu = np.load(out / "samples" / f"{label}-nodules.npz")["hu"]
+            scores = audit.nearest_many([(audit.Features.of(v, spacing, p), None) for v in hu], bank,
+                                        progress=tqdm, desc=f"audit: {label}")
+            results[label] = {
+                "samples": len(scores), "training_cohort": str(training_cohort), "null_n": len(null),
+                "flagged": [i for i, s in enumerate(scores) if audit.flagged(s, cal)],
+                **{k: {"threshold": round(cal[k]["threshold"], 3), "null_max": round(cal[k]["null_max"], 3),
+                       "max": round(max(s[k] for s in scores), 3), "mean": round(float(np.mean([s[k] for s in scores])), 3)}
+                   for k in ("global", "local")}}
+            res_file.write_text(json.dumps(results, indent=1))
+    for label in labels:
+        if label in results:
+            print("audit", label, json.dumps(results[label]), flush=True)
     return results
 
 
@@ -362,6 +405,8 @@ def main() -> None:
     ap.add_argument("--pair", action="append", default=[], metavar="LABEL=REAL:SYNTHETIC",
                     help="an existing synthetic cohort against its real cohort's train split (types by voxel "
                          "count), beside the real test split against the same (LABEL real-vs-real)")
+    ap.add_argument("--audit-cohort", type=Path, metavar="DIR",
+                    help="the cohort the models were trained on: publish's memorization audit of their nodule-stage samples")
     ap.add_argument("--export", nargs=2, metavar=("LABEL", "PATH"), help="ship LABEL's weights as PATH")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -397,6 +442,8 @@ def main() -> None:
         nodule_stage(out, paths, specs, a.nodules)
         if a.nodules_in_place:
             nodule_stage(out, paths, specs, a.nodules, in_place=True)
+        if a.audit_cohort:
+            audit_stage(out, paths, list(specs), a.audit_cohort)
     for spec in a.pair:  # e.g. the utility benchmark's task: its real cohort and its generator's samples
         label, _, pair = spec.partition("=")
         real_root, _, synth_root = pair.partition(":")
