@@ -325,6 +325,22 @@ def nodule_figure(out: Path, paths: dict, labels: list[str], name: str = "nodule
     plt.close(fig)
 
 
+WALL_BINS = ((-1100, -200, "< -200"), (-200, -50, "fat"), (-50, 100, "soft"), (100, 300, "100-300"), (300, 4000, "> 300"))
+
+
+def wall_table(sets: dict[str, list]) -> str:
+    """Where the body wall's HU distance comes from: percentiles of the wall's HU (``body & ~cavity``,
+    pooled over a set's volumes), the shares of its voxels in tissue ranges, and the mean lung cavity."""
+    head = "| body wall | HU 10th / 25th / 50th pct. | " + " / ".join(n for _, _, n in WALL_BINS) + " | cavity voxels |"
+    rows = [head, "|---|---|---|---|"]
+    for name, vols in sets.items():
+        w = np.concatenate([v.hu[v.body & ~v.cavity] for v in vols]).astype(np.float32)
+        pct = " / ".join(f"{q:.0f}" for q in np.percentile(w, [10, 25, 50]))
+        shares = " / ".join(f"{((w >= a) & (w < b)).mean():.3f}" for a, b, _ in WALL_BINS)
+        rows.append(f"| {name} | {pct} | {shares} | {np.mean([v.cavity.sum() for v in vols]):.0f} |")
+    return "\n".join(rows)
+
+
 def table(results: dict) -> str:
     head = ("| | CNN C2ST | feature C2ST | MMD x1e3 | HU W1 lung / wall | high-freq. lung power | vessel density | "
             "vessel connectivity | outline sharpness | nodule contrast solid / part / GGO | MS-SSIM within |")
@@ -453,6 +469,9 @@ def main() -> None:
     results = json.loads((out / "results.json").read_text())
     if sets:
         figures(out, real, sets)
+        walls = wall_table({"real (held out)": real, "real, second set": realism.cohort_volumes(paths["heldout2"])} | sets)
+        (out / "table_wall.md").write_text(walls + "\n")
+        print(walls)
     (out / "table.md").write_text(table(results) + "\n")
     print(table(results))
     if a.export:
