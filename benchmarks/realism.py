@@ -167,9 +167,10 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
 
 def audit_stage(out: Path, paths: dict, labels: list[str], training_cohort: Path) -> dict:
     """``medsyn publish``'s memorization audit (tiny.yaml's ``publish.audit``) on each model's nodule-stage
-    samples, against the cohort the model was trained on. cohort48 holds training scans only, so the
-    12 held-out real scans (heldout, heldout2) stand in for a cohort's val/test scans in the
-    calibration, beside each training scan left out of the bank in turn (as ``audit.training_bank``)."""
+    samples, against the train split of the cohort the model was trained on. cohort48 holds training
+    scans only, so the 12 held-out real scans (heldout, heldout2) join its val/test scans in the
+    calibration, beside each training scan left out of the bank in turn: ``audit.training_bank``'s
+    calibration, which takes the unseen scans from the cohort alone."""
     from tqdm import tqdm
 
     from medsyn_site.publish import audit
@@ -181,10 +182,11 @@ def audit_stage(out: Path, paths: dict, labels: list[str], training_cohort: Path
         p = load_config(None).publish.audit
         train = Cohort(training_cohort)
         feats = {r.id: audit.Features.of(train.arrays(r.id)[0], r.spacing, p)
-                 for r in tqdm(train.cases, desc="audit: training scans", unit="scan")}
+                 for r in tqdm(train.cases, desc="audit: training scans", unit="scan") if r.split == "train"}
         bank = audit.Bank(list(feats), list(feats.values()), p)
         unseen = [(audit.Features.of(c.arrays(r.id)[0], r.spacing, p), None)
-                  for name in ("heldout", "heldout2") for c in [Cohort(paths[name])] for r in c.cases]
+                  for c in (Cohort(paths["heldout"]), Cohort(paths["heldout2"]), train) for r in c.cases
+                  if c is not train or r.split != "train"]
         null = audit.nearest_many(unseen + [(f, cid) for cid, f in feats.items()], bank, progress=tqdm,
                                   desc="audit: calibration")
         cal = audit.calibrate(null, p)
