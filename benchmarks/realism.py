@@ -168,9 +168,7 @@ def nodule_stage(out: Path, paths: dict, models: dict[str, tuple[Path, str, int,
 def audit_stage(out: Path, paths: dict, labels: list[str], training_cohort: Path) -> dict:
     """``medsyn publish``'s memorization audit (tiny.yaml's ``publish.audit``) on each model's nodule-stage
     samples, against the train split of the cohort the model was trained on. cohort48 holds training
-    scans only, so the 12 held-out real scans (heldout, heldout2) join its val/test scans in the
-    calibration, beside each training scan left out of the bank in turn: ``audit.training_bank``'s
-    calibration, which takes the unseen scans from the cohort alone."""
+    scans only, so the 12 held-out real scans (heldout, heldout2) join the calibration's unseen scans."""
     from tqdm import tqdm
 
     from medsyn_site.publish import audit
@@ -180,15 +178,8 @@ def audit_stage(out: Path, paths: dict, labels: list[str], training_cohort: Path
     todo = [lab for lab in labels if lab not in results and (out / "samples" / f"{lab}-nodules.npz").exists()]
     if todo:
         p = load_config(None).publish.audit
-        train = Cohort(training_cohort)
-        feats = {r.id: audit.Features.of(train.arrays(r.id)[0], r.spacing, p)
-                 for r in tqdm(train.cases, desc="audit: training scans", unit="scan") if r.split == "train"}
-        bank = audit.Bank(list(feats), list(feats.values()), p)
-        unseen = [(audit.Features.of(c.arrays(r.id)[0], r.spacing, p), None)
-                  for c in (Cohort(paths["heldout"]), Cohort(paths["heldout2"]), train) for r in c.cases
-                  if c is not train or r.split != "train"]
-        null = audit.nearest_many(unseen + [(f, cid) for cid, f in feats.items()], bank, progress=tqdm,
-                                  desc="audit: calibration")
+        bank, null, _ = audit.training_bank(Cohort(training_cohort), p, tqdm,
+                                            unseen=(Cohort(paths["heldout"]), Cohort(paths["heldout2"])))
         cal = audit.calibrate(null, p)
         spacing = Cohort(paths["nodules"]).cases[0].spacing
         for label in todo:

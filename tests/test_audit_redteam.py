@@ -238,3 +238,24 @@ def test_a_large_bank_is_ranked_first_and_the_copy_still_found():
     ranked = audit.nearest(f, audit.Bank(ids, feats, p.model_copy(update={"retrieval_keep": 2})))
     assert full["nearest"] == ranked["nearest"] == "t4" and ranked["global"] > 0.6, (full, ranked)
     assert ranked["global"] == pytest.approx(full["global"], abs=1e-6)
+
+
+def test_a_cohort_of_training_scans_only_calibrates_on_unseen_cohorts(tmp_path):
+    """``training_bank(unseen=...)``: a cohort with no val/test scans cannot calibrate alone; given a
+    cohort of real scans the model never saw, every one of those joins the null as held-out, each
+    training scan as left-out, and the cache is keyed apart from the cohort's own."""
+    from medsyn_site.errors import MedsynError
+    from medsyn_site.publish import audit
+
+    ph = PhantomConfig(shape=(40, 40, 24), max_nodules=1)
+    all_train = SplitConfig(train=1.0, val=0.0)
+    write_phantom_cohort(ph.model_copy(update={"cases": 3, "seed": 1}), all_train, tmp_path / "train")
+    write_phantom_cohort(ph.model_copy(update={"cases": 2, "seed": 2}), all_train, tmp_path / "other")
+    train, other = Cohort(tmp_path / "train"), Cohort(tmp_path / "other")
+    with pytest.raises(MedsynError, match="held-out"):
+        audit.training_bank(train)
+    bank, null, cache = audit.training_bank(train, unseen=(other,), workers=1)
+    assert bank.ids == [r.id for r in train.cases]
+    assert sorted((s["case"], s["kind"]) for s in null) == sorted(
+        [(f"other/{r.id}", "held-out") for r in other.cases] + [(r.id, "train, leave-one-out") for r in train.cases])
+    assert cache.name != f"features-{audit.cohort_key(train, audit.AuditParams())[:24]}.npz"

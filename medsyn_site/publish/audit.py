@@ -466,12 +466,15 @@ def cohort_key(cohort, p: AuditParams) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def training_bank(cohort, p: AuditParams = AuditParams(), progress=None,
-                  workers: int | None = None) -> tuple[Bank, list[dict], Path | None]:
+def training_bank(cohort, p: AuditParams = AuditParams(), progress=None, workers: int | None = None,
+                  unseen: tuple = ()) -> tuple[Bank, list[dict], Path | None]:
     """(bank of train-split features, null scores of unseen real scans, cache file or None).
-    Computed once per cohort content and settings (on ``workers`` processes, see ``nearest_many``),
-    cached in COHORT/.medsyn-audit/."""
+    The unseen scans are the cohort's val/test scans and those of the ``unseen`` cohorts (real scans
+    the model never saw: for a cohort of training scans only). Computed once per cohort content and
+    settings (on ``workers`` processes, see ``nearest_many``), cached in COHORT/.medsyn-audit/."""
     key = cohort_key(cohort, p)
+    if unseen:
+        key = hashlib.sha256("".join([key, *(cohort_key(c, p) for c in unseen)]).encode()).hexdigest()
     path = Path(cohort.root) / CACHE_DIR / f"features-{key[:24]}.npz"
     if path.is_file():
         try:
@@ -485,6 +488,10 @@ def training_bank(cohort, p: AuditParams = AuditParams(), progress=None,
              for r in progress(cohort.cases, desc="audit: training cohort features", unit="scan")}
     train = [r.id for r in cohort.cases if r.split == "train"]
     heldout = [r.id for r in cohort.cases if r.split != "train"]
+    for c in unseen:
+        for r in progress(c.cases, desc=f"audit: unseen scans of {c.root}", unit="scan"):
+            feats[cid := f"{Path(c.root).name}/{r.id}"] = Features.of(c.arrays(r.id)[0], r.spacing, p)
+            heldout.append(cid)
     if not train or not heldout:
         raise MedsynError(f"{cohort.root}: the audit needs train cases and held-out (val/test) cases to calibrate")
     bank = Bank(train, [feats[i] for i in train], p)
