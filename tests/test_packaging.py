@@ -20,12 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_shipped_configs_resolve_by_name_and_old_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nowhere near the repository
-    assert shipped_configs() == ["demo", "gpu24", "lidc", "tiny"]
+    assert shipped_configs() == ["demo", "gpu24", "lidc", "tiny", "wide"]
     for name in ("tiny", "tiny.yaml", "configs/tiny.yaml"):
         assert resolve_config(name) == CONFIG_DIR / "tiny.yaml"
     assert load_config().name == "tiny"
     assert load_config("gpu24").train.deepspeed_config == "deepspeed/gpu24.json"  # base: lidc.yaml, shipped
-    with pytest.raises(ConfigError, match=r"nope: config file not found .*demo, gpu24, lidc, tiny"):
+    with pytest.raises(ConfigError, match=r"nope: config file not found .*demo, gpu24, lidc, tiny, wide"):
         resolve_config("nope")
 
 
@@ -80,6 +80,7 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_with_a_shipped_config(tmp_p
     wheel = _build_wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
     for need in ("medsyn_site/configs/tiny.yaml", "medsyn_site/configs/lidc.yaml", "medsyn_site/configs/gpu24.yaml",
+                 "medsyn_site/configs/wide.yaml", "medsyn_site/configs/demo.yaml", "medsyn_site/pretrained/phantom-wide.pt",
                  "medsyn_site/configs/deepspeed/cpu.json", "medsyn_site/configs/deepspeed/gpu24.json",
                  "medsyn_site/evaluate/trainers/nnUNetTrainer_medsyn.py"):
         assert need in names, f"{need} missing from {wheel.name}"
@@ -109,9 +110,10 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_with_a_shipped_config(tmp_p
                             "print('imported', m.name)"], cwd=work, env=env, capture_output=True, text=True)
     assert every.returncode == 0, every.stderr[-3000:]  # every module of the installed wheel imports
     env |= {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
-    r = subprocess.run([venv / "bin" / "medsyn", "train", "--config", "tiny", "--cohort", str(phantom_cohort),
+    # the demo's config: the wide network, fine-tuned from the phantom model the wheel ships
+    r = subprocess.run([venv / "bin" / "medsyn", "train", "--config", "demo", "--cohort", str(phantom_cohort),
                         "--out", "run", "--steps", "2"], cwd=work, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     resolved = (work / "run" / "config.yaml").read_text()
-    assert "name: tiny" in resolved and "deepspeed/cpu.json" in resolved
+    assert "name: demo" in resolved and "deepspeed/cpu.json" in resolved and "builtin:phantom-wide" in resolved
     assert list((work / "run" / "checkpoints").iterdir())
