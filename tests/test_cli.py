@@ -122,21 +122,19 @@ def test_phantom_validate_show(tmp_path):
 
 def assert_demo_realism(rz: dict, log: str) -> None:
     """The release card's realism at the level the shipped model reached (benchmarks/RESULTS.md,
-    "Realism"; the demo test measured with its default sampler, DPM-Solver++ 10 on windows of the
-    training patch: strongest classifier 0.76 (the feature classifier; the model shipped before,
-    whose schedule's smallest noise was 6.6 HU instead of 2.3: 0.83), the CNN of 300 steps 0.53,
-    body wall HU distance 6.0 HU, lung 13.9 HU, vessel density 1.31x (the demo's two real sets: 1.17x),
-    outline 1.00x, lung texture power 1.05x, solid nodule contrast 0.96x). With 5 volumes the lung
-    distance and vessel density swing with the sampling seed (the model before, seeds 0-2: lung 15.7 /
-    4.6 / 10.4 HU, vessels 1.32 / 1.08 / 1.26x, feature classifier 0.82 / 0.76 / 0.77; SDE-DPM++ 8.2 /
-    7.8 / 3.0 HU, 1.00 / 1.03 / 1.06x, body wall 11.0 / 8.7 / 9.2 HU against DPM++'s 6.3 / 7.6 / 6.8,
-    CNN 0.52 / 0.59 / 0.54 against 0.50 / 0.50 / 0.48): the bounds hold seed 0's numbers with room
-    for other CPUs' arithmetic."""
+    "Closing the gap, part 15"; the demo test measured with its default sampler, DPM-Solver++ 10 on
+    windows of the training patch, the wide phantom model fine-tuned 20 steps: strongest classifier
+    0.74 (the feature classifier; the small model shipped before: 0.76), the CNN of 300 steps 0.54,
+    body wall HU distance 6.6 HU, lung 16.4 HU, vessel density 1.37x (the demo's two real sets:
+    1.17x), outline 1.00x, lung texture power 1.10x, solid nodule contrast 0.99x). With 5 volumes the
+    lung distance and vessel density swing with the sampling seed (the small model, seeds 0-2: lung
+    15.7 / 4.6 / 10.4 HU, vessels 1.32 / 1.08 / 1.26x, feature classifier 0.82 / 0.76 / 0.77): the
+    bounds hold seed 0's numbers with room for other CPUs' arithmetic."""
     base, syn = rz["real_vs_real"], rz["synthetic"]
     assert rz["real_volumes"] == 5 and rz["synthetic_volumes"] == 5
     assert base["strongest_c2st"] < 0.7, base  # the demo's real val scans against its real train scans
-    assert syn["strongest_c2st"] <= 0.82 and syn["cnn_c2st"] <= 0.6, syn
-    assert syn["hu_w1"]["wall"] < 10 and syn["hu_w1"]["lung"] < 18, syn
+    assert syn["strongest_c2st"] <= 0.79 and syn["cnn_c2st"] <= 0.6, syn
+    assert syn["hu_w1"]["wall"] < 9 and syn["hu_w1"]["lung"] < 18, syn
     assert 0.75 <= syn["vessel_density_ratio"] <= 1.45 and syn["outline_sharpness_ratio"] >= 0.9, syn
     assert 0.8 <= syn["lung_high_frequency_power_ratio"] <= 1.5, syn
     assert 0.8 <= syn["contrast_ratio_by_type"]["solid"] <= 1.3, syn
